@@ -1,0 +1,53 @@
+//! The SDK's error type.
+
+use thiserror::Error;
+
+/// What went wrong while declaring a saga or converting step data.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum SdkError {
+    /// A retry policy field is out of range.
+    #[error("invalid retry policy: {0}")]
+    InvalidRetryPolicy(String),
+
+    /// The saga definition breaks a rule of the saga model (see [`crate::SagaBuilder::build`]).
+    #[error("invalid saga definition `{saga}`: {reason}")]
+    InvalidDefinition {
+        /// The saga's name.
+        saga: String,
+        /// Which rule was broken and how to fix it.
+        reason: String,
+    },
+
+    /// JSON could not be turned into the Rust type a step expects.
+    #[error("{what} does not match the type `{type_name}` expected by step `{step}`: {detail}")]
+    Deserialize {
+        /// Which value was being read: the saga input, an output, ...
+        what: String,
+        /// The step that expected it.
+        step: String,
+        /// The Rust type it should have fitted.
+        type_name: &'static str,
+        /// serde's explanation, with the field path.
+        detail: String,
+    },
+
+    /// A step output could not be turned into JSON.
+    #[error("output of step `{step}` could not be serialized to JSON: {detail}")]
+    Serialize {
+        /// The step whose output failed.
+        step: String,
+        /// serde's explanation.
+        detail: String,
+    },
+
+    /// The named step does not exist in the saga.
+    #[error("saga `{saga}` has no step `{step}`; its steps are: {known}")]
+    UnknownStep {
+        /// The saga's name.
+        saga: String,
+        /// The step asked for.
+        step: String,
+        /// The step names it does have, comma separated.
+        known: String,
+    },
+}

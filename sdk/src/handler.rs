@@ -1,0 +1,162 @@
+//! What a workflow author implements: typed step handlers.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::{Direction, SdkError, Timestamp};
+
+/// Whether a failed attempt may be tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// Transient: the step's retry policy decides whether another attempt follows.
+    Retryable,
+    /// Final: no more attempts (a declined card, an invalid address).
+    Permanent,
+}
+
+/// A step handler's failure, classified so the engine knows whether to retry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StepError {
+    /// Retryable or permanent.
+    pub class: ErrorClass,
+    /// A short machine-readable code (`card_declined`, `timeout`); retry policies can list codes
+    /// that are never retried.
+    pub code: String,
+    /// What happened, for people reading the history.
+    pub message: String,
+}
+
+impl StepError {
+    /// A transient failure: retried by the step's policy.
+    pub fn retryable(code: impl Into<String>, message: impl Into<String>) -> Self {
+        StepError {
+            class: ErrorClass::Retryable,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A final failure: the saga compensates (before the pivot) or becomes stuck (after it, or
+    /// in a compensation).
+    pub fn permanent(code: impl Into<String>, message: impl Into<String>) -> Self {
+        StepError {
+            class: ErrorClass::Permanent,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Whether the handler marked it retryable.
+    pub fn is_retryable(&self) -> bool {
+        self.class == ErrorClass::Retryable
+    }
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let class = match self.class {
+            ErrorClass::Retryable => "retryable",
+            ErrorClass::Permanent => "permanent",
+        };
+        write!(f, "{} ({class}): {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for StepError {}
+
+impl From<SdkError> for StepError {
+    /// Data that does not fit its type will not fit on a retry either: permanent.
+    fn from(error: SdkError) -> Self {
+        StepError::permanent("bad_data", error.to_string())
+    }
+}
+
+/// Everything a handler may want to know about the attempt it serves.
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    /// The saga instance.
+    pub saga_id: Uuid,
+    /// The saga's name.
+    pub saga_name: String,
+    /// This step's name.
+    pub step: String,
+    /// Forward action or compensation.
+    pub direction: Direction,
+    /// The attempt number, from 1; it keeps counting across operator resumes.
+    pub attempt: u32,
+    /// Stable across every retry and redelivery of this step in this direction: pass it to the
+    /// resource behind the step so the side effect happens at most once.
+    pub idempotency_key: String,
+    /// The key the forward action used. In a compensation it names what to undo, even when the
+    /// forward outcome is unknown (its last attempt timed out).
+    pub forward_key: String,
+    /// When this attempt counts as timed out, if the step has a timeout.
+    pub deadline: Option<Timestamp>,
+    /// Outputs of the steps that completed before this one, by step name.
+    pub outputs: Arc<BTreeMap<String, Value>>,
+}
+
+impl StepContext {
+    /// The output of an earlier step, as its type.
+    ///
+    /// An earlier output that does not deserialize is a permanent error: retrying cannot fix it.
+    pub fn output<T: DeserializeOwned>(&self, step: &str) -> Result<T, StepError> {
+        let value = self.outputs.get(step).ok_or_else(|| {
+            StepError::permanent(
+                "missing_output",
+                format!(
+                    "step `{}` asked for the output of `{step}`, which has not completed",
+                    self.step
+                ),
+            )
+        })?;
+        Ok(crate::json::from_value(
+            value.clone(),
+            &format!("output of step `{step}`"),
+            &self.step,
+        )?)
+    }
+
+    /// The key the idempotency key of `direction` would have for this step.
+    pub fn key_for(saga_id: Uuid, step: &str, direction: Direction) -> String {
+        format!("{saga_id}:{step}:{direction}")
+    }
+}
+
+/// A step's forward action.
+///
+/// `Input` is read from the saga's input (so a step can take only the fields it needs), `Output`
+/// is recorded in the saga and handed to later steps and to this step's compensation.
+pub trait StepHandler: Send + Sync + 'static {
+    /// What the step reads from the saga input.
+    type Input: DeserializeOwned + Send + 'static;
+    /// What the step produces.
+    type Output: Serialize + DeserializeOwned + Send + 'static;
+
+    /// Performs the step. Must be idempotent on `ctx.idempotency_key`.
+    fn execute(
+        &self,
+        ctx: &StepContext,
+        input: Self::Input,
+    ) -> impl Future<Output = Result<Self::Output, StepError>> + Send;
+}
+
+/// A step that can be undone.
+pub trait Compensate: StepHandler {
+    /// Undoes the step. `output` is `None` when the forward outcome is unknown (its last attempt
+    /// timed out): undo whatever `ctx.forward_key` did, if anything. Must be idempotent on
+    /// `ctx.idempotency_key`.
+    fn compensate(
+        &self,
+        ctx: &StepContext,
+        input: Self::Input,
+        output: Option<Self::Output>,
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
+}

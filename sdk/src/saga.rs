@@ -1,0 +1,373 @@
+//! Declaring a saga: steps, kinds, policies and handlers, checked when built.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+
+use crate::handler::{Compensate, StepContext, StepError, StepHandler};
+use crate::json;
+use crate::{Direction, RetryPolicy, SagaSpec, SdkError, StepKind, StepSpec};
+
+/// The attempt timeout a step gets unless it says otherwise.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One step being declared: its spec plus the handler that runs it.
+pub struct Step {
+    spec: StepSpec,
+    runner: Arc<dyn ErasedStep>,
+}
+
+impl Step {
+    /// A step undone by `handler.compensate` when a later step before the pivot fails.
+    pub fn compensatable<H: Compensate>(name: impl Into<String>, handler: H) -> Self {
+        Self::new(
+            name.into(),
+            StepKind::Compensatable,
+            RetryPolicy::default(),
+            Arc::new(WithCompensation(Arc::new(handler))),
+        )
+    }
+
+    /// The go/no-go step. If it fails permanently, the steps before it are compensated; once it
+    /// succeeds, the saga only moves forward.
+    pub fn pivot<H: StepHandler>(name: impl Into<String>, handler: H) -> Self {
+        Self::new(
+            name.into(),
+            StepKind::Pivot,
+            RetryPolicy::default(),
+            Arc::new(ForwardOnly(Arc::new(handler))),
+        )
+    }
+
+    /// A step after the pivot: never compensated, retried without limit by default (until it
+    /// succeeds or an operator steps in). A permanent error makes the saga stuck.
+    pub fn retriable<H: StepHandler>(name: impl Into<String>, handler: H) -> Self {
+        let forever = RetryPolicy::builder().unlimited_attempts().build();
+        Self::new(
+            name.into(),
+            StepKind::Retriable,
+            // The default builder with unlimited attempts is always valid.
+            forever.unwrap_or_default(),
+            Arc::new(ForwardOnly(Arc::new(handler))),
+        )
+    }
+
+    fn new(name: String, kind: StepKind, retry: RetryPolicy, runner: Arc<dyn ErasedStep>) -> Self {
+        Step {
+            spec: StepSpec {
+                name,
+                kind,
+                retry,
+                compensation_retry: RetryPolicy::default(),
+                timeout: Some(DEFAULT_STEP_TIMEOUT),
+            },
+            runner,
+        }
+    }
+
+    /// How failed forward attempts are retried.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.spec.retry = policy;
+        self
+    }
+
+    /// How failed compensation attempts are retried before the saga becomes stuck.
+    pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
+        self.spec.compensation_retry = policy;
+        self
+    }
+
+    /// How long one attempt may run before it counts as a retryable failure.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.spec.timeout = Some(timeout);
+        self
+    }
+
+    /// No per-attempt timeout: the engine waits for the reply as long as it takes.
+    pub fn without_timeout(mut self) -> Self {
+        self.spec.timeout = None;
+        self
+    }
+}
+
+/// Collects steps into a [`Saga`].
+pub struct SagaBuilder {
+    name: String,
+    version: u32,
+    steps: Vec<Step>,
+    deadline: Option<Duration>,
+}
+
+impl SagaBuilder {
+    /// Appends a step.
+    pub fn step(mut self, step: Step) -> Self {
+        self.steps.push(step);
+        self
+    }
+
+    /// Gives up (and compensates) when the pivot has not succeeded this long after the start.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// Checks the definition against the saga model and returns it.
+    ///
+    /// The rules: a name and a version of at least 1; at least one step; step names unique,
+    /// non-empty, without `:` or whitespace (they appear in idempotency keys); steps ordered as
+    /// compensatable steps, then at most one pivot, then retriable steps, which need a pivot
+    /// before them.
+    pub fn build(self) -> Result<Saga, SdkError> {
+        let invalid = |reason: String| SdkError::InvalidDefinition {
+            saga: self.name.clone(),
+            reason,
+        };
+        if self.name.trim().is_empty() {
+            return Err(invalid("the saga needs a name".into()));
+        }
+        if self.version == 0 {
+            return Err(invalid("versions start at 1".into()));
+        }
+        if self.steps.is_empty() {
+            return Err(invalid("a saga needs at least one step".into()));
+        }
+        let mut seen_pivot = false;
+        for (i, step) in self.steps.iter().enumerate() {
+            let name = &step.spec.name;
+            if name.is_empty() || name.contains(':') || name.chars().any(char::is_whitespace) {
+                return Err(invalid(format!(
+                    "step {i} has name `{name}`: use a non-empty name without `:` or spaces"
+                )));
+            }
+            if self.steps[..i].iter().any(|s| &s.spec.name == name) {
+                return Err(invalid(format!("two steps are called `{name}`")));
+            }
+            match step.spec.kind {
+                StepKind::Compensatable if seen_pivot => {
+                    return Err(invalid(format!(
+                        "compensatable step `{name}` comes after the pivot; steps after the \
+                         pivot must be retriable"
+                    )));
+                }
+                StepKind::Pivot if seen_pivot => {
+                    return Err(invalid(format!(
+                        "`{name}` is a second pivot; a saga has at most one"
+                    )));
+                }
+                StepKind::Retriable if !seen_pivot => {
+                    return Err(invalid(format!(
+                        "retriable step `{name}` has no pivot before it; mark the go/no-go step \
+                         with Step::pivot"
+                    )));
+                }
+                StepKind::Pivot => seen_pivot = true,
+                _ => {}
+            }
+        }
+        let (specs, runners) = self.steps.into_iter().map(|s| (s.spec, s.runner)).unzip();
+        Ok(Saga {
+            spec: SagaSpec {
+                name: self.name,
+                version: self.version,
+                steps: specs,
+                deadline: self.deadline,
+            },
+            runners,
+        })
+    }
+}
+
+/// A saga definition with its handlers: what a worker (or the embedded runtime) registers.
+#[derive(Clone)]
+pub struct Saga {
+    spec: SagaSpec,
+    runners: Vec<Arc<dyn ErasedStep>>,
+}
+
+impl std::fmt::Debug for Saga {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Saga").field("spec", &self.spec).finish()
+    }
+}
+
+/// One attempt to run, as a runtime hands it to [`Saga::run`].
+#[derive(Debug, Clone)]
+pub struct StepRequest {
+    /// The step's index in the saga.
+    pub step: usize,
+    /// The attempt's context.
+    pub ctx: StepContext,
+    /// The saga input, which the step reads as its `Input` type.
+    pub input: Value,
+    /// For a compensation, the step's recorded output (`None` when the outcome was unknown).
+    pub output: Option<Value>,
+}
+
+impl Saga {
+    /// Starts declaring a saga called `name` at definition `version`.
+    pub fn builder(name: impl Into<String>, version: u32) -> SagaBuilder {
+        SagaBuilder {
+            name: name.into(),
+            version,
+            steps: Vec::new(),
+            deadline: None,
+        }
+    }
+
+    /// The definition as data.
+    pub fn spec(&self) -> &SagaSpec {
+        &self.spec
+    }
+
+    /// Checks that `input` deserializes into the `Input` type of every step, so a saga whose
+    /// input is wrong is refused before it starts rather than failing half-way.
+    pub fn validate_input(&self, input: &Value) -> Result<(), SdkError> {
+        self.spec
+            .steps
+            .iter()
+            .zip(&self.runners)
+            .try_for_each(|(spec, runner)| runner.check_input(input, &spec.name))
+    }
+
+    /// Checks that `output` deserializes into the `Output` type of step `step` (used when an
+    /// operator supplies a step's output by hand).
+    pub fn validate_output(&self, step: &str, output: &Value) -> Result<(), SdkError> {
+        let index = self
+            .spec
+            .step_index(step)
+            .ok_or_else(|| SdkError::UnknownStep {
+                saga: self.spec.name.clone(),
+                step: step.to_string(),
+                known: self.spec.step_names(),
+            })?;
+        self.runners[index].check_output(output, step)
+    }
+
+    /// Runs one attempt: the forward action (returning its output as JSON) or the compensation
+    /// (returning `null`). Data that does not fit the handler's types is a permanent error.
+    pub fn run(&self, request: StepRequest) -> BoxFuture<'static, Result<Value, StepError>> {
+        let Some(runner) = self.runners.get(request.step).cloned() else {
+            let error = StepError::permanent(
+                "unknown_step",
+                format!(
+                    "saga `{}` v{} has no step number {}",
+                    self.spec.name, self.spec.version, request.step
+                ),
+            );
+            return Box::pin(async move { Err(error) });
+        };
+        match request.ctx.direction {
+            Direction::Forward => runner.execute(request.ctx, request.input),
+            Direction::Compensate => runner.compensate(request.ctx, request.input, request.output),
+        }
+    }
+}
+
+/// A handler with its types erased to JSON, so steps of different types sit in one list.
+trait ErasedStep: Send + Sync {
+    fn execute(
+        &self,
+        ctx: StepContext,
+        input: Value,
+    ) -> BoxFuture<'static, Result<Value, StepError>>;
+    fn compensate(
+        &self,
+        ctx: StepContext,
+        input: Value,
+        output: Option<Value>,
+    ) -> BoxFuture<'static, Result<Value, StepError>>;
+    fn check_input(&self, input: &Value, step: &str) -> Result<(), SdkError>;
+    fn check_output(&self, output: &Value, step: &str) -> Result<(), SdkError>;
+}
+
+struct ForwardOnly<H>(Arc<H>);
+struct WithCompensation<H>(Arc<H>);
+
+fn execute_typed<H: StepHandler>(
+    handler: Arc<H>,
+    ctx: StepContext,
+    input: Value,
+) -> BoxFuture<'static, Result<Value, StepError>> {
+    Box::pin(async move {
+        let typed: H::Input = json::from_value(input, "saga input", &ctx.step)?;
+        let output = handler.execute(&ctx, typed).await?;
+        Ok(json::to_value(&output, &ctx.step)?)
+    })
+}
+
+fn check<T: serde::de::DeserializeOwned>(
+    value: &Value,
+    what: &str,
+    step: &str,
+) -> Result<(), SdkError> {
+    json::from_value::<T>(value.clone(), what, step).map(drop)
+}
+
+impl<H: StepHandler> ErasedStep for ForwardOnly<H> {
+    fn execute(
+        &self,
+        ctx: StepContext,
+        input: Value,
+    ) -> BoxFuture<'static, Result<Value, StepError>> {
+        execute_typed(self.0.clone(), ctx, input)
+    }
+
+    fn compensate(
+        &self,
+        ctx: StepContext,
+        _input: Value,
+        _output: Option<Value>,
+    ) -> BoxFuture<'static, Result<Value, StepError>> {
+        let error = StepError::permanent(
+            "not_compensatable",
+            format!("step `{}` has no compensation", ctx.step),
+        );
+        Box::pin(async move { Err(error) })
+    }
+
+    fn check_input(&self, input: &Value, step: &str) -> Result<(), SdkError> {
+        check::<H::Input>(input, "saga input", step)
+    }
+
+    fn check_output(&self, output: &Value, step: &str) -> Result<(), SdkError> {
+        check::<H::Output>(output, "output", step)
+    }
+}
+
+impl<H: Compensate> ErasedStep for WithCompensation<H> {
+    fn execute(
+        &self,
+        ctx: StepContext,
+        input: Value,
+    ) -> BoxFuture<'static, Result<Value, StepError>> {
+        execute_typed(self.0.clone(), ctx, input)
+    }
+
+    fn compensate(
+        &self,
+        ctx: StepContext,
+        input: Value,
+        output: Option<Value>,
+    ) -> BoxFuture<'static, Result<Value, StepError>> {
+        let handler = self.0.clone();
+        Box::pin(async move {
+            let typed_input: H::Input = json::from_value(input, "saga input", &ctx.step)?;
+            let typed_output: Option<H::Output> = match output {
+                Some(value) => Some(json::from_value(value, "recorded output", &ctx.step)?),
+                None => None,
+            };
+            handler.compensate(&ctx, typed_input, typed_output).await?;
+            Ok(Value::Null)
+        })
+    }
+
+    fn check_input(&self, input: &Value, step: &str) -> Result<(), SdkError> {
+        check::<H::Input>(input, "saga input", step)
+    }
+
+    fn check_output(&self, output: &Value, step: &str) -> Result<(), SdkError> {
+        check::<H::Output>(output, "output", step)
+    }
+}

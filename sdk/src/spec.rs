@@ -1,0 +1,114 @@
+//! The data form of a saga definition: what the engine stores and the state machine reads.
+//!
+//! A [`SagaSpec`] carries no code. The engine registers it under its name and version, and each
+//! saga instance pins the exact version it started with, so changing a definition never changes
+//! a saga already running.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::RetryPolicy;
+
+/// Where a step stands in the classic saga model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    /// Undone by its compensation when a later step before the pivot fails permanently.
+    Compensatable,
+    /// The go/no-go point: once it succeeds the saga only moves forward.
+    Pivot,
+    /// After the pivot: never compensated, retried until it succeeds or an operator steps in.
+    Retriable,
+}
+
+/// Which action of a step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// The step's forward action.
+    Forward,
+    /// The step's compensating action.
+    Compensate,
+}
+
+impl Direction {
+    /// `forward` or `compensate`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Forward => "forward",
+            Direction::Compensate => "compensate",
+        }
+    }
+}
+
+impl std::fmt::Display for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One step of a [`SagaSpec`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepSpec {
+    /// Unique within the saga; appears in history, idempotency keys and the CLI.
+    pub name: String,
+    /// Compensatable, pivot or retriable.
+    pub kind: StepKind,
+    /// How failed forward attempts are retried.
+    pub retry: RetryPolicy,
+    /// How failed compensation attempts are retried (only used for compensatable steps). When it
+    /// runs out the saga becomes stuck.
+    pub compensation_retry: RetryPolicy,
+    /// How long one attempt may take before it counts as failed (retryable) and is retried.
+    #[serde(with = "optional_millis", rename = "timeout_ms")]
+    pub timeout: Option<Duration>,
+}
+
+/// A saga definition as data: ordered steps plus an optional overall deadline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaSpec {
+    /// The saga's name, e.g. `place_order`.
+    pub name: String,
+    /// The definition version; instances pin it.
+    pub version: u32,
+    /// The steps, in order.
+    pub steps: Vec<StepSpec>,
+    /// If the saga has not passed its pivot (or finished, when it has none) this long after it
+    /// started, it stops moving forward and compensates.
+    #[serde(with = "optional_millis", rename = "deadline_ms")]
+    pub deadline: Option<Duration>,
+}
+
+impl SagaSpec {
+    /// The index of the step called `name`.
+    pub fn step_index(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+
+    /// The step names, comma separated, for error messages.
+    pub fn step_names(&self) -> String {
+        self.steps
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+mod optional_millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
+}
