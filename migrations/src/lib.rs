@@ -1,1 +1,25 @@
-pub fn x() {}
+//! # Sagaflow schema
+//!
+//! One schema for SQLite and PostgreSQL, as sea-orm migrations. Times are `BIGINT`
+//! milliseconds since the Unix epoch and JSON documents are `TEXT`, so both databases store and
+//! compare them the same way.
+//!
+//! Tables:
+//! - `saga_definitions`: every registered (name, version) with its spec; instances pin one.
+//! - `sagas`: one row per instance, written only conditionally on `row_version`.
+//! - `step_attempts`: one row per dispatched attempt of a step in one direction.
+//! - `saga_history`: the append-only audit trail, `(saga_id, seq)` ordered.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261126_000001_core_tables;
+
+/// Applies the schema: `Migrator::up(&db, None).await`.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261126_000001_core_tables::Migration)]
+    }
+}

@@ -1,0 +1,117 @@
+//! The engine's error type.
+
+use sagaflow_sdk::SdkError;
+use sea_orm::DbErr;
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::machine::MachineError;
+
+/// Everything the engine can refuse or fail at, with what to do about it.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// The database could not be opened.
+    #[error(
+        "cannot open the database at `{url}`: {source}; use sqlite://PATH for a file \
+         (created if missing) or postgres://USER@HOST:PORT/DB"
+    )]
+    Connect {
+        /// The URL given (without a password).
+        url: String,
+        /// The driver's error.
+        #[source]
+        source: DbErr,
+    },
+
+    /// A database statement failed.
+    #[error("database error while {doing}: {source}")]
+    Database {
+        /// What the engine was doing.
+        doing: &'static str,
+        /// The driver's error.
+        #[source]
+        source: DbErr,
+    },
+
+    /// No definition with that name (and version) is registered.
+    #[error("unknown saga `{name}`{}; registered sagas: {known}", version.map(|v| format!(" version {v}")).unwrap_or_default())]
+    UnknownDefinition {
+        /// The name asked for.
+        name: String,
+        /// The version asked for, if any.
+        version: Option<u32>,
+        /// What is registered, as name@version, comma separated.
+        known: String,
+    },
+
+    /// A definition was registered again with different content under the same version.
+    #[error(
+        "saga `{name}` version {version} is already registered with a different definition; \
+         sagas pin their version, so register the change as version {next}",
+        next = version + 1
+    )]
+    DefinitionChanged {
+        /// The saga name.
+        name: String,
+        /// The version that clashed.
+        version: u32,
+    },
+
+    /// No saga has this id.
+    #[error("no saga has id {0}; `sagaflow list` shows the sagas there are")]
+    UnknownSaga(Uuid),
+
+    /// The start input does not fit the saga's step types.
+    #[error("input refused for saga `{saga}`: {source}")]
+    InvalidInput {
+        /// The saga name.
+        saga: String,
+        /// Which step's type it did not fit, and where.
+        #[source]
+        source: SdkError,
+    },
+
+    /// The input (or a step output) is larger than the engine accepts.
+    #[error(
+        "{what} is {size} bytes, over the limit of {limit} bytes; store large data elsewhere and pass a reference"
+    )]
+    TooLarge {
+        /// What was too large.
+        what: String,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+
+    /// The state machine refused the event.
+    #[error(transparent)]
+    Refused(#[from] MachineError),
+
+    /// Stored data does not parse: the database was edited by hand or by a newer version.
+    #[error(
+        "stored data of saga {saga_id} cannot be read ({detail}); it was written by another version or edited by hand"
+    )]
+    Corrupt {
+        /// The saga.
+        saga_id: String,
+        /// What did not parse.
+        detail: String,
+    },
+
+    /// Another writer changed the saga first; re-read and try again.
+    #[error(
+        "saga {0} was changed by another writer at the same time; nothing was changed, try again"
+    )]
+    Conflict(Uuid),
+
+    /// The engine is shutting down or has stopped.
+    #[error("the engine has stopped; start it again to continue")]
+    Stopped,
+}
+
+impl EngineError {
+    pub(crate) fn db(doing: &'static str) -> impl FnOnce(DbErr) -> EngineError {
+        move |source| EngineError::Database { doing, source }
+    }
+}

@@ -1,0 +1,717 @@
+//! The durable store: saga definitions, instances, attempts and history in SQLite or
+//! PostgreSQL, through sea-orm.
+//!
+//! Every transition is written with its history rows in one transaction, and the saga row is
+//! updated only if its `row_version` is still the one the writer read: a stale writer is told
+//! so ([`WriteOutcome::Stale`]) and must re-read. Timers are the `wake_at` column, not sleeps,
+//! so a restarted engine finds every retry and timeout where it left them.
+
+mod entities;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sagaflow_migrations::{Migrator, MigratorTrait};
+use sagaflow_sdk::{Direction, SagaSpec, Timestamp};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
+    DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+};
+use serde_json::Value;
+use uuid::Uuid;
+
+pub use entities::{attempt, definition, history, saga};
+
+use crate::EngineError;
+use crate::machine::{Activity, AttemptOutcome, Record, RecordKind, SagaState};
+
+/// Rows per multi-row INSERT: stays well under both databases' bound-parameter limits.
+const INSERT_CHUNK: usize = 500;
+
+/// A saga as stored: its state plus the bookkeeping for conditional writes.
+#[derive(Debug, Clone)]
+pub struct StoredSaga {
+    /// The machine state.
+    pub state: SagaState,
+    /// The version a conditional write must match.
+    pub row_version: i64,
+    /// The sequence number of its last history row.
+    pub history_seq: i64,
+}
+
+/// One saga's part of a commit.
+#[derive(Debug)]
+pub struct SagaWrite<'a> {
+    /// The definition the saga is pinned to.
+    pub spec: &'a SagaSpec,
+    /// `None` for a new saga (inserted), else the stored version it was read at.
+    pub base: Option<&'a StoredSaga>,
+    /// The state after the transition.
+    pub state: &'a SagaState,
+    /// History to append.
+    pub records: &'a [Record],
+    /// For a new saga: its idempotent start key.
+    pub start_key: Option<&'a str>,
+    /// When the transition happened.
+    pub now: Timestamp,
+}
+
+/// What happened to one saga's write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Written; the saga is now at this version.
+    Committed {
+        /// The new row version.
+        row_version: i64,
+        /// The new last history sequence number.
+        history_seq: i64,
+    },
+    /// Another writer changed the saga since it was read: nothing of this write was kept.
+    Stale,
+}
+
+/// A history row as read back.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HistoryEntry {
+    /// Position in the saga's history, from 1.
+    pub seq: i64,
+    /// When.
+    pub at: Timestamp,
+    /// The record kind, snake_case.
+    pub kind: String,
+    /// The step, if any.
+    pub step: Option<String>,
+    /// The direction, if any.
+    pub direction: Option<String>,
+    /// The attempt, if any.
+    pub attempt: Option<u32>,
+    /// Details.
+    pub detail: Value,
+    /// The error, if any.
+    pub error: Option<String>,
+    /// Who: `engine`, `worker:ID` or `operator:NAME`.
+    pub actor: String,
+}
+
+/// The database, opened and migrated.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+impl Store {
+    /// Opens (and for SQLite creates) the database at `url` and applies the schema.
+    ///
+    /// SQLite runs in WAL mode with `synchronous=FULL`, so a committed transition survives a
+    /// killed process or a power cut.
+    pub async fn connect(url: &str) -> Result<Self, EngineError> {
+        let url = normalize_url(url);
+        let mut options = ConnectOptions::new(url.clone());
+        options
+            .sqlx_logging(false)
+            .connect_timeout(Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(60));
+        if url.starts_with("sqlite:") {
+            use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+            options.max_connections(4).map_sqlx_sqlite_opts(|o| {
+                o.journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(Duration::from_secs(30))
+                    .foreign_keys(true)
+            });
+        } else {
+            options.max_connections(16);
+        }
+        let db = Database::connect(options)
+            .await
+            .map_err(|source| EngineError::Connect {
+                url: redact(&url),
+                source,
+            })?;
+        Migrator::up(&db, None)
+            .await
+            .map_err(EngineError::db("applying the schema migrations"))?;
+        Ok(Store { db })
+    }
+
+    /// The connection, for components that keep their own tables in the same database.
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Whether this is SQLite (one writer at a time) or PostgreSQL.
+    pub fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    /// Registers a definition. Registering the same spec again is a no-op; a different spec
+    /// under an existing version is refused, because running sagas are pinned to it.
+    pub async fn register_definition(&self, spec: &SagaSpec) -> Result<(), EngineError> {
+        let text = serde_json::to_string(spec).map_err(|e| EngineError::Corrupt {
+            saga_id: format!("definition {}", spec.name),
+            detail: e.to_string(),
+        })?;
+        let existing = definition::Entity::find_by_id((spec.name.clone(), spec.version as i32))
+            .one(&self.db)
+            .await
+            .map_err(EngineError::db("reading a saga definition"))?;
+        if let Some(row) = existing {
+            let stored: Option<SagaSpec> = serde_json::from_str(&row.spec).ok();
+            if stored.as_ref() == Some(spec) {
+                return Ok(());
+            }
+            return Err(EngineError::DefinitionChanged {
+                name: spec.name.clone(),
+                version: spec.version,
+            });
+        }
+        let row = definition::ActiveModel {
+            name: Set(spec.name.clone()),
+            version: Set(spec.version as i32),
+            spec: Set(text),
+            registered_at: Set(Timestamp::now().as_millis()),
+        };
+        definition::Entity::insert(row)
+            .on_conflict_do_nothing()
+            .exec_without_returning(&self.db)
+            .await
+            .map_err(EngineError::db("registering a saga definition"))?;
+        Ok(())
+    }
+
+    /// Every registered definition, by name then version.
+    pub async fn definitions(&self) -> Result<Vec<SagaSpec>, EngineError> {
+        let rows = definition::Entity::find()
+            .order_by_asc(definition::Column::Name)
+            .order_by_asc(definition::Column::Version)
+            .all(&self.db)
+            .await
+            .map_err(EngineError::db("listing saga definitions"))?;
+        rows.into_iter()
+            .map(|row| {
+                serde_json::from_str(&row.spec).map_err(|e| EngineError::Corrupt {
+                    saga_id: format!("definition {}@{}", row.name, row.version),
+                    detail: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Loads one saga.
+    pub async fn load(&self, id: Uuid) -> Result<Option<StoredSaga>, EngineError> {
+        let row = saga::Entity::find_by_id(id.to_string())
+            .one(&self.db)
+            .await
+            .map_err(EngineError::db("loading a saga"))?;
+        row.map(stored_from_row).transpose()
+    }
+
+    /// Loads several sagas at once; missing ids are simply absent from the result.
+    pub async fn load_many(&self, ids: &[Uuid]) -> Result<Vec<StoredSaga>, EngineError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(INSERT_CHUNK) {
+            let rows = saga::Entity::find()
+                .filter(saga::Column::Id.is_in(chunk.iter().map(Uuid::to_string)))
+                .all(&self.db)
+                .await
+                .map_err(EngineError::db("loading sagas"))?;
+            for row in rows {
+                out.push(stored_from_row(row)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The sagas already started under these start keys.
+    pub async fn find_start_keys(
+        &self,
+        keys: &[&str],
+    ) -> Result<BTreeMap<String, Uuid>, EngineError> {
+        let mut found = BTreeMap::new();
+        for chunk in keys.chunks(INSERT_CHUNK) {
+            let rows: Vec<(String, Option<String>)> = saga::Entity::find()
+                .select_only()
+                .column(saga::Column::Id)
+                .column(saga::Column::StartKey)
+                .filter(saga::Column::StartKey.is_in(chunk.iter().copied()))
+                .into_tuple()
+                .all(&self.db)
+                .await
+                .map_err(EngineError::db("looking up start keys"))?;
+            for (id, key) in rows {
+                if let (Some(key), Ok(id)) = (key, Uuid::parse_str(&id)) {
+                    found.insert(key, id);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Sagas whose wake-up time has come, earliest first.
+    pub async fn due(&self, now: Timestamp, limit: u64) -> Result<Vec<Uuid>, EngineError> {
+        let ids: Vec<String> = saga::Entity::find()
+            .select_only()
+            .column(saga::Column::Id)
+            .filter(saga::Column::WakeAt.lte(now.as_millis()))
+            .order_by_asc(saga::Column::WakeAt)
+            .limit(limit)
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(EngineError::db("looking for due timers"))?;
+        Ok(ids
+            .iter()
+            .filter_map(|id| Uuid::parse_str(id).ok())
+            .collect())
+    }
+
+    /// The earliest wake-up time of any saga, if one is set.
+    pub async fn next_wake(&self) -> Result<Option<Timestamp>, EngineError> {
+        let next: Option<Option<i64>> = saga::Entity::find()
+            .select_only()
+            .column_as(saga::Column::WakeAt.min(), "next")
+            .into_tuple()
+            .one(&self.db)
+            .await
+            .map_err(EngineError::db("reading the next timer"))?;
+        Ok(next.flatten().map(Timestamp))
+    }
+
+    /// Ids of sagas that are neither finished nor stuck.
+    pub async fn active(&self) -> Result<Vec<Uuid>, EngineError> {
+        let ids: Vec<String> = saga::Entity::find()
+            .select_only()
+            .column(saga::Column::Id)
+            .filter(saga::Column::Status.is_in(["running", "compensating", "created"]))
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(EngineError::db("listing active sagas"))?;
+        Ok(ids
+            .iter()
+            .filter_map(|id| Uuid::parse_str(id).ok())
+            .collect())
+    }
+
+    /// How many sagas are in each status.
+    pub async fn status_counts(&self) -> Result<BTreeMap<String, i64>, EngineError> {
+        let rows: Vec<(String, i64)> = saga::Entity::find()
+            .select_only()
+            .column(saga::Column::Status)
+            .column_as(saga::Column::Id.count(), "n")
+            .group_by(saga::Column::Status)
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(EngineError::db("counting sagas by status"))?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Ids of sagas in one status, oldest first.
+    pub async fn ids_with_status(&self, status: &str) -> Result<Vec<Uuid>, EngineError> {
+        let ids: Vec<String> = saga::Entity::find()
+            .select_only()
+            .column(saga::Column::Id)
+            .filter(saga::Column::Status.eq(status))
+            .order_by_asc(saga::Column::CreatedAt)
+            .order_by_asc(saga::Column::Id)
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(EngineError::db("listing sagas by status"))?;
+        Ok(ids
+            .iter()
+            .filter_map(|id| Uuid::parse_str(id).ok())
+            .collect())
+    }
+
+    /// A saga's full history, in order.
+    pub async fn history(&self, id: Uuid) -> Result<Vec<HistoryEntry>, EngineError> {
+        let rows = history::Entity::find()
+            .filter(history::Column::SagaId.eq(id.to_string()))
+            .order_by_asc(history::Column::Seq)
+            .all(&self.db)
+            .await
+            .map_err(EngineError::db("reading a saga's history"))?;
+        Ok(rows
+            .into_iter()
+            .map(|row| HistoryEntry {
+                seq: row.seq,
+                at: Timestamp(row.at),
+                kind: row.kind,
+                step: row.step_name,
+                direction: row.direction,
+                attempt: row.attempt.and_then(|a| u32::try_from(a).ok()),
+                detail: row
+                    .payload
+                    .and_then(|p| serde_json::from_str(&p).ok())
+                    .unwrap_or(Value::Null),
+                error: row.error,
+                actor: row.actor,
+            })
+            .collect())
+    }
+
+    /// Commits several sagas' transitions in one transaction. Each saga's write is kept or
+    /// dropped whole: a saga whose row changed since it was read comes back
+    /// [`WriteOutcome::Stale`] and nothing of it is written; the others commit.
+    pub async fn commit(&self, writes: &[SagaWrite<'_>]) -> Result<Vec<WriteOutcome>, EngineError> {
+        let txn = self
+            .db
+            .begin()
+            .await
+            .map_err(EngineError::db("beginning a transaction"))?;
+        let mut outcomes = Vec::with_capacity(writes.len());
+        let mut history_rows = Vec::new();
+        let mut new_attempts = Vec::new();
+        let mut attempt_updates = Vec::new();
+        for write in writes {
+            let columns = SagaColumns::of(write.state)?;
+            let now = write.now.as_millis();
+            let (row_version, first_seq) = match write.base {
+                None => {
+                    let row = saga::ActiveModel {
+                        id: Set(write.state.saga_id.to_string()),
+                        name: Set(write.state.name.clone()),
+                        definition_version: Set(write.state.version as i32),
+                        status: Set(columns.status),
+                        current_step: Set(columns.current_step),
+                        start_key: Set(write.start_key.map(str::to_string)),
+                        input: Set(columns.input),
+                        outputs: Set(columns.outputs),
+                        progress: Set(columns.progress),
+                        last_error: Set(columns.last_error),
+                        wake_at: Set(columns.wake_at),
+                        row_version: Set(1),
+                        history_seq: Set(write.records.len() as i64),
+                        created_at: Set(write.state.created_at.as_millis()),
+                        updated_at: Set(now),
+                    };
+                    saga::Entity::insert(row)
+                        .exec_without_returning(&txn)
+                        .await
+                        .map_err(EngineError::db("inserting a new saga"))?;
+                    (1, 1)
+                }
+                Some(base) => {
+                    let result = saga::Entity::update_many()
+                        .col_expr(saga::Column::Status, Expr::value(columns.status))
+                        .col_expr(saga::Column::CurrentStep, Expr::value(columns.current_step))
+                        .col_expr(saga::Column::Outputs, Expr::value(columns.outputs))
+                        .col_expr(saga::Column::Progress, Expr::value(columns.progress))
+                        .col_expr(saga::Column::LastError, Expr::value(columns.last_error))
+                        .col_expr(saga::Column::WakeAt, Expr::value(columns.wake_at))
+                        .col_expr(saga::Column::RowVersion, Expr::value(base.row_version + 1))
+                        .col_expr(
+                            saga::Column::HistorySeq,
+                            Expr::value(base.history_seq + write.records.len() as i64),
+                        )
+                        .col_expr(saga::Column::UpdatedAt, Expr::value(now))
+                        .filter(saga::Column::Id.eq(write.state.saga_id.to_string()))
+                        .filter(saga::Column::RowVersion.eq(base.row_version))
+                        .exec(&txn)
+                        .await
+                        .map_err(EngineError::db("updating a saga"))?;
+                    if result.rows_affected != 1 {
+                        outcomes.push(WriteOutcome::Stale);
+                        continue;
+                    }
+                    (base.row_version + 1, base.history_seq + 1)
+                }
+            };
+            let saga_id = write.state.saga_id.to_string();
+            for (offset, record) in write.records.iter().enumerate() {
+                history_rows.push(history_row(
+                    &saga_id,
+                    first_seq + offset as i64,
+                    now,
+                    record,
+                ));
+                attempt_changes(
+                    write,
+                    &saga_id,
+                    now,
+                    record,
+                    &mut new_attempts,
+                    &mut attempt_updates,
+                );
+            }
+            abandoned_attempts(write, &saga_id, now, &mut attempt_updates);
+            outcomes.push(WriteOutcome::Committed {
+                row_version,
+                history_seq: first_seq + write.records.len() as i64 - 1,
+            });
+        }
+        for chunk in new_attempts.chunks(INSERT_CHUNK) {
+            attempt::Entity::insert_many(chunk.to_vec())
+                .exec_without_returning(&txn)
+                .await
+                .map_err(EngineError::db("recording attempts"))?;
+        }
+        for update in attempt_updates {
+            update.apply(&txn).await?;
+        }
+        for chunk in history_rows.chunks(INSERT_CHUNK) {
+            history::Entity::insert_many(chunk.to_vec())
+                .exec_without_returning(&txn)
+                .await
+                .map_err(EngineError::db("appending history"))?;
+        }
+        txn.commit()
+            .await
+            .map_err(EngineError::db("committing a transition"))?;
+        Ok(outcomes)
+    }
+}
+
+/// The `sagas` columns derived from a state.
+struct SagaColumns {
+    status: String,
+    current_step: Option<String>,
+    input: String,
+    outputs: String,
+    progress: String,
+    last_error: Option<String>,
+    wake_at: Option<i64>,
+}
+
+impl SagaColumns {
+    fn of(state: &SagaState) -> Result<Self, EngineError> {
+        let corrupt = |e: serde_json::Error| EngineError::Corrupt {
+            saga_id: state.saga_id.to_string(),
+            detail: format!("cannot serialize state: {e}"),
+        };
+        let mut progress = serde_json::to_value(state).map_err(corrupt)?;
+        // Input and outputs have columns of their own; the rest is the progress document.
+        if let Some(map) = progress.as_object_mut() {
+            map.remove("input");
+            map.remove("outputs");
+        }
+        let current_step = state
+            .current_step()
+            .and_then(|(step, _)| state.steps.get(step).map(|_| step))
+            .map(|step| step.to_string());
+        let last_error = state
+            .stuck
+            .as_ref()
+            .map(|s| s.reason.clone())
+            .or_else(|| state.failure.clone());
+        Ok(SagaColumns {
+            status: state.status.as_str().to_string(),
+            current_step,
+            input: serde_json::to_string(&state.input).map_err(corrupt)?,
+            outputs: serde_json::to_string(&state.outputs).map_err(corrupt)?,
+            progress: progress.to_string(),
+            last_error,
+            wake_at: state.wake_at().map(Timestamp::as_millis),
+        })
+    }
+}
+
+fn stored_from_row(row: saga::Model) -> Result<StoredSaga, EngineError> {
+    let corrupt = |detail: String| EngineError::Corrupt {
+        saga_id: row.id.clone(),
+        detail,
+    };
+    let mut progress: Value =
+        serde_json::from_str(&row.progress).map_err(|e| corrupt(format!("progress: {e}")))?;
+    let input: Value =
+        serde_json::from_str(&row.input).map_err(|e| corrupt(format!("input: {e}")))?;
+    let outputs: Value =
+        serde_json::from_str(&row.outputs).map_err(|e| corrupt(format!("outputs: {e}")))?;
+    let map = progress
+        .as_object_mut()
+        .ok_or_else(|| corrupt("progress is not a JSON object".into()))?;
+    map.insert("input".into(), input);
+    map.insert("outputs".into(), outputs);
+    let state: SagaState =
+        serde_json::from_value(progress).map_err(|e| corrupt(format!("state: {e}")))?;
+    Ok(StoredSaga {
+        state,
+        row_version: row.row_version,
+        history_seq: row.history_seq,
+    })
+}
+
+fn history_row(saga_id: &str, seq: i64, at: i64, record: &Record) -> history::ActiveModel {
+    history::ActiveModel {
+        saga_id: Set(saga_id.to_string()),
+        seq: Set(seq),
+        at: Set(at),
+        kind: Set(record.kind.as_str().to_string()),
+        step_name: Set(record.step.clone()),
+        direction: Set(record.direction.map(|d| d.as_str().to_string())),
+        attempt: Set(record.attempt.map(|a| a as i32)),
+        payload: Set((!record.detail.is_null()).then(|| record.detail.to_string())),
+        error: Set(record.error.clone()),
+        actor: Set(record.actor.to_string()),
+    }
+}
+
+/// A change to an existing attempt row.
+struct AttemptUpdate {
+    saga_id: String,
+    step: i32,
+    direction: Direction,
+    attempt: i32,
+    status: &'static str,
+    finished_at: i64,
+    error: Option<String>,
+}
+
+impl AttemptUpdate {
+    async fn apply(self, txn: &impl ConnectionTrait) -> Result<(), EngineError> {
+        attempt::Entity::update_many()
+            .col_expr(attempt::Column::Status, Expr::value(self.status))
+            .col_expr(attempt::Column::FinishedAt, Expr::value(self.finished_at))
+            .col_expr(attempt::Column::Error, Expr::value(self.error))
+            .filter(attempt::Column::SagaId.eq(self.saga_id))
+            .filter(attempt::Column::Step.eq(self.step))
+            .filter(attempt::Column::Direction.eq(self.direction.as_str()))
+            .filter(attempt::Column::Attempt.eq(self.attempt))
+            .exec(txn)
+            .await
+            .map_err(EngineError::db("updating an attempt"))?;
+        Ok(())
+    }
+}
+
+fn attempt_changes(
+    write: &SagaWrite<'_>,
+    saga_id: &str,
+    now: i64,
+    record: &Record,
+    inserts: &mut Vec<attempt::ActiveModel>,
+    updates: &mut Vec<AttemptUpdate>,
+) {
+    let (Some(step_name), Some(direction), Some(attempt_no)) =
+        (&record.step, record.direction, record.attempt)
+    else {
+        return;
+    };
+    let Some(step) = write.spec.step_index(step_name) else {
+        return;
+    };
+    let status = match record.kind {
+        RecordKind::AttemptDispatched => {
+            inserts.push(attempt::ActiveModel {
+                saga_id: Set(saga_id.to_string()),
+                step: Set(step as i32),
+                step_name: Set(step_name.clone()),
+                direction: Set(direction.as_str().to_string()),
+                attempt: Set(attempt_no as i32),
+                idempotency_key: Set(record.detail["idempotency_key"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()),
+                status: Set("dispatched".into()),
+                dispatched_at: Set(now),
+                deadline: Set(record.detail["deadline"].as_i64()),
+                finished_at: Set(None),
+                error: Set(None),
+            });
+            return;
+        }
+        RecordKind::AttemptSucceeded => "succeeded",
+        RecordKind::AttemptFailed => "failed",
+        RecordKind::AttemptTimedOut => "timed_out",
+        _ => return,
+    };
+    updates.push(AttemptUpdate {
+        saga_id: saga_id.to_string(),
+        step: step as i32,
+        direction,
+        attempt: attempt_no as i32,
+        status,
+        finished_at: now,
+        error: record.error.clone(),
+    });
+}
+
+/// Attempts the saga walked away from (deadline, cancel, skip) are marked so in their rows.
+fn abandoned_attempts(
+    write: &SagaWrite<'_>,
+    saga_id: &str,
+    now: i64,
+    updates: &mut Vec<AttemptUpdate>,
+) {
+    let Some(base) = write.base else { return };
+    let Activity::InFlight {
+        step,
+        direction,
+        attempt,
+        ..
+    } = base.state.activity
+    else {
+        return;
+    };
+    let abandoned = write
+        .state
+        .steps
+        .get(step)
+        .is_some_and(|s| s.attempts(direction).last_outcome == Some(AttemptOutcome::Abandoned));
+    if abandoned {
+        updates.push(AttemptUpdate {
+            saga_id: saga_id.to_string(),
+            step: step as i32,
+            direction,
+            attempt: attempt as i32,
+            status: "abandoned",
+            finished_at: now,
+            error: None,
+        });
+    }
+}
+
+/// Accepts `sqlite:PATH`, `sqlite://PATH` or a bare `*.db` path; SQLite files are created when
+/// missing.
+fn normalize_url(url: &str) -> String {
+    let sqlite_path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .or_else(|| (!url.contains("://")).then_some(url));
+    match sqlite_path {
+        Some(path) if !path.contains("mode=") => {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            format!("sqlite://{path}{sep}mode=rwc")
+        }
+        Some(path) => format!("sqlite://{path}"),
+        None => url.to_string(),
+    }
+}
+
+/// Hides a password in a database URL.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_get_create_mode_and_passwords_are_hidden() {
+        assert_eq!(normalize_url("demo.db"), "sqlite://demo.db?mode=rwc");
+        assert_eq!(
+            normalize_url("sqlite:///tmp/x.db"),
+            "sqlite:///tmp/x.db?mode=rwc"
+        );
+        assert_eq!(
+            normalize_url("sqlite://x.db?mode=ro"),
+            "sqlite://x.db?mode=ro"
+        );
+        assert_eq!(normalize_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}
