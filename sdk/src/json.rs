@@ -12,7 +12,9 @@ pub(crate) fn from_value<T: DeserializeOwned>(
     what: &str,
     step: &str,
 ) -> Result<T, SdkError> {
-    serde_json::from_value(value).map_err(|e| SdkError::Deserialize {
+    // serde_path_to_error names the field that did not fit (`items[2].quantity`), which
+    // serde_json alone does not for values.
+    serde_path_to_error::deserialize(value).map_err(|e| SdkError::Deserialize {
         what: what.to_string(),
         step: step.to_string(),
         type_name: std::any::type_name::<T>(),

@@ -1,0 +1,484 @@
+//! The imperative shell around the state machine: one task that takes events in batches, runs
+//! the pure transition for each, commits all of a batch's transitions in one transaction, then
+//! dispatches the resulting commands.
+//!
+//! Grouping many sagas' transitions into one commit is what makes the engine fast: the cost of
+//! a durable commit is shared by every saga in the batch.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sagaflow_sdk::backoff::RandomizedDelays;
+use sagaflow_sdk::{SagaSpec, Timestamp};
+use serde_json::Value;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::{debug, error, warn};
+use uuid::Uuid;
+
+use super::catalog::Catalog;
+use super::transport::{StepCommand, StepReply, Transport};
+use crate::EngineError;
+use crate::machine::{
+    Activity, Command, Event, Inputs, OperatorCommand, Record, SagaState, Transition, decide,
+};
+use crate::store::{SagaWrite, Store, StoredSaga, WriteOutcome};
+
+/// The most events folded into one commit.
+const MAX_BATCH: usize = 512;
+
+/// What the driver is asked to do.
+pub(crate) enum Inbound {
+    Start {
+        spec: Arc<SagaSpec>,
+        input: Value,
+        start_key: Option<String>,
+        respond: oneshot::Sender<Result<Uuid, EngineError>>,
+    },
+    Reply(StepReply),
+    Wake(Uuid),
+    Operator {
+        saga_id: Uuid,
+        command: OperatorCommand,
+        respond: oneshot::Sender<Result<(), EngineError>>,
+    },
+}
+
+/// Sagas the scheduler has sent a wake for that the driver has not handled yet.
+pub(crate) type PendingWakes = Arc<Mutex<HashSet<Uuid>>>;
+
+pub(crate) struct Driver {
+    pub store: Store,
+    pub catalog: Arc<Catalog>,
+    pub transport: Arc<dyn Transport>,
+    pub inbox: mpsc::UnboundedReceiver<Inbound>,
+    pub requeue: mpsc::UnboundedSender<Inbound>,
+    pub pending_wakes: PendingWakes,
+    pub timers_changed: Arc<Notify>,
+    pub cache: HashMap<Uuid, StoredSaga>,
+}
+
+/// One saga's accumulated work within a batch.
+struct Pending {
+    spec: Arc<SagaSpec>,
+    base: Option<StoredSaga>,
+    state: SagaState,
+    records: Vec<Record>,
+    commands: Vec<Command>,
+    start_key: Option<String>,
+    events: Vec<Inbound>,
+    start_responders: Vec<oneshot::Sender<Result<Uuid, EngineError>>>,
+    operator_responders: Vec<oneshot::Sender<Result<(), EngineError>>>,
+}
+
+impl Driver {
+    /// Re-sends every attempt that was in flight when the engine last stopped: in the embedded
+    /// mode the worker pool died with the process, so those commands are gone. The same attempt
+    /// and idempotency key go out again; the handlers' idempotency absorbs any duplicate.
+    pub async fn recover(&mut self) -> Result<usize, EngineError> {
+        let ids = self.store.active().await?;
+        let mut resent = 0;
+        for chunk in ids.chunks(500) {
+            for stored in self.store.load_many(chunk).await? {
+                if let Activity::InFlight { .. } = stored.state.activity {
+                    let spec = self.spec_of(&stored.state)?;
+                    if let Some(command) = resend_command(&stored.state, &spec) {
+                        self.transport.send(command);
+                        resent += 1;
+                    }
+                }
+                self.cache.insert(stored.state.saga_id, stored);
+            }
+        }
+        Ok(resent)
+    }
+
+    pub async fn run(mut self) {
+        while let Some(first) = self.inbox.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match self.inbox.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            self.process(batch).await;
+        }
+    }
+
+    fn spec_of(&self, state: &SagaState) -> Result<Arc<SagaSpec>, EngineError> {
+        let saga = self.catalog.get(&state.name, Some(state.version))?;
+        Ok(Arc::new(saga.spec().clone()))
+    }
+
+    async fn process(&mut self, batch: Vec<Inbound>) {
+        let now = Timestamp::now();
+        let mut order: Vec<Uuid> = Vec::new();
+        let mut pending: HashMap<Uuid, Pending> = HashMap::new();
+        if let Err(error) = self.load_missing(&batch).await {
+            error!(%error, "cannot load sagas; retrying the batch shortly");
+            self.retry_later(batch);
+            return;
+        }
+        let start_keys = match self.existing_start_keys(&batch).await {
+            Ok(keys) => keys,
+            Err(error) => {
+                error!(%error, "cannot look up start keys; retrying the batch shortly");
+                self.retry_later(batch);
+                return;
+            }
+        };
+        let mut keys_in_batch: HashMap<String, Uuid> = HashMap::new();
+        for inbound in batch {
+            match inbound {
+                Inbound::Start {
+                    spec,
+                    input,
+                    start_key,
+                    respond,
+                } => {
+                    if let Some(key) = &start_key {
+                        if let Some(id) = start_keys.get(key).or_else(|| keys_in_batch.get(key)) {
+                            let _ = respond.send(Ok(*id));
+                            continue;
+                        }
+                    }
+                    let saga_id = Uuid::now_v7();
+                    let state = SagaState::new(saga_id, &spec, input.clone(), now);
+                    let transition = match apply(&state, &spec, Event::Start, now) {
+                        Ok(t) => t,
+                        Err(error) => {
+                            let _ = respond.send(Err(error));
+                            continue;
+                        }
+                    };
+                    if let Some(key) = &start_key {
+                        keys_in_batch.insert(key.clone(), saga_id);
+                    }
+                    order.push(saga_id);
+                    pending.insert(
+                        saga_id,
+                        Pending {
+                            spec,
+                            base: None,
+                            state: transition.state,
+                            records: transition.history,
+                            commands: transition.commands,
+                            start_key,
+                            events: Vec::new(),
+                            start_responders: vec![respond],
+                            operator_responders: Vec::new(),
+                        },
+                    );
+                }
+                other => self.fold_event(other, now, &mut order, &mut pending),
+            }
+        }
+        self.commit(order, pending, now).await;
+    }
+
+    /// Applies one reply, wake or operator command to the saga's latest state in this batch.
+    fn fold_event(
+        &mut self,
+        inbound: Inbound,
+        now: Timestamp,
+        order: &mut Vec<Uuid>,
+        pending: &mut HashMap<Uuid, Pending>,
+    ) {
+        let (saga_id, event) = match &inbound {
+            Inbound::Reply(reply) => (reply.saga_id, Event::Reply(reply.reply.clone())),
+            Inbound::Wake(id) => {
+                if let Ok(mut wakes) = self.pending_wakes.lock() {
+                    wakes.remove(id);
+                }
+                (*id, Event::TimerFired)
+            }
+            Inbound::Operator {
+                saga_id, command, ..
+            } => (*saga_id, Event::Operator(command.clone())),
+            Inbound::Start { .. } => return,
+        };
+        if !pending.contains_key(&saga_id) {
+            let Some(stored) = self.cache.get(&saga_id).cloned() else {
+                match inbound {
+                    Inbound::Reply(reply) => warn!(
+                        saga = %reply.saga_id,
+                        step = reply.reply.step,
+                        "reply for an unknown saga; dropped"
+                    ),
+                    Inbound::Operator { respond, .. } => {
+                        let _ = respond.send(Err(EngineError::UnknownSaga(saga_id)));
+                    }
+                    _ => {}
+                }
+                return;
+            };
+            let spec = match self.spec_of(&stored.state) {
+                Ok(spec) => spec,
+                Err(error) => {
+                    error!(saga = %saga_id, %error, "saga's definition is not registered here");
+                    return;
+                }
+            };
+            order.push(saga_id);
+            pending.insert(
+                saga_id,
+                Pending {
+                    spec,
+                    state: stored.state.clone(),
+                    base: Some(stored),
+                    records: Vec::new(),
+                    commands: Vec::new(),
+                    start_key: None,
+                    events: Vec::new(),
+                    start_responders: Vec::new(),
+                    operator_responders: Vec::new(),
+                },
+            );
+        }
+        let Some(work) = pending.get_mut(&saga_id) else {
+            return;
+        };
+        match apply(&work.state, &work.spec, event, now) {
+            Ok(transition) => {
+                work.state = transition.state;
+                work.records.extend(transition.history);
+                work.commands.extend(transition.commands);
+                match inbound {
+                    Inbound::Operator { respond, .. } => work.operator_responders.push(respond),
+                    other => work.events.push(other),
+                }
+            }
+            Err(error) => match inbound {
+                Inbound::Operator { respond, .. } => {
+                    let _ = respond.send(Err(error));
+                }
+                _ => error!(saga = %saga_id, %error, "event refused by the state machine"),
+            },
+        }
+    }
+
+    async fn commit(
+        &mut self,
+        order: Vec<Uuid>,
+        mut pending: HashMap<Uuid, Pending>,
+        now: Timestamp,
+    ) {
+        let works: Vec<Pending> = order.iter().filter_map(|id| pending.remove(id)).collect();
+        let writes: Vec<SagaWrite<'_>> = works
+            .iter()
+            .filter(|w| w.base.is_none() || !w.records.is_empty())
+            .map(|w| SagaWrite {
+                spec: &w.spec,
+                base: w.base.as_ref(),
+                state: &w.state,
+                records: &w.records,
+                start_key: w.start_key.as_deref(),
+                now,
+            })
+            .collect();
+        let outcomes = if writes.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.store.commit(&writes).await
+        };
+        drop(writes);
+        let outcomes = match outcomes {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                error!(%error, "commit failed; nothing of this batch was written");
+                for work in works {
+                    self.cache.remove(&work.state.saga_id);
+                    for respond in work.start_responders {
+                        let _ = respond.send(Err(EngineError::Database {
+                            doing: "starting a saga",
+                            source: sea_orm::DbErr::Custom(error.to_string()),
+                        }));
+                    }
+                    for respond in work.operator_responders {
+                        let _ = respond.send(Err(EngineError::Conflict(work.state.saga_id)));
+                    }
+                    if work.base.is_some() {
+                        self.retry_later(work.events);
+                    }
+                }
+                return;
+            }
+        };
+        let mut outcomes = outcomes.into_iter();
+        let mut earliest_wake: Option<Timestamp> = None;
+        for work in works {
+            let saga_id = work.state.saga_id;
+            if work.base.is_some() && work.records.is_empty() {
+                // Nothing happened (an early wake): nothing to write or send.
+                continue;
+            }
+            match outcomes.next() {
+                Some(WriteOutcome::Committed {
+                    row_version,
+                    history_seq,
+                }) => {
+                    for command in &work.commands {
+                        match command {
+                            Command::Dispatch(dispatch) => {
+                                self.transport
+                                    .send(command_for(&work.state, dispatch.clone()));
+                            }
+                            Command::ScheduleWake { at } => {
+                                earliest_wake = Some(earliest_wake.map_or(*at, |e| e.min(*at)));
+                            }
+                            Command::Finish { status } => {
+                                debug!(saga = %saga_id, status = status.as_str(), "saga finished");
+                            }
+                        }
+                    }
+                    if work.state.status.is_terminal() {
+                        self.cache.remove(&saga_id);
+                    } else {
+                        self.cache.insert(
+                            saga_id,
+                            StoredSaga {
+                                state: work.state,
+                                row_version,
+                                history_seq,
+                            },
+                        );
+                    }
+                    for respond in work.start_responders {
+                        let _ = respond.send(Ok(saga_id));
+                    }
+                    for respond in work.operator_responders {
+                        let _ = respond.send(Ok(()));
+                    }
+                }
+                Some(WriteOutcome::Stale) | None => {
+                    // Another writer got there first: forget what we knew, re-read, re-apply.
+                    warn!(saga = %saga_id, "stale write refused; re-reading the saga");
+                    self.cache.remove(&saga_id);
+                    for respond in work.operator_responders {
+                        let _ = respond.send(Err(EngineError::Conflict(saga_id)));
+                    }
+                    for event in work.events {
+                        let _ = self.requeue.send(event);
+                    }
+                }
+            }
+        }
+        if earliest_wake.is_some() {
+            self.timers_changed.notify_one();
+        }
+    }
+
+    async fn load_missing(&mut self, batch: &[Inbound]) -> Result<(), EngineError> {
+        let missing: Vec<Uuid> = batch
+            .iter()
+            .filter_map(|inbound| match inbound {
+                Inbound::Reply(reply) => Some(reply.saga_id),
+                Inbound::Wake(id) => Some(*id),
+                Inbound::Operator { saga_id, .. } => Some(*saga_id),
+                Inbound::Start { .. } => None,
+            })
+            .filter(|id| !self.cache.contains_key(id))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        for stored in self.store.load_many(&missing).await? {
+            self.cache.insert(stored.state.saga_id, stored);
+        }
+        Ok(())
+    }
+
+    async fn existing_start_keys(
+        &self,
+        batch: &[Inbound],
+    ) -> Result<HashMap<String, Uuid>, EngineError> {
+        let keys: Vec<&str> = batch
+            .iter()
+            .filter_map(|inbound| match inbound {
+                Inbound::Start {
+                    start_key: Some(key),
+                    ..
+                } => Some(key.as_str()),
+                _ => None,
+            })
+            .collect();
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        Ok(self
+            .store
+            .find_start_keys(&keys)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
+    fn retry_later(&self, events: Vec<Inbound>) {
+        let requeue = self.requeue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for event in events {
+                let _ = requeue.send(event);
+            }
+        });
+    }
+}
+
+fn apply(
+    state: &SagaState,
+    spec: &SagaSpec,
+    event: Event,
+    now: Timestamp,
+) -> Result<Transition, EngineError> {
+    Ok(decide(
+        state,
+        spec,
+        event,
+        Inputs {
+            now,
+            delays: &mut RandomizedDelays,
+        },
+    )?)
+}
+
+fn command_for(state: &SagaState, dispatch: crate::machine::Dispatch) -> StepCommand {
+    StepCommand {
+        saga_id: state.saga_id,
+        saga_name: state.name.clone(),
+        saga_version: state.version,
+        dispatch,
+        input: state.input.clone(),
+        outputs: state.outputs.clone(),
+    }
+}
+
+/// The command for the attempt a saga is waiting on, rebuilt from its state.
+fn resend_command(state: &SagaState, spec: &SagaSpec) -> Option<StepCommand> {
+    let Activity::InFlight {
+        step,
+        direction,
+        attempt,
+        deadline,
+    } = state.activity
+    else {
+        return None;
+    };
+    let name = spec.steps.get(step)?.name.clone();
+    let dispatch = crate::machine::Dispatch {
+        step,
+        idempotency_key: sagaflow_sdk::StepContext::key_for(state.saga_id, &name, direction),
+        forward_key: sagaflow_sdk::StepContext::key_for(
+            state.saga_id,
+            &name,
+            sagaflow_sdk::Direction::Forward,
+        ),
+        step_name: name,
+        direction,
+        attempt,
+        deadline,
+    };
+    Some(command_for(state, dispatch))
+}

@@ -1,0 +1,57 @@
+//! Durable timers: polls the store for sagas whose `wake_at` has come and wakes them.
+//!
+//! Timers live in the database, never in memory only: after a crash, the first poll finds every
+//! retry and timeout that fell due while the engine was down, and none fires before its time
+//! because the state machine checks each against `now`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sagaflow_sdk::Timestamp;
+use tokio::sync::{Notify, mpsc};
+use tracing::warn;
+
+use super::driver::{Inbound, PendingWakes};
+use crate::store::Store;
+
+/// How many due sagas one poll takes.
+const DUE_BATCH: u64 = 1_000;
+
+pub(crate) async fn run(
+    store: Store,
+    inbox: mpsc::UnboundedSender<Inbound>,
+    pending_wakes: PendingWakes,
+    timers_changed: Arc<Notify>,
+    poll_interval: Duration,
+) {
+    loop {
+        let now = Timestamp::now();
+        match store.due(now, DUE_BATCH).await {
+            Ok(ids) => {
+                for id in ids {
+                    let newly_pending = pending_wakes
+                        .lock()
+                        .map(|mut p| p.insert(id))
+                        .unwrap_or(true);
+                    if newly_pending && inbox.send(Inbound::Wake(id)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(error) => warn!(%error, "cannot poll timers; trying again"),
+        }
+        let sleep_for = match store.next_wake().await {
+            Ok(Some(next)) => Timestamp::now()
+                .until(next)
+                .clamp(Duration::from_millis(5), poll_interval),
+            _ => poll_interval,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(sleep_for) => {}
+            _ = timers_changed.notified() => {}
+        }
+        if inbox.is_closed() {
+            return;
+        }
+    }
+}

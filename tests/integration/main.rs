@@ -1,0 +1,5 @@
+//! Integration tests, one binary with a module per area (one link instead of many).
+
+mod embedded;
+mod store;
+mod support;

@@ -1,0 +1,145 @@
+//! Small sagas whose handlers the tests steer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use sagaflow_engine::machine::SagaStatus;
+use sagaflow_engine::runtime::{Engine, EngineOptions};
+use sagaflow_engine::store::{HistoryEntry, Store};
+use sagaflow_sdk::{Compensate, RetryPolicy, Saga, StepContext, StepError, StepHandler};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// A step that fails (retryably) its first `failures` calls, then returns `output`.
+#[derive(Clone)]
+pub struct Flaky {
+    pub failures: u32,
+    pub calls: Arc<AtomicU32>,
+    pub compensations: Arc<AtomicU32>,
+    pub output: Value,
+}
+
+impl Flaky {
+    pub fn new(failures: u32, output: Value) -> Self {
+        Flaky {
+            failures,
+            calls: Arc::default(),
+            compensations: Arc::default(),
+            output,
+        }
+    }
+}
+
+impl StepHandler for Flaky {
+    type Input = Value;
+    type Output = Value;
+
+    async fn execute(&self, _ctx: &StepContext, _input: Value) -> Result<Value, StepError> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if call <= self.failures {
+            return Err(StepError::retryable("busy", format!("call {call} refused")));
+        }
+        Ok(self.output.clone())
+    }
+}
+
+impl Compensate for Flaky {
+    async fn compensate(
+        &self,
+        _ctx: &StepContext,
+        _input: Value,
+        _output: Option<Value>,
+    ) -> Result<(), StepError> {
+        self.compensations.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The typed input the `typed` saga's steps read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Order {
+    pub sku: String,
+    pub quantity: u32,
+}
+
+/// Reads the output of step `one` as a `Counted`.
+pub struct ReadsCount;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Counted {
+    pub n: u32,
+}
+
+impl StepHandler for ReadsCount {
+    type Input = Order;
+    type Output = Counted;
+
+    async fn execute(&self, ctx: &StepContext, _input: Order) -> Result<Counted, StepError> {
+        let previous: Counted = ctx.output("one")?;
+        Ok(Counted { n: previous.n + 1 })
+    }
+}
+
+pub fn fast_policy(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy::builder()
+        .initial_interval(Duration::from_millis(10))
+        .max_interval(Duration::from_millis(50))
+        .max_attempts(max_attempts)
+        .jitter(0.0)
+        .build()
+        .expect("valid policy")
+}
+
+/// Options for tests: quick timer polls.
+pub fn options() -> EngineOptions {
+    EngineOptions {
+        worker_concurrency: 16,
+        timer_poll_interval: Duration::from_millis(20),
+    }
+}
+
+pub async fn launch(url: &str, sagas: Vec<Saga>) -> Engine {
+    let store = Store::connect(url).await.expect("open the store");
+    Engine::launch(store, sagas, options())
+        .await
+        .expect("launch the engine")
+}
+
+pub async fn settle(engine: &Engine) {
+    let counts = engine
+        .wait_until_settled(Duration::from_secs(60))
+        .await
+        .expect("read status counts");
+    let active: i64 = [
+        SagaStatus::Created,
+        SagaStatus::Running,
+        SagaStatus::Compensating,
+    ]
+    .iter()
+    .map(|s| counts.get(s).copied().unwrap_or(0))
+    .sum();
+    assert_eq!(active, 0, "sagas still active after 60 s: {counts:?}");
+}
+
+pub async fn status(store: &Store, id: Uuid) -> SagaStatus {
+    store
+        .load(id)
+        .await
+        .expect("load")
+        .expect("saga exists")
+        .state
+        .status
+}
+
+pub fn kinds(history: &[HistoryEntry]) -> Vec<String> {
+    history
+        .iter()
+        .map(|h| match (&h.step, &h.direction, h.attempt) {
+            (Some(step), Some(dir), Some(attempt)) => format!("{} {step}/{dir}#{attempt}", h.kind),
+            (Some(step), _, _) => format!("{} {step}", h.kind),
+            _ => h.kind.clone(),
+        })
+        .collect()
+}
