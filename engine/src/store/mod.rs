@@ -308,6 +308,20 @@ impl Store {
         Ok(rows.into_iter().collect())
     }
 
+    /// How many history records there are of each kind, over every saga.
+    pub async fn history_kind_counts(&self) -> Result<BTreeMap<String, i64>, EngineError> {
+        let rows: Vec<(String, i64)> = history::Entity::find()
+            .select_only()
+            .column(history::Column::Kind)
+            .column_as(history::Column::Seq.count(), "n")
+            .group_by(history::Column::Kind)
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(EngineError::db("counting history records"))?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// Ids of sagas in one status, oldest first.
     pub async fn ids_with_status(&self, status: &str) -> Result<Vec<Uuid>, EngineError> {
         let ids: Vec<String> = saga::Entity::find()

@@ -1,0 +1,310 @@
+//! `sagaflow demo`: the order workflow, embedded, with injected failures.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use sagaflow_engine::machine::SagaStatus;
+use sagaflow_engine::runtime::{Engine, EngineOptions};
+use sagaflow_engine::store::{HistoryEntry, Store};
+use sagaflow_sdk::Timestamp;
+use sagaflow_workflows::{
+    FaultPlan, Faults, Inventory, OrderMix, OrderServices, SagaOutcomes, TripMix, TripServices,
+    book_trip_saga, check_invariants, generate_orders, generate_trips, install, place_order_saga,
+};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::table;
+
+/// Options of `sagaflow demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Where sagas and the demo services' tables live: sqlite://FILE or postgres://USER@HOST/DB.
+    #[arg(
+        long,
+        env = "SAGAFLOW_DATABASE_URL",
+        default_value = "sqlite://sagaflow-demo.db"
+    )]
+    database_url: String,
+    /// How many order sagas to run.
+    #[arg(long, default_value_t = 300)]
+    orders: usize,
+    /// How many trip-booking sagas to run.
+    #[arg(long, default_value_t = 40)]
+    trips: usize,
+    /// Share of orders paid with a card that is declined.
+    #[arg(long, default_value_t = 0.15)]
+    decline_ratio: f64,
+    /// Chance that a service call fails transiently before applying its effect.
+    #[arg(long, default_value_t = 0.1)]
+    transient: f64,
+    /// Chance that a service applies its effect and then fails (a lost reply).
+    #[arg(long, default_value_t = 0.03)]
+    lost_reply: f64,
+    /// Seed for the generated orders and the injected failures.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Give up waiting for the sagas after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout_secs: u64,
+}
+
+/// Stock per SKU; `SKU-4` is scarce on purpose, so some orders find it sold out.
+const STOCK: [(&str, u32); 4] = [
+    ("SKU-1", 400),
+    ("SKU-2", 400),
+    ("SKU-3", 400),
+    ("SKU-4", 25),
+];
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let began = Instant::now();
+    let store = Store::connect(&args.database_url).await?;
+    let db = store.connection().clone();
+    install(&db)
+        .await
+        .context("installing the demo services' tables")?;
+    let inventory = Inventory::new(db.clone(), Faults::none());
+    for (sku, units) in STOCK {
+        // Stock is seeded once per database, so a rerun after an interruption adds none.
+        if inventory.stock(sku).await?.is_none() {
+            inventory.restock(sku, units).await?;
+        }
+    }
+
+    let faults = Faults::new(
+        FaultPlan::uniform(args.transient, args.lost_reply)?,
+        args.seed,
+    );
+    let order_services = OrderServices::new(&db, &faults);
+    let trip_services = TripServices::new(&db, &faults);
+    let sagas = vec![
+        place_order_saga(&order_services)?,
+        book_trip_saga(&trip_services)?,
+    ];
+    let engine = Engine::launch(store.clone(), sagas, EngineOptions::default()).await?;
+
+    // The inventory service releases reservations whose hold expired.
+    let expiry = {
+        let inventory = inventory.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Err(error) = inventory.release_expired(Timestamp::now()).await {
+                    tracing::warn!(%error, "releasing expired reservations failed");
+                }
+            }
+        })
+    };
+
+    let orders = generate_orders(&OrderMix {
+        prefix: "order".into(),
+        count: args.orders,
+        skus: STOCK.iter().map(|(sku, _)| sku.to_string()).collect(),
+        max_quantity: 3,
+        unit_price_cents: 1999,
+        decline_ratio: args.decline_ratio,
+        seed: args.seed,
+    });
+    let trips = generate_trips(&TripMix {
+        prefix: "trip".into(),
+        count: args.trips,
+        sold_out_ratio: 0.2,
+        seed: args.seed,
+    });
+    println!(
+        "Starting {} order sagas and {} trip sagas on {} ...",
+        orders.len(),
+        trips.len(),
+        describe(&args.database_url)
+    );
+    let starts = orders
+        .iter()
+        .map(|o| ("place_order", o.order_id.clone(), o.to_json()))
+        .chain(
+            trips
+                .iter()
+                .map(|t| ("book_trip", t.trip_id.clone(), t.to_json())),
+        );
+    let engine_ref = &engine;
+    let started: Vec<(String, String, Uuid)> = futures::stream::iter(starts)
+        .map(|(saga, key, input)| async move {
+            let id = engine_ref.start(saga, input, Some(key.clone())).await?;
+            Ok::<_, sagaflow_engine::EngineError>((saga.to_string(), key, id))
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+
+    let counts = engine
+        .wait_until_settled(Duration::from_secs(args.timeout_secs))
+        .await?;
+    expiry.abort();
+    engine.shutdown().await;
+    let active: i64 = [
+        SagaStatus::Created,
+        SagaStatus::Running,
+        SagaStatus::Compensating,
+    ]
+    .iter()
+    .map(|s| counts.get(s).copied().unwrap_or(0))
+    .sum();
+    if active > 0 {
+        bail!(
+            "{active} sagas still active after {} s; run the demo again to continue them",
+            args.timeout_secs
+        );
+    }
+
+    let loaded = store
+        .load_many(&started.iter().map(|(_, _, id)| *id).collect::<Vec<_>>())
+        .await?;
+    let states: BTreeMap<Uuid, SagaStatus> = loaded
+        .iter()
+        .map(|s| (s.state.saga_id, s.state.status))
+        .collect();
+    let history_lengths: BTreeMap<Uuid, i64> = loaded
+        .iter()
+        .map(|s| (s.state.saga_id, s.history_seq))
+        .collect();
+    let mut outcomes = SagaOutcomes::default();
+    let mut by_saga: BTreeMap<(String, &'static str), usize> = BTreeMap::new();
+    for (saga, key, id) in &started {
+        let status = states.get(id).copied().unwrap_or(SagaStatus::Created);
+        *by_saga.entry((saga.clone(), status.as_str())).or_default() += 1;
+        let list = match (saga.as_str(), status) {
+            ("place_order", SagaStatus::Completed) => &mut outcomes.completed_orders,
+            ("place_order", SagaStatus::Compensated) => &mut outcomes.compensated_orders,
+            ("book_trip", SagaStatus::Completed) => &mut outcomes.completed_trips,
+            ("book_trip", SagaStatus::Compensated) => &mut outcomes.compensated_trips,
+            _ => continue,
+        };
+        list.push(key.clone());
+    }
+
+    let kinds = store.history_kind_counts().await?;
+    let kind = |k: &str| kinds.get(k).copied().unwrap_or(0);
+    println!("\nSummary ({:.1} s)", began.elapsed().as_secs_f64());
+    let rows: Vec<Vec<String>> = by_saga
+        .iter()
+        .map(|((saga, status), n)| vec![saga.clone(), status.to_string(), n.to_string()])
+        .collect();
+    println!("{}", table::render(&["saga", "status", "count"], &rows));
+    println!(
+        "\nattempts dispatched: {}   retries scheduled: {}   attempts timed out: {}   \
+         replies ignored: {}   failures injected this run: {}",
+        kind("attempt_dispatched"),
+        kind("retry_scheduled"),
+        kind("attempt_timed_out"),
+        kind("reply_ignored"),
+        faults.injected_total()
+    );
+
+    if let Some((_, key, id)) = pick_compensated(&started, &states, &history_lengths) {
+        let history = store.history(*id).await?;
+        println!("\nHistory of compensated saga {id} ({key}):");
+        println!("{}", history_table(&history));
+    }
+
+    let report = check_invariants(&db, &outcomes).await?;
+    println!("\nInvariant check over the demo services:\n{report}");
+    if !report.is_ok() {
+        bail!("{} invariant violations", report.violations.len());
+    }
+    Ok(())
+}
+
+/// The compensated order saga with the longest history: the most interesting one to read.
+fn pick_compensated<'a>(
+    started: &'a [(String, String, Uuid)],
+    states: &BTreeMap<Uuid, SagaStatus>,
+    history_lengths: &BTreeMap<Uuid, i64>,
+) -> Option<&'a (String, String, Uuid)> {
+    started
+        .iter()
+        .filter(|(saga, _, id)| {
+            saga == "place_order" && states.get(id) == Some(&SagaStatus::Compensated)
+        })
+        .max_by_key(|(_, _, id)| history_lengths.get(id).copied().unwrap_or(0))
+}
+
+/// A saga's history as a table, times relative to its first record.
+pub fn history_table(history: &[HistoryEntry]) -> String {
+    let start = history.first().map(|h| h.at).unwrap_or(Timestamp(0));
+    let rows: Vec<Vec<String>> = history
+        .iter()
+        .map(|h| {
+            vec![
+                h.seq.to_string(),
+                format!("+{}ms", h.at.as_millis() - start.as_millis()),
+                h.kind.clone(),
+                h.step.clone().unwrap_or_default(),
+                h.direction.clone().unwrap_or_default(),
+                h.attempt.map(|a| a.to_string()).unwrap_or_default(),
+                h.actor.clone(),
+                summary(h, start),
+            ]
+        })
+        .collect();
+    table::render(
+        &[
+            "seq",
+            "time",
+            "event",
+            "step",
+            "direction",
+            "attempt",
+            "actor",
+            "detail",
+        ],
+        &rows,
+    )
+}
+
+fn summary(entry: &HistoryEntry, start: Timestamp) -> String {
+    let mut parts = Vec::new();
+    if let Some(error) = &entry.error {
+        parts.push(error.clone());
+    }
+    match &entry.detail {
+        Value::Object(map) => {
+            for (key, value) in map {
+                if key == "input" || key == "idempotency_key" || value.is_null() {
+                    continue;
+                }
+                let text = match value {
+                    // Times read best relative to the saga's start, like the time column.
+                    Value::Number(n) if key == "deadline" || key == "at" => {
+                        format!("+{}ms", n.as_i64().unwrap_or(0) - start.as_millis())
+                    }
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                parts.push(format!("{key}={}", truncate(&text, 60)));
+            }
+        }
+        Value::Null => {}
+        other => parts.push(truncate(&other.to_string(), 60)),
+    }
+    parts.join("; ")
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_string()
+    } else {
+        format!("{}…", text.chars().take(max).collect::<String>())
+    }
+}
+
+fn describe(url: &str) -> String {
+    if url.starts_with("postgres") {
+        "PostgreSQL".into()
+    } else {
+        format!("SQLite ({url})")
+    }
+}

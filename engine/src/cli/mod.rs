@@ -1,0 +1,4 @@
+//! The subcommands of the `sagaflow` binary.
+
+pub mod demo;
+pub mod table;
