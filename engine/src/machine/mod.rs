@@ -18,6 +18,7 @@
 mod event;
 mod operator;
 mod output;
+pub mod scenarios;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -498,6 +499,23 @@ impl Machine<'_, '_> {
                 Actor::Engine,
                 json!({ "deadline": deadline }),
             ));
+            if let Some(pivot) = self.pivot_outcome_unknown() {
+                // Compensating the earlier steps now would leave the pivot's effect behind if it
+                // applied after all: only an operator can tell.
+                if matches!(self.state.activity, Activity::InFlight { .. }) {
+                    self.state.steps[pivot].forward.last_outcome = Some(AttemptOutcome::Abandoned);
+                }
+                let name = self.step_name(pivot).to_string();
+                self.become_stuck(
+                    pivot,
+                    Direction::Forward,
+                    format!(
+                        "the saga's deadline passed while the outcome of pivot `{name}` was \
+                         unknown: skip it if it applied, cancel the saga if it did not"
+                    ),
+                );
+                return;
+            }
             self.abandon_forward_step("the saga's deadline passed before its pivot".into());
             return;
         }
@@ -548,6 +566,18 @@ impl Machine<'_, '_> {
             // Nothing is due yet: an early or repeated wake changes nothing.
             _ => {}
         }
+    }
+
+    /// The pivot, when it is the forward step in progress and may have applied: an attempt is
+    /// in flight, or the last one timed out.
+    fn pivot_outcome_unknown(&self) -> Option<usize> {
+        let Some((step, Direction::Forward)) = self.state.current_step() else {
+            return None;
+        };
+        let in_flight = matches!(self.state.activity, Activity::InFlight { .. });
+        let timed_out =
+            self.state.steps[step].forward.last_outcome == Some(AttemptOutcome::TimedOut);
+        (self.spec.steps[step].kind == StepKind::Pivot && (in_flight || timed_out)).then_some(step)
     }
 
     /// Stops the forward step in progress (deadline or cancel) and compensates. The step itself

@@ -165,7 +165,8 @@ impl Machine<'_, '_> {
                     None,
                     json!({ "pivot_outcome_unknown": pivot_stuck }),
                 ));
-                self.state.stuck = None;
+                // `stuck` stays set until compensation begins, so the stuck step is still the
+                // current one and is marked failed (and undone if it may have applied).
                 self.abandon_forward_step(format!("cancelled by operator {actor}: {reason}"));
             }
         }
