@@ -1,5 +1,6 @@
 //! Integration tests, one binary with a module per area (one link instead of many).
 
+mod crash;
 mod embedded;
 mod store;
 mod support;

@@ -46,6 +46,9 @@ pub struct DemoArgs {
     /// Seed for the generated orders and the injected failures.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// How many step attempts run at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
     /// Give up waiting for the sagas after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
@@ -84,7 +87,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         place_order_saga(&order_services)?,
         book_trip_saga(&trip_services)?,
     ];
-    let engine = Engine::launch(store.clone(), sagas, EngineOptions::default()).await?;
+    let options = EngineOptions {
+        worker_concurrency: args.concurrency,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::launch(store.clone(), sagas, options).await?;
 
     // The inventory service releases reservations whose hold expired.
     let expiry = {
