@@ -5,6 +5,7 @@
 //! Grouping many sagas' transitions into one commit is what makes the engine fast: the cost of
 //! a durable commit is shared by every saga in the batch.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -137,11 +138,11 @@ impl Driver {
                     start_key,
                     respond,
                 } => {
-                    if let Some(key) = &start_key {
-                        if let Some(id) = start_keys.get(key).or_else(|| keys_in_batch.get(key)) {
-                            let _ = respond.send(Ok(*id));
-                            continue;
-                        }
+                    if let Some(key) = &start_key
+                        && let Some(id) = start_keys.get(key).or_else(|| keys_in_batch.get(key))
+                    {
+                        let _ = respond.send(Ok(*id));
+                        continue;
                     }
                     let saga_id = Uuid::now_v7();
                     let state = SagaState::new(saga_id, &spec, input.clone(), now);
@@ -198,7 +199,7 @@ impl Driver {
             } => (*saga_id, Event::Operator(command.clone())),
             Inbound::Start { .. } => return,
         };
-        if !pending.contains_key(&saga_id) {
+        if let Entry::Vacant(slot) = pending.entry(saga_id) {
             let Some(stored) = self.cache.get(&saga_id).cloned() else {
                 match inbound {
                     Inbound::Reply(reply) => warn!(
@@ -221,20 +222,17 @@ impl Driver {
                 }
             };
             order.push(saga_id);
-            pending.insert(
-                saga_id,
-                Pending {
-                    spec,
-                    state: stored.state.clone(),
-                    base: Some(stored),
-                    records: Vec::new(),
-                    commands: Vec::new(),
-                    start_key: None,
-                    events: Vec::new(),
-                    start_responders: Vec::new(),
-                    operator_responders: Vec::new(),
-                },
-            );
+            slot.insert(Pending {
+                spec,
+                state: stored.state.clone(),
+                base: Some(stored),
+                records: Vec::new(),
+                commands: Vec::new(),
+                start_key: None,
+                events: Vec::new(),
+                start_responders: Vec::new(),
+                operator_responders: Vec::new(),
+            });
         }
         let Some(work) = pending.get_mut(&saga_id) else {
             return;
