@@ -2,5 +2,6 @@
 
 mod crash;
 mod embedded;
+mod scenarios;
 mod store;
 mod support;

@@ -147,7 +147,7 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
     /// Details: an output, a retry time, an ignored reply's reason.
-    #[serde(skip_serializing_if = "Value::is_null")]
+    #[serde(default, skip_serializing_if = "Value::is_null")]
     pub detail: Value,
     /// The error, for failures.
     #[serde(skip_serializing_if = "Option::is_none")]
