@@ -35,6 +35,10 @@ pub struct StepError {
 
 impl StepError {
     /// A transient failure: retried by the step's policy.
+    ///
+    /// A retryable error promises nothing about the effect (the attempt may have applied it and
+    /// failed afterwards), so when the policy gives up, a compensatable step is compensated too,
+    /// with no output, and a pivot leaves the saga stuck for an operator to decide.
     pub fn retryable(code: impl Into<String>, message: impl Into<String>) -> Self {
         StepError {
             class: ErrorClass::Retryable,
@@ -45,6 +49,10 @@ impl StepError {
 
     /// A final failure: the saga compensates (before the pivot) or becomes stuck (after it, or
     /// in a compensation).
+    ///
+    /// A permanent error is a promise that nothing was applied under this step's idempotency
+    /// key, by this attempt or an earlier one (an idempotent handler that finds an earlier effect
+    /// reports it instead of failing), so the failed step itself is not compensated.
     pub fn permanent(code: impl Into<String>, message: impl Into<String>) -> Self {
         StepError {
             class: ErrorClass::Permanent,

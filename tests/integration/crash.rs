@@ -13,7 +13,6 @@ use sagaflow_engine::machine::SagaStatus;
 use sagaflow_engine::store::{HistoryEntry, Store};
 use sagaflow_tests::{Backend, TestDb};
 
-const ORDERS: usize = 500;
 const TRIPS: usize = 60;
 const KILLS: usize = 10;
 
@@ -40,14 +39,14 @@ fn sagaflow_binary() -> PathBuf {
         .expect("target folder")
 }
 
-fn demo_command(binary: &PathBuf, url: &str, concurrency: usize) -> Command {
+fn demo_command(binary: &PathBuf, url: &str, orders: usize, concurrency: usize) -> Command {
     let mut command = Command::new(binary);
     command.args([
         "demo",
         "--database-url",
         url,
         "--orders",
-        &ORDERS.to_string(),
+        &orders.to_string(),
         "--trips",
         &TRIPS.to_string(),
         "--seed",
@@ -65,10 +64,11 @@ fn demo_command(binary: &PathBuf, url: &str, concurrency: usize) -> Command {
 async fn crash_and_recover(backend: Backend) {
     let db = TestDb::new(backend).await;
     let binary = sagaflow_binary();
-    // Few attempts at a time, so that the run lasts long enough to be killed ten times.
-    let concurrency = match backend {
-        Backend::Sqlite => 1,
-        Backend::Postgres => 4,
+    // Enough work, done few attempts at a time, that the run lasts long enough to be killed
+    // ten times (SQLite commits are much cheaper than PostgreSQL's here).
+    let (orders, concurrency) = match backend {
+        Backend::Sqlite => (1_500, 1),
+        Backend::Postgres => (500, 4),
     };
     let seed: u64 = rand::random();
     println!("{backend:?}: kill timings from seed {seed}");
@@ -81,12 +81,12 @@ async fn crash_and_recover(backend: Backend) {
             runs <= KILLS * 3,
             "the demo kept finishing before it could be killed"
         );
-        let mut child = demo_command(&binary, &db.url, concurrency)
+        let mut child = demo_command(&binary, &db.url, orders, concurrency)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start the demo");
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(100..500))).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(80..400))).await;
         if child.try_wait().expect("poll the child").is_none() {
             child.kill().expect("SIGKILL the engine");
             kills += 1;
@@ -96,7 +96,7 @@ async fn crash_and_recover(backend: Backend) {
 
     // The last life runs to the end; the demo exits non-zero if an invariant is broken.
     let started = Instant::now();
-    let output = demo_command(&binary, &db.url, concurrency)
+    let output = demo_command(&binary, &db.url, orders, concurrency)
         .output()
         .expect("run the demo");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -116,7 +116,7 @@ async fn crash_and_recover(backend: Backend) {
     let total: i64 = counts.values().sum();
     assert_eq!(
         total,
-        (ORDERS + TRIPS) as i64,
+        (orders + TRIPS) as i64,
         "{backend:?}: one saga per start key: {counts:?}"
     );
     for status in ["created", "running", "compensating"] {

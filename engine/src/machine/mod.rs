@@ -249,7 +249,7 @@ impl Machine<'_, '_> {
                     .with_detail(json!({ "class": error.class, "code": error.code }))
                     .with_error(error.message.clone()),
                 );
-                self.attempt_failed(step, direction, error, false);
+                self.attempt_failed(step, direction, error);
             }
         }
     }
@@ -329,13 +329,7 @@ impl Machine<'_, '_> {
         self.continue_compensation();
     }
 
-    fn attempt_failed(
-        &mut self,
-        step: usize,
-        direction: Direction,
-        error: StepError,
-        outcome_unknown: bool,
-    ) {
+    fn attempt_failed(&mut self, step: usize, direction: Direction, error: StepError) {
         let step_spec = &self.spec.steps[step];
         let policy = match direction {
             Direction::Forward => &step_spec.retry,
@@ -344,6 +338,11 @@ impl Machine<'_, '_> {
         let attempts = self.state.steps[step].attempts(direction);
         let (in_round, made) = (attempts.in_round(), attempts.made);
         let retryable = error.is_retryable() && policy.retries_code(&error.code);
+        // Only a permanent error promises that nothing was applied under the step's key (an
+        // idempotent handler reports an earlier effect instead of failing). A retryable error
+        // or a timeout promises nothing: an earlier attempt may have applied and its reply been
+        // lost, and this one may have failed before reaching the resource.
+        let outcome_unknown = error.is_retryable();
         self.state.steps[step].last_error = Some(error.clone());
         if retryable && policy.allows_attempt_after(in_round) {
             let delay = self.delays.retry_delay(policy, in_round);
@@ -499,6 +498,8 @@ impl Machine<'_, '_> {
                 Actor::Engine,
                 json!({ "deadline": deadline }),
             ));
+            // The deadline fires once: an operator who resumes afterwards decides anew.
+            self.state.deadline = None;
             if let Some(pivot) = self.pivot_outcome_unknown() {
                 // Compensating the earlier steps now would leave the pivot's effect behind if it
                 // applied after all: only an operator can tell.
@@ -526,8 +527,8 @@ impl Machine<'_, '_> {
                 attempt,
                 deadline: Some(deadline),
             } if deadline <= self.now => {
-                self.state.steps[step].attempts_mut(direction).last_outcome =
-                    Some(AttemptOutcome::TimedOut);
+                let attempts = self.state.steps[step].attempts_mut(direction);
+                attempts.last_outcome = Some(AttemptOutcome::TimedOut);
                 self.state.activity = Activity::Idle;
                 let name = self.step_name(step).to_string();
                 self.history.push(
@@ -542,7 +543,7 @@ impl Machine<'_, '_> {
                 );
                 let timeout = self.spec.steps[step].timeout.unwrap_or_default();
                 let error = StepError::retryable("timeout", format!("no reply within {timeout:?}"));
-                self.attempt_failed(step, direction, error, true);
+                self.attempt_failed(step, direction, error);
             }
             Activity::BackingOff {
                 step,
@@ -568,21 +569,20 @@ impl Machine<'_, '_> {
         }
     }
 
-    /// The pivot, when it is the forward step in progress and may have applied: an attempt is
-    /// in flight, or the last one timed out.
+    /// The pivot, when it is the forward step in progress and has been attempted: without a
+    /// permanent answer, any of its attempts may have applied.
     fn pivot_outcome_unknown(&self) -> Option<usize> {
         let Some((step, Direction::Forward)) = self.state.current_step() else {
             return None;
         };
-        let in_flight = matches!(self.state.activity, Activity::InFlight { .. });
-        let timed_out =
-            self.state.steps[step].forward.last_outcome == Some(AttemptOutcome::TimedOut);
-        (self.spec.steps[step].kind == StepKind::Pivot && (in_flight || timed_out)).then_some(step)
+        // The pivot is in progress, so no attempt got a permanent answer: any may have applied.
+        let attempted = self.state.steps[step].forward.made > 0;
+        (self.spec.steps[step].kind == StepKind::Pivot && attempted).then_some(step)
     }
 
     /// Stops the forward step in progress (deadline or cancel) and compensates. The step itself
-    /// is undone too when it is compensatable and may have applied: an attempt is in flight, or
-    /// the last one timed out.
+    /// is undone too when it is compensatable and was attempted: with no permanent answer yet,
+    /// any attempt may have applied.
     fn abandon_forward_step(&mut self, reason: String) {
         let mut also_undo = None;
         if let Some((step, Direction::Forward)) = self.state.current_step() {
@@ -591,8 +591,8 @@ impl Machine<'_, '_> {
             if in_flight {
                 attempts.last_outcome = Some(AttemptOutcome::Abandoned);
             }
-            let maybe_applied =
-                in_flight || attempts.last_outcome == Some(AttemptOutcome::TimedOut);
+            // Still in progress: no attempt got a permanent answer, so any may have applied.
+            let maybe_applied = attempts.made > 0;
             self.state.steps[step].status = StepStatus::Failed;
             if maybe_applied && self.spec.steps[step].kind == StepKind::Compensatable {
                 also_undo = Some(step);

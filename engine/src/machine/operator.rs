@@ -179,8 +179,8 @@ impl Machine<'_, '_> {
             step, direction, ..
         } = self.state.activity
         {
-            self.state.steps[step].attempts_mut(direction).last_outcome =
-                Some(AttemptOutcome::Abandoned);
+            let attempts = self.state.steps[step].attempts_mut(direction);
+            attempts.last_outcome = Some(AttemptOutcome::Abandoned);
         }
         self.state.activity = Activity::Idle;
     }

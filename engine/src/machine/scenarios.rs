@@ -475,6 +475,8 @@ pub fn all() -> Vec<Scenario> {
         deadline_before_pivot_compensates(),
         deadline_during_backoff(),
         deadline_while_pivot_in_flight(),
+        deadline_then_operator_resumes_pivot(),
+        timeout_then_retryable_failures_compensates_the_step(),
         early_timer_changes_nothing(),
         reply_for_finished_saga(),
         reply_for_unknown_step_or_attempt(),
@@ -579,7 +581,8 @@ fn attempts_exhausted_compensates() -> Scenario {
     scenario(
         "attempts_exhausted_compensates",
         "authorize_payment fails with a retryable error on all 3 attempts (retries after 100 then \
-         200 ms); the policy runs out and reserve_stock is compensated.",
+         200 ms); the policy runs out. A retryable error does not promise that nothing was \
+         applied, so authorize_payment is compensated (without an output), then reserve_stock.",
         order_spec(),
         with(
             succeed_through(1),
@@ -589,7 +592,8 @@ fn attempts_exhausted_compensates() -> Scenario {
                 (130, failed(AUTHORIZE, 2, busy())),
                 (330, timer()),
                 (340, failed(AUTHORIZE, 3, busy())),
-                (350, compensated(RESERVE, 1)),
+                (350, compensated(AUTHORIZE, 1)),
+                (360, compensated(RESERVE, 1)),
             ],
         ),
         SagaStatus::Compensated,
@@ -600,13 +604,15 @@ fn non_retryable_code_compensates() -> Scenario {
     scenario(
         "non_retryable_code_compensates",
         "authorize_payment fails with a retryable-class error whose code (`invalid_request`) the \
-         policy lists as non-retryable: no retry, reserve_stock is compensated.",
+         policy lists as non-retryable: no retry. The handler did not call it permanent, so it \
+         may have applied: authorize_payment is compensated, then reserve_stock.",
         order_spec(),
         with(
             succeed_through(1),
             vec![
                 (20, failed(AUTHORIZE, 1, invalid_request())),
-                (30, compensated(RESERVE, 1)),
+                (30, compensated(AUTHORIZE, 1)),
+                (40, compensated(RESERVE, 1)),
             ],
         ),
         SagaStatus::Compensated,
@@ -885,16 +891,17 @@ fn deadline_before_pivot_compensates() -> Scenario {
 fn deadline_during_backoff() -> Scenario {
     scenario(
         "deadline_during_backoff",
-        "With a 2 s deadline: authorize_payment fails (a reply, so it did not apply) and its \
-         retry falls due at the deadline itself. The deadline wins: only reserve_stock is \
-         compensated.",
+        "With a 2 s deadline: authorize_payment fails retryably and its retry falls due at the \
+         deadline itself. The deadline wins; the retryable failure did not settle whether \
+         authorize_payment applied, so it is compensated, then reserve_stock.",
         order_spec_with_deadline(),
         with(
             succeed_through(1),
             vec![
                 (1_900, failed(AUTHORIZE, 1, busy())),
                 (2_000, timer()),
-                (2_010, compensated(RESERVE, 1)),
+                (2_010, compensated(AUTHORIZE, 1)),
+                (2_020, compensated(RESERVE, 1)),
             ],
         ),
         SagaStatus::Compensated,
@@ -927,6 +934,58 @@ fn deadline_while_pivot_in_flight() -> Scenario {
             ],
         ),
         SagaStatus::Completed,
+    )
+}
+
+fn deadline_then_operator_resumes_pivot() -> Scenario {
+    scenario(
+        "deadline_then_operator_resumes_pivot",
+        "As deadline_while_pivot_in_flight, but the operator resumes the stuck pivot instead of \
+         skipping it. The deadline has fired once and stays disarmed: a timer right after the \
+         resume changes nothing, attempt 3 succeeds and the saga ships.",
+        order_spec_with_deadline(),
+        with(
+            succeed_through(2),
+            vec![
+                (1_020, timer()),
+                (1_120, timer()),
+                (2_000, timer()),
+                (
+                    3_000,
+                    operator(
+                        OperatorAction::Resume,
+                        "payment provider confirms no capture yet",
+                    ),
+                ),
+                (3_005, timer()),
+                (3_010, ok(CAPTURE, 3)),
+                (3_020, ok(SHIP, 1)),
+            ],
+        ),
+        SagaStatus::Completed,
+    )
+}
+
+fn timeout_then_retryable_failures_compensates_the_step() -> Scenario {
+    scenario(
+        "timeout_then_retryable_failures_compensates_the_step",
+        "authorize_payment's attempt 1 times out, attempts 2 and 3 fail with retryable errors and \
+         the policy runs out. Attempt 1 may have applied and no answer settled it, so \
+         authorize_payment is compensated too (without an output), then reserve_stock.",
+        order_spec(),
+        with(
+            succeed_through(1),
+            vec![
+                (1_010, timer()),
+                (1_110, timer()),
+                (1_120, failed(AUTHORIZE, 2, busy())),
+                (1_320, timer()),
+                (1_330, failed(AUTHORIZE, 3, busy())),
+                (1_340, compensated(AUTHORIZE, 1)),
+                (1_350, compensated(RESERVE, 1)),
+            ],
+        ),
+        SagaStatus::Compensated,
     )
 }
 

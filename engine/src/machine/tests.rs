@@ -670,8 +670,14 @@ fn compensations_run_in_reverse_order_of_completion() {
             &["authorize_payment", "reserve_stock"],
         ),
         ("permanent_failure_at_step_3_after_pivot", &[]),
-        ("attempts_exhausted_compensates", &["reserve_stock"]),
-        ("non_retryable_code_compensates", &["reserve_stock"]),
+        (
+            "attempts_exhausted_compensates",
+            &["authorize_payment", "reserve_stock"],
+        ),
+        (
+            "non_retryable_code_compensates",
+            &["authorize_payment", "reserve_stock"],
+        ),
         (
             "compensation_retried_then_succeeded",
             &["authorize_payment", "reserve_stock"],
@@ -686,7 +692,10 @@ fn compensations_run_in_reverse_order_of_completion() {
             "deadline_before_pivot_compensates",
             &["authorize_payment", "reserve_stock"],
         ),
-        ("deadline_during_backoff", &["reserve_stock"]),
+        (
+            "deadline_during_backoff",
+            &["authorize_payment", "reserve_stock"],
+        ),
         ("retriable_step_retried_until_success", &[]),
         ("retriable_step_fails_permanently_stuck", &[]),
         (
