@@ -112,14 +112,7 @@ pub async fn settle(engine: &Engine) {
         .wait_until_settled(Duration::from_secs(60))
         .await
         .expect("read status counts");
-    let active: i64 = [
-        SagaStatus::Created,
-        SagaStatus::Running,
-        SagaStatus::Compensating,
-    ]
-    .iter()
-    .map(|s| counts.get(s).copied().unwrap_or(0))
-    .sum();
+    let active = counts.active();
     assert_eq!(active, 0, "sagas still active after 60 s: {counts:?}");
 }
 

@@ -152,14 +152,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await?;
     expiry.abort();
     engine.shutdown().await;
-    let active: i64 = [
-        SagaStatus::Created,
-        SagaStatus::Running,
-        SagaStatus::Compensating,
-    ]
-    .iter()
-    .map(|s| counts.get(s).copied().unwrap_or(0))
-    .sum();
+    let active = counts.active();
     if active > 0 {
         bail!(
             "{active} sagas still active after {} s; run the demo again to continue them",

@@ -264,6 +264,7 @@ pub fn forward_policy() -> RetryPolicy {
         .jitter(0.0)
         .non_retryable("invalid_request")
         .build()
+        // Infallible: constant fields that satisfy every rule `build` checks.
         .expect("valid policy")
 }
 
@@ -276,6 +277,7 @@ pub fn compensation_policy() -> RetryPolicy {
         .max_attempts(3)
         .jitter(0.0)
         .build()
+        // Infallible: constant fields that satisfy every rule `build` checks.
         .expect("valid policy")
 }
 
@@ -289,6 +291,7 @@ pub fn unlimited_policy() -> RetryPolicy {
         .jitter(0.0)
         .non_retryable("invalid_request")
         .build()
+        // Infallible: constant fields that satisfy every rule `build` checks.
         .expect("valid policy")
 }
 

@@ -32,6 +32,14 @@ impl SagaStatus {
         matches!(self, SagaStatus::Completed | SagaStatus::Compensated)
     }
 
+    /// Created, running or compensating: the saga still moves by itself.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            SagaStatus::Created | SagaStatus::Running | SagaStatus::Compensating
+        )
+    }
+
     /// The lower-case name used in the store and the CLI.
     pub fn as_str(self) -> &'static str {
         match self {

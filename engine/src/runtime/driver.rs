@@ -308,7 +308,11 @@ impl Driver {
         for work in works {
             let saga_id = work.state.saga_id;
             if work.base.is_some() && work.records.is_empty() {
-                // Nothing happened (an early wake): nothing to write or send.
+                // Nothing happened (an early wake, a wake for a finished saga): nothing to write
+                // or send, and a finished saga need not stay cached.
+                if !work.state.status.is_active() {
+                    self.cache.remove(&saga_id);
+                }
                 continue;
             }
             match outcomes.next() {
@@ -330,7 +334,9 @@ impl Driver {
                             }
                         }
                     }
-                    if work.state.status.is_terminal() {
+                    // Only sagas that move by themselves stay cached; a stuck saga waits for an
+                    // operator, who may act from another process.
+                    if !work.state.status.is_active() {
                         self.cache.remove(&saga_id);
                     } else {
                         self.cache.insert(

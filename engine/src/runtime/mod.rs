@@ -29,6 +29,26 @@ use driver::{Driver, Inbound};
 /// The largest saga input accepted, in bytes of JSON.
 pub const MAX_INPUT_BYTES: usize = 256 * 1024;
 
+/// How many sagas are in each status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusCounts(pub HashMap<SagaStatus, i64>);
+
+impl StatusCounts {
+    /// Sagas in `status`.
+    pub fn get(&self, status: SagaStatus) -> i64 {
+        self.0.get(&status).copied().unwrap_or(0)
+    }
+
+    /// Sagas that still move by themselves (created, running, compensating).
+    pub fn active(&self) -> i64 {
+        self.0
+            .iter()
+            .filter(|(s, _)| s.is_active())
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
 /// Tuning for an embedded engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -186,28 +206,18 @@ impl Engine {
 
     /// Waits until no saga is created, running or compensating (each is completed, compensated
     /// or stuck), polling the store; gives up after `timeout` and returns the counts by status.
-    pub async fn wait_until_settled(
-        &self,
-        timeout: Duration,
-    ) -> Result<HashMap<SagaStatus, i64>, EngineError> {
+    pub async fn wait_until_settled(&self, timeout: Duration) -> Result<StatusCounts, EngineError> {
         let give_up = tokio::time::Instant::now() + timeout;
         loop {
-            let counts: HashMap<SagaStatus, i64> = self
-                .store
-                .status_counts()
-                .await?
-                .into_iter()
-                .filter_map(|(status, n)| SagaStatus::parse(&status).map(|s| (s, n)))
-                .collect();
-            let active = [
-                SagaStatus::Created,
-                SagaStatus::Running,
-                SagaStatus::Compensating,
-            ]
-            .iter()
-            .map(|s| counts.get(s).copied().unwrap_or(0))
-            .sum::<i64>();
-            if active == 0 || tokio::time::Instant::now() >= give_up {
+            let counts = StatusCounts(
+                self.store
+                    .status_counts()
+                    .await?
+                    .into_iter()
+                    .filter_map(|(status, n)| SagaStatus::parse(&status).map(|s| (s, n)))
+                    .collect(),
+            );
+            if counts.active() == 0 || tokio::time::Instant::now() >= give_up {
                 return Ok(counts);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -12,13 +12,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use sagaflow_migrations::{Migrator, MigratorTrait};
-use sagaflow_sdk::{Direction, SagaSpec, Timestamp};
+use sagaflow_sdk::backoff::retry_infrastructure;
+use sagaflow_sdk::{Direction, RetryPolicy, SagaSpec, Timestamp};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
     DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 use serde_json::Value;
+use tracing::warn;
 use uuid::Uuid;
 
 pub use entities::{attempt, definition, history, saga};
@@ -123,12 +125,17 @@ impl Store {
         } else {
             options.max_connections(16);
         }
-        let db = Database::connect(options)
-            .await
-            .map_err(|source| EngineError::Connect {
-                url: redact(&url),
-                source,
-            })?;
+        // A database that is still starting (or restarting) gets a few seconds to come up.
+        let db = retry_infrastructure(
+            &connect_policy(),
+            || Database::connect(options.clone()),
+            |error, delay| warn!(%error, ?delay, "cannot reach the database yet; retrying"),
+        )
+        .await
+        .map_err(|source| EngineError::Connect {
+            url: redact(&url),
+            source,
+        })?;
         Migrator::up(&db, None)
             .await
             .map_err(EngineError::db("applying the schema migrations"))?;
@@ -676,6 +683,19 @@ fn abandoned_attempts(
             error: None,
         });
     }
+}
+
+/// How long `connect` keeps trying: about eight seconds over six attempts.
+fn connect_policy() -> RetryPolicy {
+    RetryPolicy::builder()
+        .initial_interval(Duration::from_millis(250))
+        .multiplier(2.0)
+        .max_interval(Duration::from_secs(4))
+        .max_attempts(6)
+        .jitter(0.2)
+        .build()
+        // These constants satisfy every rule `build` checks.
+        .unwrap_or_default()
 }
 
 /// Accepts `sqlite:PATH`, `sqlite://PATH` or a bare `*.db` path; SQLite files are created when
