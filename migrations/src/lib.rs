@@ -9,10 +9,12 @@
 //! - `sagas`: one row per instance, written only conditionally on `row_version`.
 //! - `step_attempts`: one row per dispatched attempt of a step in one direction.
 //! - `saga_history`: the append-only audit trail, `(saga_id, seq)` ordered.
+//! - `outbox`: step commands committed with their transition, until a relay has sent them.
 
 pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_core_tables;
+mod m20261126_000002_outbox;
 
 /// Applies the schema: `Migrator::up(&db, None).await`.
 pub struct Migrator;
@@ -20,6 +22,9 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261126_000001_core_tables::Migration)]
+        vec![
+            Box::new(m20261126_000001_core_tables::Migration),
+            Box::new(m20261126_000002_outbox::Migration),
+        ]
     }
 }

@@ -113,6 +113,7 @@ pub mod backoff;
 mod error;
 mod handler;
 mod json;
+pub mod protocol;
 pub mod retry;
 mod saga;
 mod spec;

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::handler::{Compensate, StepContext, StepError, StepHandler};
 use crate::json;
+use crate::protocol::{StepCommand, StepOutcome, StepReply};
 use crate::{Direction, RetryPolicy, SagaSpec, SdkError, StepKind, StepSpec};
 
 /// The attempt timeout a step gets unless it says otherwise.
@@ -262,6 +263,43 @@ impl Saga {
             Direction::Forward => runner.execute(request.ctx, request.input),
             Direction::Compensate => runner.compensate(request.ctx, request.input, request.output),
         }
+    }
+}
+
+impl Saga {
+    /// Runs the attempt `command` describes and answers it, as a worker does. A handler that
+    /// panics is reported as a retryable failure; the worker itself keeps going.
+    pub async fn handle(&self, command: &StepCommand, worker: &str) -> StepReply {
+        let request = StepRequest {
+            step: command.step_index,
+            ctx: command.context(),
+            input: command.input.clone(),
+            output: command.outputs.get(&command.step).cloned(),
+        };
+        let outcome = match self.spec.steps.get(command.step_index) {
+            Some(spec) if spec.name == command.step => {
+                match tokio::spawn(self.run(request)).await {
+                    Ok(Ok(output)) => StepOutcome::Succeeded { output },
+                    Ok(Err(error)) => StepOutcome::Failed { error },
+                    Err(join_error) => StepOutcome::Failed {
+                        error: StepError::retryable(
+                            "handler_panicked",
+                            format!("the step handler panicked: {join_error}"),
+                        ),
+                    },
+                }
+            }
+            _ => StepOutcome::Failed {
+                error: StepError::permanent(
+                    "unknown_step",
+                    format!(
+                        "saga `{}` v{} has no step `{}` at position {}",
+                        self.spec.name, self.spec.version, command.step, command.step_index
+                    ),
+                ),
+            },
+        };
+        StepReply::to(command, worker, outcome)
     }
 }
 

@@ -232,6 +232,7 @@ async fn replay(store: &Store, scenario: &Scenario, id: Uuid) -> Vec<String> {
                 state: &transition.state,
                 records: &transition.history,
                 start_key: None,
+                dispatches: &[],
                 now,
             }])
             .await;

@@ -48,6 +48,7 @@ async fn a_stale_writer_is_refused_and_rereads() {
                     state: &started.state,
                     records: &started.history,
                     start_key: None,
+                    dispatches: &[],
                     now,
                 }])
                 .await
@@ -78,6 +79,7 @@ async fn a_stale_writer_is_refused_and_rereads() {
                 state: &by_a.state,
                 records: &by_a.history,
                 start_key: None,
+                dispatches: &[],
                 now,
             }])
             .await
@@ -99,6 +101,7 @@ async fn a_stale_writer_is_refused_and_rereads() {
                     state: &by_b.state,
                     records: &by_b.history,
                     start_key: None,
+                    dispatches: &[],
                     now,
                 },
                 SagaWrite {
@@ -107,6 +110,7 @@ async fn a_stale_writer_is_refused_and_rereads() {
                     state: &bystander_next.state,
                     records: &bystander_next.history,
                     start_key: None,
+                    dispatches: &[],
                     now,
                 },
             ])
@@ -133,6 +137,7 @@ async fn a_stale_writer_is_refused_and_rereads() {
                 state: &again.state,
                 records: &again.history,
                 start_key: None,
+                dispatches: &[],
                 now,
             }])
             .await

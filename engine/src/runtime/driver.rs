@@ -18,12 +18,12 @@ use tracing::{debug, error, warn};
 use uuid::Uuid;
 
 use super::catalog::Catalog;
-use super::transport::{StepCommand, StepReply, Transport};
 use crate::EngineError;
 use crate::machine::{
-    Activity, Command, Event, Inputs, OperatorCommand, Record, SagaState, Transition, decide,
+    Activity, Command, Event, Inputs, OperatorCommand, Record, Reply, SagaState, Transition, decide,
 };
 use crate::store::{SagaWrite, Store, StoredSaga, WriteOutcome};
+use sagaflow_sdk::protocol::{PROTOCOL_VERSION, StepCommand, StepReply};
 
 /// The most events folded into one commit.
 const MAX_BATCH: usize = 512;
@@ -51,7 +51,8 @@ pub(crate) type PendingWakes = Arc<Mutex<HashSet<Uuid>>>;
 pub(crate) struct Driver {
     pub store: Store,
     pub catalog: Arc<Catalog>,
-    pub transport: Arc<dyn Transport>,
+    /// Committed step commands go to the outbox relay, which publishes them.
+    pub relay: mpsc::UnboundedSender<Vec<StepCommand>>,
     pub inbox: mpsc::UnboundedReceiver<Inbound>,
     pub requeue: mpsc::UnboundedSender<Inbound>,
     pub pending_wakes: PendingWakes,
@@ -77,6 +78,8 @@ impl Driver {
     /// mode the worker pool died with the process, so those commands are gone. The same attempt
     /// and idempotency key go out again; the handlers' idempotency absorbs any duplicate.
     pub async fn recover(&mut self) -> Result<usize, EngineError> {
+        // Every unsent outbox command is an in-flight attempt re-sent below (or a stale one).
+        self.store.mark_all_sent(Timestamp::now()).await?;
         let ids = self.store.active().await?;
         let mut resent = 0;
         for chunk in ids.chunks(500) {
@@ -84,7 +87,7 @@ impl Driver {
                 if let Activity::InFlight { .. } = stored.state.activity {
                     let spec = self.spec_of(&stored.state)?;
                     if let Some(command) = resend_command(&stored.state, &spec) {
-                        self.transport.send(command);
+                        let _ = self.relay.send(vec![command]);
                         resent += 1;
                     }
                 }
@@ -187,7 +190,7 @@ impl Driver {
         pending: &mut HashMap<Uuid, Pending>,
     ) {
         let (saga_id, event) = match &inbound {
-            Inbound::Reply(reply) => (reply.saga_id, Event::Reply(reply.reply.clone())),
+            Inbound::Reply(reply) => (reply.saga_id, Event::Reply(machine_reply(reply))),
             Inbound::Wake(id) => {
                 if let Ok(mut wakes) = self.pending_wakes.lock() {
                     wakes.remove(id);
@@ -204,7 +207,7 @@ impl Driver {
                 match inbound {
                     Inbound::Reply(reply) => warn!(
                         saga = %reply.saga_id,
-                        step = reply.reply.step,
+                        command = %reply.command_id,
                         "reply for an unknown saga; dropped"
                     ),
                     Inbound::Operator { respond, .. } => {
@@ -263,15 +266,31 @@ impl Driver {
         now: Timestamp,
     ) {
         let works: Vec<Pending> = order.iter().filter_map(|id| pending.remove(id)).collect();
+        let dispatches: Vec<Vec<StepCommand>> = works
+            .iter()
+            .map(|w| {
+                w.commands
+                    .iter()
+                    .filter_map(|c| match c {
+                        Command::Dispatch(dispatch) => {
+                            Some(command_for(&w.state, dispatch.clone()))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .collect();
         let writes: Vec<SagaWrite<'_>> = works
             .iter()
-            .filter(|w| w.base.is_none() || !w.records.is_empty())
-            .map(|w| SagaWrite {
+            .zip(&dispatches)
+            .filter(|(w, _)| w.base.is_none() || !w.records.is_empty())
+            .map(|(w, commands)| SagaWrite {
                 spec: &w.spec,
                 base: w.base.as_ref(),
                 state: &w.state,
                 records: &w.records,
                 start_key: w.start_key.as_deref(),
+                dispatches: commands,
                 now,
             })
             .collect();
@@ -305,7 +324,8 @@ impl Driver {
         };
         let mut outcomes = outcomes.into_iter();
         let mut earliest_wake: Option<Timestamp> = None;
-        for work in works {
+        let mut to_publish = Vec::new();
+        for (work, commands) in works.into_iter().zip(dispatches) {
             let saga_id = work.state.saga_id;
             if work.base.is_some() && work.records.is_empty() {
                 // Nothing happened (an early wake, a wake for a finished saga): nothing to write
@@ -320,12 +340,10 @@ impl Driver {
                     row_version,
                     history_seq,
                 }) => {
+                    to_publish.extend(commands);
                     for command in &work.commands {
                         match command {
-                            Command::Dispatch(dispatch) => {
-                                self.transport
-                                    .send(command_for(&work.state, dispatch.clone()));
-                            }
+                            Command::Dispatch(_) => {}
                             Command::ScheduleWake { at } => {
                                 earliest_wake = Some(earliest_wake.map_or(*at, |e| e.min(*at)));
                             }
@@ -367,6 +385,9 @@ impl Driver {
                     }
                 }
             }
+        }
+        if !to_publish.is_empty() {
+            let _ = self.relay.send(to_publish);
         }
         if earliest_wake.is_some() {
             self.timers_changed.notify_one();
@@ -450,12 +471,36 @@ fn apply(
 
 fn command_for(state: &SagaState, dispatch: crate::machine::Dispatch) -> StepCommand {
     StepCommand {
+        v: PROTOCOL_VERSION,
+        command_id: StepCommand::id_for(
+            state.saga_id,
+            &dispatch.step_name,
+            dispatch.direction,
+            dispatch.attempt,
+        ),
         saga_id: state.saga_id,
-        saga_name: state.name.clone(),
+        saga: state.name.clone(),
         saga_version: state.version,
-        dispatch,
+        step_index: dispatch.step,
+        step: dispatch.step_name,
+        direction: dispatch.direction,
+        attempt: dispatch.attempt,
+        idempotency_key: dispatch.idempotency_key,
+        forward_key: dispatch.forward_key,
+        deadline: dispatch.deadline,
         input: state.input.clone(),
         outputs: state.outputs.clone(),
+    }
+}
+
+/// A worker's reply as the state machine's event.
+fn machine_reply(reply: &StepReply) -> Reply {
+    Reply {
+        step: reply.step_index,
+        direction: reply.direction,
+        attempt: reply.attempt,
+        result: reply.result(),
+        worker: reply.worker.clone(),
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod catalog;
 mod driver;
+mod relay;
 mod scheduler;
 mod transport;
 
@@ -12,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sagaflow_sdk::Saga;
+use sagaflow_sdk::protocol::StepReply;
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -19,7 +21,7 @@ use tracing::info;
 use uuid::Uuid;
 
 pub use catalog::Catalog;
-pub use transport::{InProcess, StepCommand, StepReply, Transport, run_attempt};
+pub use transport::{InProcess, Transport, run_attempt};
 
 use crate::EngineError;
 use crate::machine::{OperatorCommand, SagaStatus};
@@ -89,6 +91,7 @@ impl Engine {
         }
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
         let (replies_tx, mut replies_rx) = mpsc::unbounded_channel::<StepReply>();
+        let (relay_tx, relay_rx) = mpsc::unbounded_channel();
         let (transport, pool) =
             InProcess::spawn(catalog.clone(), options.worker_concurrency, replies_tx);
         let forward_inbox = inbox.clone();
@@ -104,7 +107,7 @@ impl Engine {
         let mut driver = Driver {
             store: store.clone(),
             catalog: catalog.clone(),
-            transport: Arc::new(transport),
+            relay: relay_tx,
             inbox: inbox_rx,
             requeue: inbox.clone(),
             pending_wakes: pending_wakes.clone(),
@@ -118,6 +121,7 @@ impl Engine {
                 "re-sent attempts that were in flight when the engine stopped"
             );
         }
+        let relay_task = tokio::spawn(relay::run(store.clone(), Arc::new(transport), relay_rx));
         let driver_task = tokio::spawn(driver.run());
         let scheduler_task = tokio::spawn(scheduler::run(
             store.clone(),
@@ -130,7 +134,13 @@ impl Engine {
             store,
             catalog,
             inbox,
-            tasks: vec![driver_task, scheduler_task, pool, forward_replies],
+            tasks: vec![
+                driver_task,
+                relay_task,
+                scheduler_task,
+                pool,
+                forward_replies,
+            ],
         })
     }
 

@@ -116,3 +116,25 @@ pub mod history {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// `outbox`: step commands committed with their transition, until sent.
+pub mod outbox {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "outbox")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub saga_id: String,
+        #[sea_orm(column_type = "Text")]
+        pub payload: String,
+        pub created_at: i64,
+        pub sent_at: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

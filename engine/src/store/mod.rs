@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use sagaflow_migrations::{Migrator, MigratorTrait};
 use sagaflow_sdk::backoff::retry_infrastructure;
+use sagaflow_sdk::protocol::StepCommand;
 use sagaflow_sdk::{Direction, RetryPolicy, SagaSpec, Timestamp};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -23,7 +24,7 @@ use serde_json::Value;
 use tracing::warn;
 use uuid::Uuid;
 
-pub use entities::{attempt, definition, history, saga};
+pub use entities::{attempt, definition, history, outbox, saga};
 
 use crate::EngineError;
 use crate::machine::{Activity, AttemptOutcome, Record, RecordKind, SagaState};
@@ -55,6 +56,8 @@ pub struct SagaWrite<'a> {
     pub records: &'a [Record],
     /// For a new saga: its idempotent start key.
     pub start_key: Option<&'a str>,
+    /// Step commands the transition emits, written to the outbox in the same transaction.
+    pub dispatches: &'a [StepCommand],
     /// When the transition happened.
     pub now: Timestamp,
 }
@@ -374,6 +377,70 @@ impl Store {
             .collect())
     }
 
+    /// Commands in the outbox not yet sent, written at or before `written_by`, oldest first.
+    pub async fn unsent(
+        &self,
+        written_by: Timestamp,
+        limit: u64,
+    ) -> Result<Vec<StepCommand>, EngineError> {
+        let rows = outbox::Entity::find()
+            .filter(outbox::Column::SentAt.is_null())
+            .filter(outbox::Column::CreatedAt.lte(written_by.as_millis()))
+            .order_by_asc(outbox::Column::CreatedAt)
+            .limit(limit)
+            .all(&self.db)
+            .await
+            .map_err(EngineError::db("reading the outbox"))?;
+        rows.into_iter()
+            .map(|row| {
+                serde_json::from_str(&row.payload).map_err(|e| EngineError::Corrupt {
+                    saga_id: row.saga_id.clone(),
+                    detail: format!("outbox command {}: {e}", row.id),
+                })
+            })
+            .collect()
+    }
+
+    /// Marks outbox commands as sent.
+    pub async fn mark_sent(
+        &self,
+        command_ids: &[String],
+        at: Timestamp,
+    ) -> Result<(), EngineError> {
+        for chunk in command_ids.chunks(INSERT_CHUNK) {
+            outbox::Entity::update_many()
+                .col_expr(outbox::Column::SentAt, Expr::value(at.as_millis()))
+                .filter(outbox::Column::Id.is_in(chunk.iter().cloned()))
+                .filter(outbox::Column::SentAt.is_null())
+                .exec(&self.db)
+                .await
+                .map_err(EngineError::db("marking outbox commands sent"))?;
+        }
+        Ok(())
+    }
+
+    /// Marks every unsent command as sent: the embedded engine re-sends in-flight attempts from
+    /// the sagas' states when it starts, which covers them.
+    pub async fn mark_all_sent(&self, at: Timestamp) -> Result<u64, EngineError> {
+        let result = outbox::Entity::update_many()
+            .col_expr(outbox::Column::SentAt, Expr::value(at.as_millis()))
+            .filter(outbox::Column::SentAt.is_null())
+            .exec(&self.db)
+            .await
+            .map_err(EngineError::db("marking outbox commands sent"))?;
+        Ok(result.rows_affected)
+    }
+
+    /// Deletes outbox rows sent before `before`; they only matter until delivered.
+    pub async fn purge_sent(&self, before: Timestamp) -> Result<u64, EngineError> {
+        let result = outbox::Entity::delete_many()
+            .filter(outbox::Column::SentAt.lt(before.as_millis()))
+            .exec(&self.db)
+            .await
+            .map_err(EngineError::db("purging sent outbox commands"))?;
+        Ok(result.rows_affected)
+    }
+
     /// Commits several sagas' transitions in one transaction. Each saga's write is kept or
     /// dropped whole: a saga whose row changed since it was read comes back
     /// [`WriteOutcome::Stale`] and nothing of it is written; the others commit.
@@ -387,6 +454,7 @@ impl Store {
         let mut history_rows = Vec::new();
         let mut new_attempts = Vec::new();
         let mut attempt_updates = Vec::new();
+        let mut outbox_rows = Vec::new();
         for write in writes {
             let columns = SagaColumns::of(write.state)?;
             let now = write.now.as_millis();
@@ -459,6 +527,9 @@ impl Store {
                 );
             }
             abandoned_attempts(write, &saga_id, now, &mut attempt_updates);
+            for command in write.dispatches {
+                outbox_rows.push(outbox_row(command, now)?);
+            }
             outcomes.push(WriteOutcome::Committed {
                 row_version,
                 history_seq: first_seq + write.records.len() as i64 - 1,
@@ -472,6 +543,12 @@ impl Store {
         }
         for update in attempt_updates {
             update.apply(&txn).await?;
+        }
+        for chunk in outbox_rows.chunks(INSERT_CHUNK) {
+            outbox::Entity::insert_many(chunk.to_vec())
+                .exec_without_returning(&txn)
+                .await
+                .map_err(EngineError::db("writing step commands to the outbox"))?;
         }
         for chunk in history_rows.chunks(INSERT_CHUNK) {
             history::Entity::insert_many(chunk.to_vec())
@@ -552,6 +629,20 @@ fn stored_from_row(row: saga::Model) -> Result<StoredSaga, EngineError> {
         state,
         row_version: row.row_version,
         history_seq: row.history_seq,
+    })
+}
+
+fn outbox_row(command: &StepCommand, now: i64) -> Result<outbox::ActiveModel, EngineError> {
+    let payload = serde_json::to_string(command).map_err(|e| EngineError::Corrupt {
+        saga_id: command.saga_id.to_string(),
+        detail: format!("cannot serialize command {}: {e}", command.command_id),
+    })?;
+    Ok(outbox::ActiveModel {
+        id: Set(command.command_id.clone()),
+        saga_id: Set(command.saga_id.to_string()),
+        payload: Set(payload),
+        created_at: Set(now),
+        sent_at: Set(None),
     })
 }
 

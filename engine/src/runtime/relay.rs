@@ -1,0 +1,84 @@
+//! The outbox relay: publishes committed step commands and marks them sent.
+//!
+//! The driver hands every batch of committed commands straight to the relay (the fast path).
+//! A sweep also picks up commands left unsent: those another process committed (an operator's
+//! resume from the CLI), and those a crashed engine committed but never published. A command
+//! published twice is harmless: brokers de-duplicate by command id, and workers by idempotency
+//! key.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sagaflow_sdk::Timestamp;
+use sagaflow_sdk::protocol::StepCommand;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::transport::Transport;
+use crate::store::Store;
+
+/// How old an unsent command must be before the sweep takes it, so that it does not race the
+/// fast path for commands committed a moment ago.
+const SWEEP_GRACE: Duration = Duration::from_millis(1_000);
+/// How often the sweep looks.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// Sent commands are kept this long, then purged.
+const KEEP_SENT: Duration = Duration::from_secs(3_600);
+/// The most commands one publish call carries.
+const MAX_BATCH: usize = 1_024;
+
+pub(crate) async fn run(
+    store: Store,
+    transport: Arc<dyn Transport>,
+    mut committed: mpsc::UnboundedReceiver<Vec<StepCommand>>,
+) {
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    let mut sweeps: u64 = 0;
+    loop {
+        tokio::select! {
+            batch = committed.recv() => {
+                let Some(mut commands) = batch else { return };
+                while commands.len() < MAX_BATCH {
+                    match committed.try_recv() {
+                        Ok(more) => commands.extend(more),
+                        Err(_) => break,
+                    }
+                }
+                publish(&store, transport.as_ref(), &commands).await;
+            }
+            _ = sweep.tick() => {
+                sweeps += 1;
+                let now = Timestamp::now();
+                let written_by = Timestamp(now.as_millis() - SWEEP_GRACE.as_millis() as i64);
+                match store.unsent(written_by, MAX_BATCH as u64).await {
+                    Ok(commands) if !commands.is_empty() => {
+                        publish(&store, transport.as_ref(), &commands).await;
+                    }
+                    Ok(_) => {}
+                    Err(error) => warn!(%error, "cannot read the outbox; trying again"),
+                }
+                // Purging is housekeeping: once a minute is plenty.
+                if sweeps.is_multiple_of(120) {
+                    let before = Timestamp(now.as_millis() - KEEP_SENT.as_millis() as i64);
+                    if let Err(error) = store.purge_sent(before).await {
+                        warn!(%error, "cannot purge sent outbox commands");
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn publish(store: &Store, transport: &dyn Transport, commands: &[StepCommand]) {
+    let accepted = transport.publish(commands).await;
+    if accepted.len() < commands.len() {
+        warn!(
+            unsent = commands.len() - accepted.len(),
+            "some step commands were not accepted; the outbox sweep tries them again"
+        );
+    }
+    if let Err(error) = store.mark_sent(&accepted, Timestamp::now()).await {
+        // They stay unsent and will be published again: duplicates are absorbed downstream.
+        warn!(%error, "cannot mark outbox commands sent");
+    }
+}

@@ -1,0 +1,179 @@
+//! The messages between the engine and step workers, as JSON.
+//!
+//! These types are the contract of the wire protocol (see `docs/protocol.md`): the engine sends
+//! a [`StepCommand`] for every attempt, and a worker answers with a [`StepReply`]. Both carry a
+//! schema version `v`; a receiver refuses a version it does not know rather than guessing.
+//! The embedded mode passes the very same values through a channel.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::{Direction, StepContext, StepError, Timestamp};
+
+/// The schema version this library writes and reads.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// "Run this attempt": everything a worker needs, and nothing it must look up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepCommand {
+    /// Schema version, [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// Unique per attempt: `{saga_id}:{step}:{direction}:{attempt}`. Used for broker
+    /// de-duplication and echoed in the reply.
+    pub command_id: String,
+    /// The saga instance.
+    pub saga_id: Uuid,
+    /// The saga definition's name.
+    pub saga: String,
+    /// The definition version the saga is pinned to.
+    pub saga_version: u32,
+    /// The step's position in the definition, from 0.
+    pub step_index: usize,
+    /// The step's name.
+    pub step: String,
+    /// Forward action or compensation.
+    pub direction: Direction,
+    /// The attempt number, from 1.
+    pub attempt: u32,
+    /// Stable across retries and redeliveries of this step in this direction.
+    pub idempotency_key: String,
+    /// The forward action's key; in a compensation, it names what to undo.
+    pub forward_key: String,
+    /// When the engine stops waiting for this attempt.
+    pub deadline: Option<Timestamp>,
+    /// The saga's input.
+    pub input: Value,
+    /// Outputs of the steps completed so far, by step name.
+    pub outputs: BTreeMap<String, Value>,
+}
+
+impl StepCommand {
+    /// The command id of an attempt.
+    pub fn id_for(saga_id: Uuid, step: &str, direction: Direction, attempt: u32) -> String {
+        format!("{saga_id}:{step}:{direction}:{attempt}")
+    }
+
+    /// The handler's view of this command.
+    pub fn context(&self) -> StepContext {
+        StepContext {
+            saga_id: self.saga_id,
+            saga_name: self.saga.clone(),
+            step: self.step.clone(),
+            direction: self.direction,
+            attempt: self.attempt,
+            idempotency_key: self.idempotency_key.clone(),
+            forward_key: self.forward_key.clone(),
+            deadline: self.deadline,
+            outputs: std::sync::Arc::new(self.outputs.clone()),
+        }
+    }
+}
+
+/// How an attempt ended, as the worker saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum StepOutcome {
+    /// The handler succeeded; `output` is `null` for a compensation.
+    Succeeded {
+        /// The step's output.
+        output: Value,
+    },
+    /// The handler failed, with a classified error.
+    Failed {
+        /// Retryable or permanent, with a code and a message.
+        error: StepError,
+    },
+}
+
+/// "This attempt ended so": a worker's answer to one [`StepCommand`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepReply {
+    /// Schema version, [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// The command answered.
+    pub command_id: String,
+    /// Copied from the command.
+    pub saga_id: Uuid,
+    /// Copied from the command.
+    pub step_index: usize,
+    /// Copied from the command.
+    pub step: String,
+    /// Copied from the command.
+    pub direction: Direction,
+    /// Copied from the command.
+    pub attempt: u32,
+    /// Who ran it, for the history.
+    pub worker: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub outcome: StepOutcome,
+}
+
+impl StepReply {
+    /// The reply to `command` with `outcome`, signed by `worker`.
+    pub fn to(command: &StepCommand, worker: &str, outcome: StepOutcome) -> Self {
+        StepReply {
+            v: PROTOCOL_VERSION,
+            command_id: command.command_id.clone(),
+            saga_id: command.saga_id,
+            step_index: command.step_index,
+            step: command.step.clone(),
+            direction: command.direction,
+            attempt: command.attempt,
+            worker: worker.to_string(),
+            outcome,
+        }
+    }
+
+    /// The outcome as a `Result`.
+    pub fn result(&self) -> Result<Value, StepError> {
+        match &self.outcome {
+            StepOutcome::Succeeded { output } => Ok(output.clone()),
+            StepOutcome::Failed { error } => Err(error.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_json_is_flat_and_round_trips() {
+        let command = StepCommand {
+            v: PROTOCOL_VERSION,
+            command_id: "c".into(),
+            saga_id: Uuid::from_u128(7),
+            saga: "s".into(),
+            saga_version: 1,
+            step_index: 0,
+            step: "a".into(),
+            direction: Direction::Forward,
+            attempt: 2,
+            idempotency_key: "k".into(),
+            forward_key: "k".into(),
+            deadline: Some(Timestamp(5)),
+            input: Value::Null,
+            outputs: BTreeMap::new(),
+        };
+        let failed = StepReply::to(
+            &command,
+            "w1",
+            StepOutcome::Failed {
+                error: StepError::permanent("card_declined", "no"),
+            },
+        );
+        let json = serde_json::to_value(&failed).unwrap();
+        assert_eq!(json["status"], "failed");
+        assert_eq!(json["error"]["class"], "permanent");
+        assert_eq!(json["attempt"], 2);
+        assert_eq!(serde_json::from_value::<StepReply>(json).unwrap(), failed);
+        let ok = StepReply::to(&command, "w1", StepOutcome::Succeeded { output: 3.into() });
+        let json = serde_json::to_value(&ok).unwrap();
+        assert_eq!(json["status"], "succeeded");
+        assert_eq!(json["output"], 3);
+    }
+}
