@@ -105,12 +105,39 @@ pub enum EngineError {
     )]
     Conflict(Uuid),
 
+    /// The message broker is unreachable or refused an operation.
+    #[error("NATS: {0}; check that nats-server runs with JetStream (-js) at the given URL")]
+    Broker(String),
+
     /// The engine is shutting down or has stopped.
     #[error("the engine has stopped; start it again to continue")]
     Stopped,
+
+    // ----- operator and audit queries (`ops`) -----
+    /// A query (filter, cursor, time or duration) cannot be run as given; nothing was read or
+    /// changed.
+    #[error("{problem}; {hint}")]
+    InvalidQuery {
+        /// What is wrong with it.
+        problem: String,
+        /// What to give instead.
+        hint: String,
+    },
+
+    /// An export could not be written (the disk is full, the pipe was closed).
+    #[error("cannot write the export: {0}; check the destination and run it again")]
+    Export(#[source] std::io::Error),
 }
 
 impl EngineError {
+    /// An [`EngineError::InvalidQuery`].
+    pub(crate) fn invalid_query(problem: impl Into<String>, hint: impl Into<String>) -> Self {
+        EngineError::InvalidQuery {
+            problem: problem.into(),
+            hint: hint.into(),
+        }
+    }
+
     pub(crate) fn db(doing: &'static str) -> impl FnOnce(DbErr) -> EngineError {
         move |source| EngineError::Database { doing, source }
     }

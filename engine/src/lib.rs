@@ -53,6 +53,7 @@
 
 mod error;
 pub mod machine;
+pub mod ops;
 pub mod runtime;
 pub mod store;
 

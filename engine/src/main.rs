@@ -19,6 +19,30 @@ enum Commands {
     /// invariant check over the demo services. Safe to run again on the same database: starts
     /// are idempotent, so an interrupted run picks up where it stopped.
     Demo(cli::demo::DemoArgs),
+    /// Find sagas: filter by status, definition name and version, current step, created or
+    /// updated time, error text and start key; oldest first, a page at a time.
+    List(cli::list::ListArgs),
+    /// The sagas that need an operator: stuck ones, and running or compensating ones that have
+    /// made no progress for longer than a threshold, each with the reason.
+    Stuck(cli::stuck::StuckArgs),
+    /// One saga in detail: status, pinned definition version, each step with its attempts,
+    /// last error, output and idempotency keys, what it does now and when it wakes next.
+    Show(cli::show::ShowArgs),
+    /// One saga's complete history as a timeline: every transition, attempt, error, timer and
+    /// operator action, in order, with time and actor.
+    History(cli::history::HistoryArgs),
+    /// Query the history of every saga: by saga, definition name, record kind, step,
+    /// direction, actor and time; export as JSON lines.
+    Audit(cli::audit::AuditArgs),
+    /// Remove whole finished (completed or compensated) sagas older than a cutoff, with their
+    /// history and attempts, and say how many; --dry-run only counts.
+    Retention(cli::retention::RetentionArgs),
+    /// Run the engine in distributed mode: step commands and replies over NATS JetStream,
+    /// workers in their own processes. SIGTERM stops it gracefully.
+    Serve(cli::serve::ServeArgs),
+    /// Start a saga through a running engine (over NATS) and print its id. Idempotent with
+    /// --key.
+    Start(cli::start::StartArgs),
 }
 
 #[tokio::main]
@@ -33,5 +57,13 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
         Commands::Demo(demo) => cli::demo::run(demo).await,
+        Commands::List(args) => cli::list::run(args).await,
+        Commands::Stuck(args) => cli::stuck::run(args).await,
+        Commands::Show(args) => cli::show::run(args).await,
+        Commands::History(args) => cli::history::run(args).await,
+        Commands::Audit(args) => cli::audit::run(args).await,
+        Commands::Retention(args) => cli::retention::run(args).await,
+        Commands::Serve(args) => cli::serve::run(args).await,
+        Commands::Start(args) => cli::start::run(args).await,
     }
 }

@@ -15,6 +15,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_core_tables;
 mod m20261126_000002_outbox;
+mod m20261126_000003_audit_indexes;
 
 /// Applies the schema: `Migrator::up(&db, None).await`.
 pub struct Migrator;
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261126_000001_core_tables::Migration),
             Box::new(m20261126_000002_outbox::Migration),
+            Box::new(m20261126_000003_audit_indexes::Migration),
         ]
     }
 }

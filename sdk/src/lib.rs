@@ -118,6 +118,8 @@ pub mod retry;
 mod saga;
 mod spec;
 mod time;
+#[cfg(feature = "worker")]
+pub mod worker;
 
 pub use error::SdkError;
 pub use handler::{Compensate, ErrorClass, StepContext, StepError, StepHandler};

@@ -177,3 +177,96 @@ mod tests {
         assert_eq!(json["output"], 3);
     }
 }
+
+/// NATS subjects, streams and consumers of the protocol.
+pub mod names {
+    /// The JetStream stream that holds step commands.
+    pub const COMMAND_STREAM: &str = "SAGAFLOW_COMMANDS";
+    /// The JetStream stream that holds replies.
+    pub const REPLY_STREAM: &str = "SAGAFLOW_REPLIES";
+    /// The durable consumer the engine reads replies with.
+    pub const ENGINE_CONSUMER: &str = "sagaflow-engine";
+    /// Core NATS request subject to start a saga.
+    pub const START_SUBJECT: &str = "sagaflow.start";
+    /// Core NATS request subject a worker announces its saga definitions on.
+    pub const REGISTER_SUBJECT: &str = "sagaflow.register";
+    /// Queue group the engines answer start and register requests in.
+    pub const ENGINE_QUEUE: &str = "sagaflow-engine";
+    /// The largest message either stream accepts, in bytes.
+    pub const MAX_MESSAGE_BYTES: i32 = 1024 * 1024;
+
+    /// Where the command for a step of a saga is published.
+    pub fn command_subject(saga: &str, step: &str) -> String {
+        format!("sagaflow.cmd.{saga}.{step}")
+    }
+
+    /// What a worker serving every step of `saga` consumes.
+    pub fn command_filter(saga: &str) -> String {
+        format!("sagaflow.cmd.{saga}.>")
+    }
+
+    /// Where replies for `saga` are published.
+    pub fn reply_subject(saga: &str) -> String {
+        format!("sagaflow.reply.{saga}")
+    }
+
+    /// The durable consumer the workers of `saga` share.
+    pub fn worker_consumer(saga: &str) -> String {
+        format!("sagaflow-worker-{saga}")
+    }
+
+    /// The `Nats-Msg-Id` of the reply to a command.
+    pub fn reply_message_id(command_id: &str) -> String {
+        format!("reply:{command_id}")
+    }
+}
+
+/// A request to start a saga, sent on [`names::START_SUBJECT`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartRequest {
+    /// Schema version, [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// The saga's name.
+    pub saga: String,
+    /// A definition version; the latest registered when absent.
+    #[serde(default)]
+    pub version: Option<u32>,
+    /// The input.
+    pub input: Value,
+    /// Starting is idempotent on this key: the same key returns the same saga.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+/// The answer to a [`StartRequest`] or a [`RegisterRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum EngineAnswer {
+    /// Done; for a start, the saga's id.
+    Ok {
+        /// Schema version.
+        v: u32,
+        /// The saga started (or found by its key); absent for a registration.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        saga_id: Option<Uuid>,
+    },
+    /// Refused, with the reason.
+    Error {
+        /// Schema version.
+        v: u32,
+        /// A short code: `unknown_saga`, `invalid_input`, `too_large`, `bad_request`, ...
+        code: String,
+        /// What to do about it.
+        message: String,
+    },
+}
+
+/// A worker's announcement of the saga definitions it serves, sent on
+/// [`names::REGISTER_SUBJECT`], so engines can start and drive them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// Schema version, [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// The definitions.
+    pub sagas: Vec<crate::SagaSpec>,
+}

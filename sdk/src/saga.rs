@@ -116,8 +116,9 @@ impl SagaBuilder {
 
     /// Checks the definition against the saga model and returns it.
     ///
-    /// The rules: a name and a version of at least 1; at least one step; step names unique,
-    /// non-empty, without `:` or whitespace (they appear in idempotency keys); steps ordered as
+    /// The rules: a name and a version of at least 1; at least one step; saga and step names
+    /// of letters, digits, `_` and `-` (they appear in idempotency keys and NATS subjects), step
+    /// names unique; steps ordered as
     /// compensatable steps, then at most one pivot, then retriable steps, which need a pivot
     /// before them.
     pub fn build(self) -> Result<Saga, SdkError> {
@@ -125,8 +126,10 @@ impl SagaBuilder {
             saga: self.name.clone(),
             reason,
         };
-        if self.name.trim().is_empty() {
-            return Err(invalid("the saga needs a name".into()));
+        if !is_plain_name(&self.name) {
+            return Err(invalid(
+                "a saga name is letters, digits, `_` and `-` (it is part of NATS subjects)".into(),
+            ));
         }
         if self.version == 0 {
             return Err(invalid("versions start at 1".into()));
@@ -137,9 +140,10 @@ impl SagaBuilder {
         let mut seen_pivot = false;
         for (i, step) in self.steps.iter().enumerate() {
             let name = &step.spec.name;
-            if name.is_empty() || name.contains(':') || name.chars().any(char::is_whitespace) {
+            if !is_plain_name(name) {
                 return Err(invalid(format!(
-                    "step {i} has name `{name}`: use a non-empty name without `:` or spaces"
+                    "step {i} has name `{name}`: use letters, digits, `_` and `-` (step names \
+                     appear in idempotency keys and NATS subjects)"
                 )));
             }
             if self.steps[..i].iter().any(|s| &s.spec.name == name) {
@@ -178,6 +182,14 @@ impl SagaBuilder {
             runners,
         })
     }
+}
+
+/// Letters, digits, `_` and `-`, at least one: safe in keys and NATS subject tokens.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// A saga definition with its handlers: what a worker (or the embedded runtime) registers.

@@ -3,40 +3,22 @@
 //! every saga must have ended whole, the demo services' invariants must hold, and the history
 //! must show each compensation exactly once per step, in reverse order.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use sagaflow_engine::machine::SagaStatus;
-use sagaflow_engine::store::{HistoryEntry, Store};
+use sagaflow_engine::store::Store;
 use sagaflow_tests::{Backend, TestDb};
+
+use crate::support::{build_binary, check_compensations};
 
 const TRIPS: usize = 60;
 const KILLS: usize = 10;
 
 /// The `sagaflow` binary, built if it is not there yet.
 fn sagaflow_binary() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "sagaflow-engine",
-            "--bin",
-            "sagaflow",
-        ])
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "building the sagaflow binary failed");
-    let deps = std::env::current_exe().expect("test binary path");
-    // target/debug/deps/integration-HASH -> target/debug/sagaflow
-    deps.parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("sagaflow"))
-        .expect("target folder")
+    build_binary("sagaflow-engine", "sagaflow")
 }
 
 fn demo_command(binary: &PathBuf, url: &str, orders: usize, concurrency: usize) -> Command {
@@ -150,64 +132,6 @@ async fn crash_and_recover(backend: Backend) {
         compensated > 0,
         "the demo's declines must compensate some sagas"
     );
-}
-
-/// Each step that completed forward is compensated exactly once, latest first.
-fn check_compensations(history: &[HistoryEntry], id: uuid::Uuid) {
-    let succeeded = |direction: &str| -> Vec<String> {
-        history
-            .iter()
-            .filter(|h| h.kind == "attempt_succeeded" && h.direction.as_deref() == Some(direction))
-            .filter_map(|h| h.step.clone())
-            .collect()
-    };
-    let forward = succeeded("forward");
-    let compensations = succeeded("compensate");
-    let mut per_step: BTreeMap<&str, usize> = BTreeMap::new();
-    for step in &compensations {
-        *per_step.entry(step).or_default() += 1;
-    }
-    assert!(
-        per_step.values().all(|&n| n == 1),
-        "saga {id}: a compensation ran twice: {compensations:?}"
-    );
-    let planned: Vec<String> = history
-        .iter()
-        .find(|h| h.kind == "compensation_started")
-        .and_then(|h| serde_json::from_value(h.detail["steps"].clone()).ok())
-        .unwrap_or_default();
-    assert_eq!(
-        compensations, planned,
-        "saga {id}: compensations ran as planned"
-    );
-    let completed_in_reverse: Vec<String> = forward.iter().rev().cloned().collect();
-    let undone_known: Vec<String> = compensations
-        .iter()
-        .filter(|s| forward.contains(s))
-        .cloned()
-        .collect();
-    assert_eq!(
-        undone_known, completed_in_reverse,
-        "saga {id}: every completed step compensated, in reverse order"
-    );
-    assert_eq!(
-        history
-            .iter()
-            .filter(|h| h.kind == "saga_compensated")
-            .count(),
-        1,
-        "saga {id}: one terminal record"
-    );
-    let last = history.last().map(|h| h.kind.as_str());
-    assert!(
-        history
-            .iter()
-            .skip_while(|h| h.kind != "saga_compensated")
-            .skip(1)
-            .all(|h| h.kind == "reply_ignored"),
-        "saga {id}: nothing but ignored replies after the end, last was {last:?}"
-    );
-    let _ = SagaStatus::Compensated;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

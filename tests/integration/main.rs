@@ -1,7 +1,10 @@
 //! Integration tests, one binary with a module per area (one link instead of many).
 
 mod crash;
+mod distributed;
 mod embedded;
+mod ops;
+mod python_worker;
 mod scenarios;
 mod store;
 mod support;

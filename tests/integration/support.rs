@@ -1,5 +1,9 @@
-//! Small sagas whose handlers the tests steer.
+//! Shared by the integration tests: small sagas whose handlers the tests steer, building the
+//! binaries, and checks over saga histories.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -135,4 +139,78 @@ pub fn kinds(history: &[HistoryEntry]) -> Vec<String> {
             _ => h.kind.clone(),
         })
         .collect()
+}
+
+/// Builds `bin` of `package` (quietly; a no-op when it is up to date) and returns its path in
+/// the target folder this test binary runs from.
+pub fn build_binary(package: &str, bin: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building the {bin} binary failed");
+    let deps = std::env::current_exe().expect("test binary path");
+    // target/debug/deps/integration-HASH -> target/debug/BIN
+    deps.parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join(bin))
+        .expect("target folder")
+}
+
+/// Each step that completed forward is compensated exactly once, latest first.
+pub fn check_compensations(history: &[HistoryEntry], id: Uuid) {
+    let succeeded = |direction: &str| -> Vec<String> {
+        history
+            .iter()
+            .filter(|h| h.kind == "attempt_succeeded" && h.direction.as_deref() == Some(direction))
+            .filter_map(|h| h.step.clone())
+            .collect()
+    };
+    let forward = succeeded("forward");
+    let compensations = succeeded("compensate");
+    let mut per_step: BTreeMap<&str, usize> = BTreeMap::new();
+    for step in &compensations {
+        *per_step.entry(step).or_default() += 1;
+    }
+    assert!(
+        per_step.values().all(|&n| n == 1),
+        "saga {id}: a compensation ran twice: {compensations:?}"
+    );
+    let planned: Vec<String> = history
+        .iter()
+        .find(|h| h.kind == "compensation_started")
+        .and_then(|h| serde_json::from_value(h.detail["steps"].clone()).ok())
+        .unwrap_or_default();
+    assert_eq!(
+        compensations, planned,
+        "saga {id}: compensations ran as planned"
+    );
+    let completed_in_reverse: Vec<String> = forward.iter().rev().cloned().collect();
+    let undone_known: Vec<String> = compensations
+        .iter()
+        .filter(|s| forward.contains(s))
+        .cloned()
+        .collect();
+    assert_eq!(
+        undone_known, completed_in_reverse,
+        "saga {id}: every completed step compensated, in reverse order"
+    );
+    assert_eq!(
+        history
+            .iter()
+            .filter(|h| h.kind == "saga_compensated")
+            .count(),
+        1,
+        "saga {id}: one terminal record"
+    );
+    let last = history.last().map(|h| h.kind.as_str());
+    assert!(
+        history
+            .iter()
+            .skip_while(|h| h.kind != "saga_compensated")
+            .skip(1)
+            .all(|h| h.kind == "reply_ignored"),
+        "saga {id}: nothing but ignored replies after the end, last was {last:?}"
+    );
 }

@@ -2,9 +2,14 @@
 //!
 //! Every test gets its own SQLite file in a temporary folder, or its own PostgreSQL database
 //! (created on the server at `SAGAFLOW_TEST_PG`, default `postgres://postgres@127.0.0.1:5432`,
-//! and dropped when the test ends, pass or fail).
+//! and dropped when the test ends, pass or fail). Distributed tests get a private `nats-server`
+//! with JetStream ([`NatsServer`]).
 
 use sea_orm::{ConnectionTrait, Database};
+
+mod nats;
+
+pub use nats::NatsServer;
 
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,6 +22,29 @@ pub async fn seed_stock(db: &DatabaseConnection, stock: &[(&str, u32)]) -> Resul
     Ok(())
 }
 
+/// The demo's stock per SKU; `SKU-4` is scarce on purpose, so some orders find it sold out.
+pub const DEMO_STOCK: [(&str, u32); 4] = [
+    ("SKU-1", 400),
+    ("SKU-2", 400),
+    ("SKU-3", 400),
+    ("SKU-4", 25),
+];
+
+/// Stocks each SKU of `stock` that has never been stocked, so running a demo again (or
+/// restarting a worker) adds nothing.
+pub async fn seed_stock_once(
+    db: &DatabaseConnection,
+    stock: &[(&str, u32)],
+) -> Result<(), DemoError> {
+    let inventory = Inventory::new(db.clone(), Faults::none());
+    for (sku, units) in stock {
+        if inventory.stock(sku).await?.is_none() {
+            inventory.restock(sku, *units).await?;
+        }
+    }
+    Ok(())
+}
+
 /// What [`generate_orders`] produces.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OrderMix {

@@ -50,7 +50,9 @@ mod trip;
 pub use bookings::{
     Booking, BookingRequest, BookingState, Bookings, CancelOutcome, Resource, SOLD_OUT, is_sold_out,
 };
-pub use demo::{OrderMix, TripMix, generate_orders, generate_trips, seed_stock};
+pub use demo::{
+    DEMO_STOCK, OrderMix, TripMix, generate_orders, generate_trips, seed_stock, seed_stock_once,
+};
 pub use error::DemoError;
 pub use faults::{FaultPlan, FaultPoint, Faults, Service, ServiceFaults};
 pub use invariants::{InvariantReport, SagaOutcomes, check_invariants};

@@ -10,8 +10,9 @@ use sagaflow_engine::runtime::{Engine, EngineOptions};
 use sagaflow_engine::store::{HistoryEntry, Store};
 use sagaflow_sdk::Timestamp;
 use sagaflow_workflows::{
-    FaultPlan, Faults, Inventory, OrderMix, OrderServices, SagaOutcomes, TripMix, TripServices,
-    book_trip_saga, check_invariants, generate_orders, generate_trips, install, place_order_saga,
+    DEMO_STOCK, FaultPlan, Faults, Inventory, OrderMix, OrderServices, SagaOutcomes, TripMix,
+    TripServices, book_trip_saga, check_invariants, generate_orders, generate_trips, install,
+    place_order_saga, seed_stock_once,
 };
 use serde_json::Value;
 use uuid::Uuid;
@@ -54,14 +55,6 @@ pub struct DemoArgs {
     timeout_secs: u64,
 }
 
-/// Stock per SKU; `SKU-4` is scarce on purpose, so some orders find it sold out.
-const STOCK: [(&str, u32); 4] = [
-    ("SKU-1", 400),
-    ("SKU-2", 400),
-    ("SKU-3", 400),
-    ("SKU-4", 25),
-];
-
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let began = Instant::now();
     let store = Store::connect(&args.database_url).await?;
@@ -69,13 +62,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     install(&db)
         .await
         .context("installing the demo services' tables")?;
+    // Stock is seeded once per database, so a rerun after an interruption adds none.
+    seed_stock_once(&db, &DEMO_STOCK).await?;
     let inventory = Inventory::new(db.clone(), Faults::none());
-    for (sku, units) in STOCK {
-        // Stock is seeded once per database, so a rerun after an interruption adds none.
-        if inventory.stock(sku).await?.is_none() {
-            inventory.restock(sku, units).await?;
-        }
-    }
 
     let faults = Faults::new(
         FaultPlan::uniform(args.transient, args.lost_reply)?,
@@ -109,7 +98,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let orders = generate_orders(&OrderMix {
         prefix: "order".into(),
         count: args.orders,
-        skus: STOCK.iter().map(|(sku, _)| sku.to_string()).collect(),
+        skus: DEMO_STOCK.iter().map(|(sku, _)| sku.to_string()).collect(),
         max_quantity: 3,
         unit_price_cents: 1999,
         decline_ratio: args.decline_ratio,

@@ -18,6 +18,14 @@ pub enum Event {
     TimerFired,
     /// An operator acted on the saga.
     Operator(OperatorCommand),
+    /// A message about this saga was refused (malformed, unknown schema version, too large):
+    /// recorded in the history, nothing else changes.
+    Rejected {
+        /// Where it came from (a subject, a worker).
+        source: String,
+        /// Why it was refused.
+        reason: String,
+    },
 }
 
 /// A worker's answer to one attempt.

@@ -112,6 +112,11 @@ pub fn decide(
         Event::Reply(reply) => machine.on_reply(reply),
         Event::TimerFired => machine.on_timer(),
         Event::Operator(command) => machine.on_operator(command)?,
+        Event::Rejected { source, reason } => machine.history.push(Record::saga(
+            RecordKind::MessageRejected,
+            Actor::Engine,
+            json!({ "source": source, "reason": reason }),
+        )),
     }
     let wake_after = machine.state.wake_at();
     if let Some(at) = wake_after.filter(|_| wake_after != wake_before) {

@@ -104,6 +104,8 @@ pub enum RecordKind {
     SagaStuck,
     /// An operator acted.
     OperatorAction,
+    /// A message about the saga was refused.
+    MessageRejected,
     /// Every step succeeded.
     SagaCompleted,
     /// Every completed compensatable step was compensated.
@@ -126,6 +128,7 @@ impl RecordKind {
             RecordKind::CompensationStarted => "compensation_started",
             RecordKind::SagaStuck => "saga_stuck",
             RecordKind::OperatorAction => "operator_action",
+            RecordKind::MessageRejected => "message_rejected",
             RecordKind::SagaCompleted => "saga_completed",
             RecordKind::SagaCompensated => "saga_compensated",
         }

@@ -136,6 +136,12 @@ impl<'a> Checker<'a> {
                 assert_eq!(first.kind, RecordKind::OperatorAction, "{ctx}");
                 assert_eq!(first.actor, Actor::Operator(command.actor.clone()), "{ctx}");
             }
+            Event::Rejected { .. } => {
+                assert_eq!(t.history.len(), 1, "{ctx}: a rejection records one line");
+                assert_eq!(t.history[0].kind, RecordKind::MessageRejected, "{ctx}");
+                assert!(t.commands.is_empty(), "{ctx}: a rejection commanded");
+                assert_eq!(&t.state, before, "{ctx}: a rejection changed the state");
+            }
         }
 
         // A wake is scheduled exactly when the wake time moved to a new instant.
@@ -293,6 +299,7 @@ impl<'a> Checker<'a> {
                     }
                 }
             }
+            RecordKind::MessageRejected => {}
             RecordKind::OperatorAction => {
                 if r.detail["action"] == "skip" {
                     let s = step.unwrap();

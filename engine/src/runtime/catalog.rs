@@ -1,62 +1,110 @@
-//! The sagas an engine knows: definitions (and, where this process runs them, handlers).
+//! The sagas an engine knows: definitions, and handlers where this process runs them.
+//!
+//! The embedded engine knows every saga with its handlers. A distributed engine knows only
+//! definitions: those in its database, and those workers announce over NATS.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use sagaflow_sdk::{Saga, SagaSpec};
 
 use crate::EngineError;
 
-/// Registered sagas by (name, version).
-#[derive(Debug, Default, Clone)]
-pub struct Catalog {
-    sagas: HashMap<(String, u32), Arc<Saga>>,
+#[derive(Debug, Clone)]
+struct Entry {
+    spec: Arc<SagaSpec>,
+    handlers: Option<Arc<Saga>>,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    by_key: HashMap<(String, u32), Entry>,
     latest: BTreeMap<String, u32>,
 }
 
+/// Registered sagas by (name, version). Shared between the engine's tasks.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    entries: RwLock<Entries>,
+}
+
 impl Catalog {
-    /// A catalog of these sagas.
+    /// A catalog of these sagas, handlers included.
     pub fn new(sagas: impl IntoIterator<Item = Saga>) -> Self {
-        let mut catalog = Catalog::default();
+        let catalog = Catalog::default();
         for saga in sagas {
-            catalog.add(saga);
+            let spec = Arc::new(saga.spec().clone());
+            catalog.insert(spec, Some(Arc::new(saga)));
         }
         catalog
     }
 
-    /// Adds a saga; a later version becomes the one new starts use by default.
-    pub fn add(&mut self, saga: Saga) {
-        let spec = saga.spec();
-        let (name, version) = (spec.name.clone(), spec.version);
-        let latest = self.latest.entry(name.clone()).or_insert(version);
-        *latest = (*latest).max(version);
-        self.sagas.insert((name, version), Arc::new(saga));
+    /// Adds a definition without handlers (they run in workers elsewhere). A definition that
+    /// is already known keeps its handlers.
+    pub fn add_spec(&self, spec: SagaSpec) {
+        let known = self
+            .entries
+            .read()
+            .map(|e| e.by_key.contains_key(&(spec.name.clone(), spec.version)))
+            .unwrap_or(false);
+        if !known {
+            self.insert(Arc::new(spec), None);
+        }
     }
 
-    /// The saga `name` at `version`, or at its latest version.
-    pub fn get(&self, name: &str, version: Option<u32>) -> Result<&Arc<Saga>, EngineError> {
-        let version = version.or_else(|| self.latest.get(name).copied());
+    fn insert(&self, spec: Arc<SagaSpec>, handlers: Option<Arc<Saga>>) {
+        // A poisoned lock only means another thread panicked mid-insert of a whole entry; the
+        // map itself is still consistent, so keep using it.
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let latest = entries
+            .latest
+            .entry(spec.name.clone())
+            .or_insert(spec.version);
+        *latest = (*latest).max(spec.version);
+        entries
+            .by_key
+            .insert((spec.name.clone(), spec.version), Entry { spec, handlers });
+    }
+
+    fn entry(&self, name: &str, version: Option<u32>) -> Result<Entry, EngineError> {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        let version = version.or_else(|| entries.latest.get(name).copied());
         version
-            .and_then(|v| self.sagas.get(&(name.to_string(), v)))
+            .and_then(|v| entries.by_key.get(&(name.to_string(), v)).cloned())
             .ok_or_else(|| EngineError::UnknownDefinition {
                 name: name.to_string(),
                 version,
-                known: self.known(),
+                known: known(&entries),
             })
     }
 
-    /// Every registered spec.
-    pub fn specs(&self) -> impl Iterator<Item = &SagaSpec> {
-        self.sagas.values().map(|s| s.spec())
+    /// The definition of `name` at `version`, or at its latest version.
+    pub fn spec(&self, name: &str, version: Option<u32>) -> Result<Arc<SagaSpec>, EngineError> {
+        self.entry(name, version).map(|e| e.spec)
     }
 
-    fn known(&self) -> String {
-        let mut names: Vec<String> = self.sagas.keys().map(|(n, v)| format!("{n}@{v}")).collect();
-        names.sort();
-        if names.is_empty() {
-            "none".into()
-        } else {
-            names.join(", ")
-        }
+    /// The handlers of `name` at `version`, when this process runs them.
+    pub fn handlers(&self, name: &str, version: u32) -> Result<Option<Arc<Saga>>, EngineError> {
+        self.entry(name, Some(version)).map(|e| e.handlers)
+    }
+
+    /// Every known definition.
+    pub fn specs(&self) -> Vec<Arc<SagaSpec>> {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        entries.by_key.values().map(|e| e.spec.clone()).collect()
+    }
+}
+
+fn known(entries: &Entries) -> String {
+    let mut names: Vec<String> = entries
+        .by_key
+        .keys()
+        .map(|(n, v)| format!("{n}@{v}"))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
     }
 }

@@ -36,14 +36,35 @@ pub(crate) enum Inbound {
         start_key: Option<String>,
         respond: oneshot::Sender<Result<Uuid, EngineError>>,
     },
-    Reply(StepReply),
+    /// A worker's reply, with the acknowledgement to send once its transition is committed.
+    Reply(StepReply, Option<Acker>),
     Wake(Uuid),
+    /// A message about a saga that was refused; recorded in its history.
+    Rejected {
+        saga_id: Uuid,
+        source: String,
+        reason: String,
+    },
+    /// Everything before this is processed, then the driver ends.
+    Shutdown,
     Operator {
         saga_id: Uuid,
         command: OperatorCommand,
         respond: oneshot::Sender<Result<(), EngineError>>,
     },
 }
+
+/// A saga that stopped moving by itself: completed, compensated or stuck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// The saga.
+    pub saga_id: Uuid,
+    /// Its status now.
+    pub status: crate::machine::SagaStatus,
+}
+
+/// Acknowledges a broker message once what it caused is durable.
+pub(crate) type Acker = Box<dyn FnOnce() + Send + Sync>;
 
 /// Sagas the scheduler has sent a wake for that the driver has not handled yet.
 pub(crate) type PendingWakes = Arc<Mutex<HashSet<Uuid>>>;
@@ -58,6 +79,8 @@ pub(crate) struct Driver {
     pub pending_wakes: PendingWakes,
     pub timers_changed: Arc<Notify>,
     pub cache: HashMap<Uuid, StoredSaga>,
+    /// Told about every saga that reaches a terminal status or becomes stuck (after commit).
+    pub settled: tokio::sync::broadcast::Sender<Settled>,
 }
 
 /// One saga's accumulated work within a batch.
@@ -106,13 +129,19 @@ impl Driver {
                     Err(_) => break,
                 }
             }
+            let stop = batch.iter().position(|i| matches!(i, Inbound::Shutdown));
+            if let Some(at) = stop {
+                batch.truncate(at);
+            }
             self.process(batch).await;
+            if stop.is_some() {
+                return;
+            }
         }
     }
 
     fn spec_of(&self, state: &SagaState) -> Result<Arc<SagaSpec>, EngineError> {
-        let saga = self.catalog.get(&state.name, Some(state.version))?;
-        Ok(Arc::new(saga.spec().clone()))
+        self.catalog.spec(&state.name, Some(state.version))
     }
 
     async fn process(&mut self, batch: Vec<Inbound>) {
@@ -190,7 +219,18 @@ impl Driver {
         pending: &mut HashMap<Uuid, Pending>,
     ) {
         let (saga_id, event) = match &inbound {
-            Inbound::Reply(reply) => (reply.saga_id, Event::Reply(machine_reply(reply))),
+            Inbound::Reply(reply, _) => (reply.saga_id, Event::Reply(machine_reply(reply))),
+            Inbound::Rejected {
+                saga_id,
+                source,
+                reason,
+            } => (
+                *saga_id,
+                Event::Rejected {
+                    source: source.clone(),
+                    reason: reason.clone(),
+                },
+            ),
             Inbound::Wake(id) => {
                 if let Ok(mut wakes) = self.pending_wakes.lock() {
                     wakes.remove(id);
@@ -200,16 +240,19 @@ impl Driver {
             Inbound::Operator {
                 saga_id, command, ..
             } => (*saga_id, Event::Operator(command.clone())),
-            Inbound::Start { .. } => return,
+            Inbound::Start { .. } | Inbound::Shutdown => return,
         };
         if let Entry::Vacant(slot) = pending.entry(saga_id) {
             let Some(stored) = self.cache.get(&saga_id).cloned() else {
                 match inbound {
-                    Inbound::Reply(reply) => warn!(
-                        saga = %reply.saga_id,
-                        command = %reply.command_id,
-                        "reply for an unknown saga; dropped"
-                    ),
+                    Inbound::Reply(reply, acker) => {
+                        warn!(
+                            saga = %reply.saga_id,
+                            command = %reply.command_id,
+                            "reply for an unknown saga; dropped"
+                        );
+                        acknowledge(vec![Inbound::Reply(reply, acker)]);
+                    }
                     Inbound::Operator { respond, .. } => {
                         let _ = respond.send(Err(EngineError::UnknownSaga(saga_id)));
                     }
@@ -254,7 +297,11 @@ impl Driver {
                 Inbound::Operator { respond, .. } => {
                     let _ = respond.send(Err(error));
                 }
-                _ => error!(saga = %saga_id, %error, "event refused by the state machine"),
+                other => {
+                    error!(saga = %saga_id, %error, "event refused by the state machine");
+                    // Redelivering it would be refused the same way.
+                    acknowledge(vec![other]);
+                }
             },
         }
     }
@@ -333,6 +380,7 @@ impl Driver {
                 if !work.state.status.is_active() {
                     self.cache.remove(&saga_id);
                 }
+                acknowledge(work.events);
                 continue;
             }
             match outcomes.next() {
@@ -351,6 +399,13 @@ impl Driver {
                                 debug!(saga = %saga_id, status = status.as_str(), "saga finished");
                             }
                         }
+                    }
+                    if !work.state.status.is_active() {
+                        // Nobody listening is fine: the notification is a convenience.
+                        let _ = self.settled.send(Settled {
+                            saga_id,
+                            status: work.state.status,
+                        });
                     }
                     // Only sagas that move by themselves stay cached; a stuck saga waits for an
                     // operator, who may act from another process.
@@ -372,6 +427,7 @@ impl Driver {
                     for respond in work.operator_responders {
                         let _ = respond.send(Ok(()));
                     }
+                    acknowledge(work.events);
                 }
                 Some(WriteOutcome::Stale) | None => {
                     // Another writer got there first: forget what we knew, re-read, re-apply.
@@ -398,10 +454,11 @@ impl Driver {
         let missing: Vec<Uuid> = batch
             .iter()
             .filter_map(|inbound| match inbound {
-                Inbound::Reply(reply) => Some(reply.saga_id),
+                Inbound::Reply(reply, _) => Some(reply.saga_id),
+                Inbound::Rejected { saga_id, .. } => Some(*saga_id),
                 Inbound::Wake(id) => Some(*id),
                 Inbound::Operator { saga_id, .. } => Some(*saga_id),
-                Inbound::Start { .. } => None,
+                Inbound::Start { .. } | Inbound::Shutdown => None,
             })
             .filter(|id| !self.cache.contains_key(id))
             .collect::<HashSet<_>>()
@@ -449,6 +506,16 @@ impl Driver {
                 let _ = requeue.send(event);
             }
         });
+    }
+}
+
+/// Acknowledges the broker messages behind `events`: what they caused is committed (or was
+/// nothing to commit).
+fn acknowledge(events: Vec<Inbound>) {
+    for event in events {
+        if let Inbound::Reply(_, Some(acker)) = event {
+            acker();
+        }
     }
 }
 

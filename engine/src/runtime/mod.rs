@@ -1,9 +1,12 @@
-//! The embedded runtime: the engine and the step handlers in one process, over the in-process
-//! transport, on SQLite or PostgreSQL. The same state machine, store and history as the
-//! distributed mode; only the transport differs.
+//! The runtime: the shell around the state machine.
+//!
+//! Embedded, the engine and the step handlers share one process over the in-process transport;
+//! distributed, workers are separate processes reached over NATS JetStream. The same state
+//! machine, store, outbox and history serve both: only the transport differs.
 
 mod catalog;
 mod driver;
+mod nats;
 mod relay;
 mod scheduler;
 mod transport;
@@ -12,8 +15,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sagaflow_sdk::Saga;
 use sagaflow_sdk::protocol::StepReply;
+use sagaflow_sdk::{Saga, SagaSpec};
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -26,7 +29,11 @@ pub use transport::{InProcess, Transport, run_attempt};
 use crate::EngineError;
 use crate::machine::{OperatorCommand, SagaStatus};
 use crate::store::Store;
+pub use driver::Settled;
 use driver::{Driver, Inbound};
+
+/// How many settle notifications a slow receiver may lag behind.
+const SETTLED_BUFFER: usize = 16_384;
 
 /// The largest saga input accepted, in bytes of JSON.
 pub const MAX_INPUT_BYTES: usize = 256 * 1024;
@@ -69,17 +76,73 @@ impl Default for EngineOptions {
     }
 }
 
-/// A running embedded engine. Cheap to share by reference; stop it with [`Engine::shutdown`].
+/// A running engine, embedded (handlers in this process) or distributed (workers over NATS).
+/// Stop it with [`Engine::shutdown`].
 pub struct Engine {
     store: Store,
+    starter: Starter,
+    inbox: mpsc::UnboundedSender<Inbound>,
+    /// Tasks that bring in new work: stopped first on shutdown.
+    intake: Vec<JoinHandle<()>>,
+    /// The driver: drains what was taken in, then ends.
+    driver: JoinHandle<()>,
+    /// Tasks that end once the driver has: the relay, the in-process pool.
+    rest: Vec<JoinHandle<()>>,
+    settled: tokio::sync::broadcast::Sender<Settled>,
+}
+
+/// Starts sagas: shared by the library API and the NATS start subject.
+#[derive(Clone)]
+pub(crate) struct Starter {
     catalog: Arc<Catalog>,
     inbox: mpsc::UnboundedSender<Inbound>,
-    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Starter {
+    pub(crate) async fn start(
+        &self,
+        name: &str,
+        version: Option<u32>,
+        input: Value,
+        start_key: Option<String>,
+    ) -> Result<Uuid, EngineError> {
+        let spec = self.catalog.spec(name, version)?;
+        let size = input.to_string().len();
+        if size > MAX_INPUT_BYTES {
+            return Err(EngineError::TooLarge {
+                what: format!("the input for saga `{name}`"),
+                size,
+                limit: MAX_INPUT_BYTES,
+            });
+        }
+        // Where the handlers run in this process, their types check the input before anything
+        // is written; a distributed engine leaves that to the first step's worker.
+        if let Some(saga) = self.catalog.handlers(name, spec.version)? {
+            saga.validate_input(&input)
+                .map_err(|source| EngineError::InvalidInput {
+                    saga: name.to_string(),
+                    source,
+                })?;
+        }
+        let (respond, response) = oneshot::channel();
+        self.inbox
+            .send(Inbound::Start {
+                spec,
+                input,
+                start_key,
+                respond,
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        response.await.map_err(|_| EngineError::Stopped)?
+    }
 }
 
 impl Engine {
-    /// Registers `sagas` in the store, re-sends the attempts that were in flight when the
-    /// engine last stopped, and starts the driver, the timer poller and the worker pool.
+    /// Launches an embedded engine: `sagas` run in this process over the in-process transport.
+    ///
+    /// Registers the definitions in the store, re-sends the attempts that were in flight when
+    /// the engine last stopped (the in-process transport lost them with the process), and
+    /// starts the driver, the timer poller, the outbox relay and the worker pool.
     pub async fn launch(
         store: Store,
         sagas: Vec<Saga>,
@@ -87,23 +150,94 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         let catalog = Arc::new(Catalog::new(sagas));
         for spec in catalog.specs() {
-            store.register_definition(spec).await?;
+            store.register_definition(&spec).await?;
         }
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
         let (replies_tx, mut replies_rx) = mpsc::unbounded_channel::<StepReply>();
-        let (relay_tx, relay_rx) = mpsc::unbounded_channel();
         let (transport, pool) =
             InProcess::spawn(catalog.clone(), options.worker_concurrency, replies_tx);
         let forward_inbox = inbox.clone();
         let forward_replies = tokio::spawn(async move {
             while let Some(reply) = replies_rx.recv().await {
-                if forward_inbox.send(Inbound::Reply(reply)).is_err() {
+                if forward_inbox.send(Inbound::Reply(reply, None)).is_err() {
                     break;
                 }
             }
         });
+        let mut engine = Self::assemble(
+            store,
+            catalog,
+            Arc::new(transport),
+            inbox,
+            inbox_rx,
+            Recovery::ResendInFlight,
+            &options,
+        )
+        .await?;
+        engine.intake.push(forward_replies);
+        engine.rest.push(pool);
+        Ok(engine)
+    }
+
+    /// Launches a distributed engine: step commands go to workers over NATS JetStream at
+    /// `nats_url`, replies come back the same way, and sagas can be started by any NATS client
+    /// on the start subject. `specs` are registered up front; workers announce more.
+    pub async fn launch_distributed(
+        store: Store,
+        nats_url: &str,
+        specs: Vec<SagaSpec>,
+        options: EngineOptions,
+    ) -> Result<Self, EngineError> {
+        let catalog = Arc::new(Catalog::default());
+        for spec in store
+            .definitions()
+            .await?
+            .into_iter()
+            .chain(specs.iter().cloned())
+        {
+            catalog.add_spec(spec);
+        }
+        for spec in &specs {
+            store.register_definition(spec).await?;
+        }
+        let broker = nats::Broker::connect(nats_url).await?;
+        let (inbox, inbox_rx) = mpsc::unbounded_channel();
+        let transport = Arc::new(broker.transport());
+        let mut engine = Self::assemble(
+            store.clone(),
+            catalog.clone(),
+            transport,
+            inbox.clone(),
+            inbox_rx,
+            Recovery::OutboxOnly,
+            &options,
+        )
+        .await?;
+        engine
+            .intake
+            .push(broker.consume_replies(inbox.clone()).await?);
+        engine
+            .intake
+            .push(broker.serve_starts(engine.starter.clone()).await?);
+        engine
+            .intake
+            .push(broker.serve_registrations(store, catalog).await?);
+        Ok(engine)
+    }
+
+    async fn assemble(
+        store: Store,
+        catalog: Arc<Catalog>,
+        transport: Arc<dyn Transport>,
+        inbox: mpsc::UnboundedSender<Inbound>,
+        inbox_rx: mpsc::UnboundedReceiver<Inbound>,
+        recovery: Recovery,
+        options: &EngineOptions,
+    ) -> Result<Self, EngineError> {
+        let (relay_tx, relay_rx) = mpsc::unbounded_channel();
         let pending_wakes = Arc::new(Mutex::new(Default::default()));
         let timers_changed = Arc::new(Notify::new());
+        let (settled, _) = tokio::sync::broadcast::channel(SETTLED_BUFFER);
         let mut driver = Driver {
             store: store.clone(),
             catalog: catalog.clone(),
@@ -113,15 +247,18 @@ impl Engine {
             pending_wakes: pending_wakes.clone(),
             timers_changed: timers_changed.clone(),
             cache: HashMap::new(),
+            settled: settled.clone(),
         };
-        let resent = driver.recover().await?;
-        if resent > 0 {
-            info!(
-                resent,
-                "re-sent attempts that were in flight when the engine stopped"
-            );
+        if recovery == Recovery::ResendInFlight {
+            let resent = driver.recover().await?;
+            if resent > 0 {
+                info!(
+                    resent,
+                    "re-sent attempts that were in flight when the engine stopped"
+                );
+            }
         }
-        let relay_task = tokio::spawn(relay::run(store.clone(), Arc::new(transport), relay_rx));
+        let relay_task = tokio::spawn(relay::run(store.clone(), transport, relay_rx));
         let driver_task = tokio::spawn(driver.run());
         let scheduler_task = tokio::spawn(scheduler::run(
             store.clone(),
@@ -132,16 +269,23 @@ impl Engine {
         ));
         Ok(Engine {
             store,
-            catalog,
+            starter: Starter {
+                catalog,
+                inbox: inbox.clone(),
+            },
             inbox,
-            tasks: vec![
-                driver_task,
-                relay_task,
-                scheduler_task,
-                pool,
-                forward_replies,
-            ],
+            intake: vec![scheduler_task],
+            driver: driver_task,
+            rest: vec![relay_task],
+            settled,
         })
+    }
+
+    /// Notifications of sagas this engine saw settle (completed, compensated, stuck), sent after
+    /// the transition is committed. A receiver that falls behind by more than a few thousand
+    /// loses the oldest; the store is the record.
+    pub fn settled(&self) -> tokio::sync::broadcast::Receiver<Settled> {
+        self.settled.subscribe()
     }
 
     /// The store the engine writes to.
@@ -152,15 +296,15 @@ impl Engine {
     /// Starts saga `name` (its latest registered version) with `input`, and returns its id.
     ///
     /// With a `start_key`, starting is idempotent: the same key returns the saga it started the
-    /// first time. Input that does not fit a step's type, an unknown saga and an oversized input
-    /// are refused before anything is written.
+    /// first time. Input that does not fit a step's type (when the handlers run here), an
+    /// unknown saga and an oversized input are refused before anything is written.
     pub async fn start(
         &self,
         name: &str,
         input: Value,
         start_key: Option<String>,
     ) -> Result<Uuid, EngineError> {
-        self.start_version(name, None, input, start_key).await
+        self.starter.start(name, None, input, start_key).await
     }
 
     /// Like [`Engine::start`], pinned to a definition version.
@@ -171,30 +315,7 @@ impl Engine {
         input: Value,
         start_key: Option<String>,
     ) -> Result<Uuid, EngineError> {
-        let saga = self.catalog.get(name, version)?;
-        let size = input.to_string().len();
-        if size > MAX_INPUT_BYTES {
-            return Err(EngineError::TooLarge {
-                what: format!("the input for saga `{name}`"),
-                size,
-                limit: MAX_INPUT_BYTES,
-            });
-        }
-        saga.validate_input(&input)
-            .map_err(|source| EngineError::InvalidInput {
-                saga: name.to_string(),
-                source,
-            })?;
-        let (respond, response) = oneshot::channel();
-        self.inbox
-            .send(Inbound::Start {
-                spec: Arc::new(saga.spec().clone()),
-                input,
-                start_key,
-                respond,
-            })
-            .map_err(|_| EngineError::Stopped)?;
-        response.await.map_err(|_| EngineError::Stopped)?
+        self.starter.start(name, version, input, start_key).await
     }
 
     /// Applies an operator's command to a saga, recorded with who and why.
@@ -234,15 +355,47 @@ impl Engine {
         }
     }
 
-    /// Stops taking work and ends the engine's tasks. Anything in flight is recovered from the
+    /// Stops gracefully: takes no new work (replies, starts, timers), lets the driver finish
+    /// the transitions it has taken in and the relay publish what they emitted, then ends.
+    /// Gives up after `grace` and aborts what is left; anything unfinished is recovered from the
     /// store on the next launch.
-    pub async fn shutdown(self) {
-        drop(self.inbox);
-        for task in &self.tasks {
+    pub async fn shutdown_within(self, grace: Duration) {
+        for task in &self.intake {
             task.abort();
         }
-        for task in self.tasks {
-            let _ = task.await;
+        // Everything queued before this marker is processed; then the driver ends, which
+        // closes the relay's channel, and the relay ends once it has published the rest.
+        let _ = self.inbox.send(Inbound::Shutdown);
+        drop(self.inbox);
+        drop(self.starter);
+        let driver = self.driver;
+        let rest = self.rest;
+        let finished = tokio::time::timeout(grace, async move {
+            let _ = driver.await;
+            for task in rest {
+                let _ = task.await;
+            }
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!(
+                ?grace,
+                "shutdown did not finish in time; the rest is recovered on the next start"
+            );
         }
     }
+
+    /// [`Engine::shutdown_within`] ten seconds.
+    pub async fn shutdown(self) {
+        self.shutdown_within(Duration::from_secs(10)).await;
+    }
+}
+
+/// What a starting engine re-sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// Every attempt in flight: the in-process transport lost them with the process.
+    ResendInFlight,
+    /// Only unsent outbox commands (the relay's sweep): the broker kept the rest.
+    OutboxOnly,
 }

@@ -67,8 +67,21 @@ impl InProcess {
 
 /// Runs one attempt with the registered handler.
 pub async fn run_attempt(catalog: &Catalog, command: &StepCommand) -> StepReply {
-    match catalog.get(&command.saga, Some(command.saga_version)) {
-        Ok(saga) => saga.handle(command, "embedded").await,
+    match catalog.handlers(&command.saga, command.saga_version) {
+        Ok(Some(saga)) => saga.handle(command, "embedded").await,
+        Ok(None) => StepReply::to(
+            command,
+            "embedded",
+            sagaflow_sdk::protocol::StepOutcome::Failed {
+                error: sagaflow_sdk::StepError::permanent(
+                    "no_handlers",
+                    format!(
+                        "no handlers for saga `{}` run in this process",
+                        command.saga
+                    ),
+                ),
+            },
+        ),
         Err(error) => StepReply::to(
             command,
             "embedded",

@@ -1,0 +1,376 @@
+//! `sagaflow-bench`: throughput and latency of the engine, embedded or distributed.
+//!
+//! Starts N sagas of K no-op steps, keeping C in flight, and reports sagas/s, steps/s, p50/p99
+//! saga latency (start to settled), p50/p99 per-step overhead (from one step's reply leaving the
+//! handler to the next step's command reaching a handler) and the process's peak memory, as a
+//! table and as JSON. The load generator, the engine and the workers share this process (and
+//! the machine, with PostgreSQL and NATS).
+//!
+//! ```text
+//! cargo run --release -p sagaflow-engine --bin sagaflow-bench -- --mode embedded --sagas 20000
+//! cargo run --release -p sagaflow-engine --bin sagaflow-bench -- --mode distributed \
+//!     --database-url postgres://postgres@127.0.0.1:5432/sagaflow_bench --sagas 20000
+//! ```
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use sagaflow_engine::runtime::{Engine, EngineOptions};
+use sagaflow_engine::store::Store;
+use sagaflow_sdk::worker::{ResultStore, Worker, WorkerOptions};
+use sagaflow_sdk::{Compensate, RetryPolicy, Saga, Step, StepContext, StepError, StepHandler};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Mode {
+    /// Engine and handlers in one process, in-process transport.
+    Embedded,
+    /// Engine and a worker talking over NATS JetStream.
+    Distributed,
+}
+
+/// Measure sagas/s, steps/s, saga latency and per-step overhead.
+#[derive(Debug, Parser)]
+#[command(name = "sagaflow-bench", version, about)]
+struct Args {
+    #[arg(long, value_enum, default_value = "embedded")]
+    mode: Mode,
+    /// Sagas to run.
+    #[arg(long, default_value_t = 10_000)]
+    sagas: usize,
+    /// No-op steps per saga.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Sagas in flight at once.
+    #[arg(long, default_value_t = 64)]
+    in_flight: usize,
+    /// The engine's database; embedded defaults to a fresh SQLite file in the temp folder.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// NATS with JetStream, for the distributed mode.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Print only the JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Per-saga timing shared by the no-op handlers.
+#[derive(Default)]
+struct Probe {
+    last_reply: Mutex<HashMap<Uuid, Instant>>,
+    overheads: Mutex<Vec<Duration>>,
+}
+
+#[derive(Clone)]
+struct NoOp {
+    probe: Arc<Probe>,
+}
+
+impl StepHandler for NoOp {
+    type Input = Value;
+    type Output = Value;
+
+    async fn execute(&self, ctx: &StepContext, _input: Value) -> Result<Value, StepError> {
+        let now = Instant::now();
+        let previous = self
+            .probe
+            .last_reply
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&ctx.saga_id));
+        if let (Some(previous), Ok(mut overheads)) = (previous, self.probe.overheads.lock()) {
+            overheads.push(now - previous);
+        }
+        if let Ok(mut m) = self.probe.last_reply.lock() {
+            m.insert(ctx.saga_id, Instant::now());
+        }
+        Ok(Value::Null)
+    }
+}
+
+impl Compensate for NoOp {
+    async fn compensate(
+        &self,
+        _: &StepContext,
+        _: Value,
+        _: Option<Value>,
+    ) -> Result<(), StepError> {
+        Ok(())
+    }
+}
+
+fn bench_saga(name: &str, steps: usize, probe: &Arc<Probe>) -> anyhow::Result<Saga> {
+    let policy = RetryPolicy::builder()
+        .initial_interval(Duration::from_millis(50))
+        .max_attempts(5)
+        .build()?;
+    let mut builder = Saga::builder(name, 1);
+    for i in 0..steps {
+        let handler = NoOp {
+            probe: probe.clone(),
+        };
+        builder = builder.step(
+            Step::compensatable(format!("step{i}"), handler)
+                .retry(policy.clone())
+                .timeout(Duration::from_secs(30)),
+        );
+    }
+    Ok(builder.build()?)
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    mode: Mode,
+    sagas: usize,
+    steps_per_saga: usize,
+    in_flight: usize,
+    seconds: f64,
+    sagas_per_second: f64,
+    steps_per_second: f64,
+    saga_latency_ms_p50: f64,
+    saga_latency_ms_p99: f64,
+    step_overhead_ms_p50: f64,
+    step_overhead_ms_p99: f64,
+    peak_memory_mib: f64,
+    completed: usize,
+}
+
+/// Who waits for which saga, and the sagas that settled before anyone waited.
+type WaitState = (HashMap<Uuid, oneshot::Sender<()>>, HashMap<Uuid, ()>);
+
+/// Waits for sagas to settle; tolerant of a saga settling before anyone waits for it.
+#[derive(Default)]
+struct Waiters {
+    inner: Mutex<WaitState>,
+}
+
+impl Waiters {
+    fn settled(&self, id: Uuid) {
+        if let Ok(mut inner) = self.inner.lock() {
+            match inner.0.remove(&id) {
+                Some(waiter) => {
+                    let _ = waiter.send(());
+                }
+                None => {
+                    inner.1.insert(id, ());
+                }
+            }
+        }
+    }
+
+    fn wait(&self, id: Uuid) -> Option<oneshot::Receiver<()>> {
+        let mut inner = self.inner.lock().ok()?;
+        if inner.1.remove(&id).is_some() {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        inner.0.insert(id, tx);
+        Some(rx)
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)].as_secs_f64() * 1_000.0
+}
+
+fn peak_memory_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if args.steps == 0 || args.sagas == 0 || args.in_flight == 0 {
+        bail!("--sagas, --steps and --in-flight must be at least 1");
+    }
+    let probe = Arc::new(Probe::default());
+    // A fresh saga name per run keeps runs on a reused database apart.
+    let name = format!("bench_{}", Uuid::now_v7().simple());
+    let saga = bench_saga(&name, args.steps, &probe)?;
+    let temp = std::env::temp_dir().join(format!("{name}.db"));
+    let (engine, worker_task) = match args.mode {
+        Mode::Embedded => {
+            let url = args
+                .database_url
+                .clone()
+                .unwrap_or_else(|| format!("sqlite://{}", temp.display()));
+            let store = Store::connect(&url).await?;
+            let options = EngineOptions {
+                worker_concurrency: args.in_flight.max(1),
+                ..EngineOptions::default()
+            };
+            (Engine::launch(store, vec![saga], options).await?, None)
+        }
+        Mode::Distributed => {
+            let url = args
+                .database_url
+                .clone()
+                .context("--database-url is required in distributed mode (PostgreSQL)")?;
+            let store = Store::connect(&url).await?;
+            let spec = saga.spec().clone();
+            let engine = Engine::launch_distributed(
+                store,
+                &args.nats_url,
+                vec![spec],
+                EngineOptions::default(),
+            )
+            .await?;
+            // The worker keeps its idempotency records in the same PostgreSQL database.
+            let results = ResultStore::open(&url).await?;
+            let options = WorkerOptions {
+                id: "bench-worker".into(),
+                concurrency: args.in_flight.max(1),
+                ..WorkerOptions::default()
+            };
+            let worker = Worker::connect(&args.nats_url, results, vec![saga], options).await?;
+            let (stop, stopped) = oneshot::channel::<()>();
+            let task = tokio::spawn(async move {
+                let _ = worker
+                    .run(async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+            (engine, Some((stop, task)))
+        }
+    };
+
+    let waiters = Arc::new(Waiters::default());
+    let mut settled = engine.settled();
+    let listener = {
+        let waiters = waiters.clone();
+        tokio::spawn(async move {
+            loop {
+                match settled.recv().await {
+                    Ok(s) => waiters.settled(s.saga_id),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        eprintln!("warning: missed {n} settle notifications");
+                    }
+                    Err(_) => break,
+                }
+            }
+        })
+    };
+
+    let engine = Arc::new(engine);
+    let next = Arc::new(AtomicUsize::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.sagas)));
+    let began = Instant::now();
+    let mut generators = Vec::new();
+    for _ in 0..args.in_flight {
+        let (engine, next, latencies, waiters, name) = (
+            engine.clone(),
+            next.clone(),
+            latencies.clone(),
+            waiters.clone(),
+            name.clone(),
+        );
+        let total = args.sagas;
+        generators.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                let started = Instant::now();
+                let id = engine.start(&name, json!({}), None).await?;
+                if let Some(wait) = waiters.wait(id) {
+                    let _ = tokio::time::timeout(Duration::from_secs(120), wait).await;
+                }
+                if let Ok(mut l) = latencies.lock() {
+                    l.push(started.elapsed());
+                }
+            }
+            Ok::<_, sagaflow_engine::EngineError>(())
+        }));
+    }
+    for generator in generators {
+        generator.await??;
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    let peak = peak_memory_mib();
+    listener.abort();
+
+    let counts = engine.store().status_counts().await?;
+    let mut latencies = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    latencies.sort();
+    let mut overheads = probe
+        .overheads
+        .lock()
+        .map(|o| o.clone())
+        .unwrap_or_default();
+    overheads.sort();
+    let report = Report {
+        mode: args.mode,
+        sagas: args.sagas,
+        steps_per_saga: args.steps,
+        in_flight: args.in_flight,
+        seconds,
+        sagas_per_second: args.sagas as f64 / seconds,
+        steps_per_second: (args.sagas * args.steps) as f64 / seconds,
+        saga_latency_ms_p50: percentile(&latencies, 0.50),
+        saga_latency_ms_p99: percentile(&latencies, 0.99),
+        step_overhead_ms_p50: percentile(&overheads, 0.50),
+        step_overhead_ms_p99: percentile(&overheads, 0.99),
+        peak_memory_mib: peak,
+        completed: counts.get("completed").copied().unwrap_or(0) as usize,
+    };
+    if let Ok(engine) = Arc::try_unwrap(engine) {
+        engine.shutdown().await;
+    }
+    if let Some((stop, task)) = worker_task {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+    let _ = std::fs::remove_file(&temp);
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", temp.display()));
+    }
+    if !args.json {
+        println!("mode                  {:?}", report.mode);
+        println!(
+            "sagas x steps         {} x {} ({} in flight)",
+            report.sagas, report.steps_per_saga, report.in_flight
+        );
+        println!("elapsed               {:.2} s", report.seconds);
+        println!("sagas/s               {:.0}", report.sagas_per_second);
+        println!("steps/s               {:.0}", report.steps_per_second);
+        println!(
+            "saga latency p50/p99  {:.2} / {:.2} ms",
+            report.saga_latency_ms_p50, report.saga_latency_ms_p99
+        );
+        println!(
+            "step overhead p50/p99 {:.2} / {:.2} ms",
+            report.step_overhead_ms_p50, report.step_overhead_ms_p99
+        );
+        println!("peak memory           {:.1} MiB", report.peak_memory_mib);
+        println!("completed             {}", report.completed);
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

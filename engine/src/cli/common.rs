@@ -1,0 +1,87 @@
+//! What the operator and audit commands share: where the database is, the output form, and
+//! how times and durations are read.
+
+use std::path::Path;
+
+use anyhow::bail;
+use sagaflow_engine::ops::time::{parse_duration, parse_instant};
+use sagaflow_engine::store::Store;
+use sagaflow_sdk::Timestamp;
+use serde::Serialize;
+
+/// The database a command reads.
+#[derive(Debug, clap::Args)]
+pub struct DatabaseArgs {
+    /// The engine's database: sqlite://FILE or postgres://USER@HOST:PORT/DB.
+    #[arg(
+        long,
+        env = "SAGAFLOW_DATABASE_URL",
+        default_value = "sqlite://sagaflow-demo.db"
+    )]
+    pub database_url: String,
+}
+
+impl DatabaseArgs {
+    /// Opens the database. A SQLite file that does not exist is refused rather than created:
+    /// an empty new file would answer every query with nothing, hiding a mistyped path.
+    pub async fn open(&self) -> anyhow::Result<Store> {
+        if let Some(path) = sqlite_path(&self.database_url)
+            && !Path::new(path).exists()
+        {
+            bail!(
+                "there is no database at `{path}`; pass --database-url (or set \
+                 SAGAFLOW_DATABASE_URL) with the engine's database: sqlite://FILE or \
+                 postgres://USER@HOST:PORT/DB"
+            );
+        }
+        Ok(Store::connect(&self.database_url).await?)
+    }
+}
+
+/// The file of a SQLite URL (`sqlite://F`, `sqlite:F` or a bare path), without its options.
+fn sqlite_path(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .or_else(|| (!url.contains("://")).then_some(url))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then_some(path)
+}
+
+/// Table or JSON.
+#[derive(Debug, clap::Args)]
+pub struct OutputArgs {
+    /// Print JSON (one document) for scripts instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// For clap: an instant as RFC3339, a UTC date, or a duration meaning that long ago.
+pub fn instant(text: &str) -> Result<Timestamp, String> {
+    parse_instant(text, Timestamp::now()).map_err(|e| e.to_string())
+}
+
+/// For clap: a duration such as 15m, 2h, 7d.
+pub fn duration(text: &str) -> Result<std::time::Duration, String> {
+    parse_duration(text).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_paths_are_found_in_every_url_form() {
+        assert_eq!(sqlite_path("sqlite://a/b.db?mode=rwc"), Some("a/b.db"));
+        assert_eq!(sqlite_path("sqlite:b.db"), Some("b.db"));
+        assert_eq!(sqlite_path("b.db"), Some("b.db"));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("postgres://u@h/db"), None);
+    }
+}

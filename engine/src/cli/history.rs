@@ -1,0 +1,29 @@
+//! `sagaflow history <id>`: one saga's complete history, in order.
+
+use sagaflow_engine::ops::{self, render};
+use uuid::Uuid;
+
+use super::common::{DatabaseArgs, OutputArgs, print_json};
+
+/// Options of `sagaflow history`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Example:\n  sagaflow history 0190f1c2-7a4b-7cde-8f00-123456789abc --json")]
+pub struct HistoryArgs {
+    /// The saga's id (`sagaflow list` shows them).
+    id: Uuid,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+pub async fn run(args: HistoryArgs) -> anyhow::Result<()> {
+    let store = args.database.open().await?;
+    let view = ops::history(&store, args.id).await?;
+    if args.output.json {
+        print_json(&view)
+    } else {
+        println!("{}", render::history_table(&view));
+        Ok(())
+    }
+}

@@ -1,0 +1,66 @@
+//! `sagaflow start`: start a saga through the engine's NATS start subject.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sagaflow_sdk::protocol::{EngineAnswer, PROTOCOL_VERSION, StartRequest, names};
+
+/// Options of `sagaflow start`.
+#[derive(Debug, clap::Args)]
+pub struct StartArgs {
+    /// The saga's name, e.g. place_order.
+    saga: String,
+    /// The input, as JSON.
+    #[arg(long)]
+    input: String,
+    /// Starting is idempotent on this key: the same key returns the same saga.
+    #[arg(long)]
+    key: Option<String>,
+    /// A definition version (the latest registered when absent).
+    #[arg(long)]
+    version: Option<u32>,
+    /// The NATS server the engine listens on.
+    #[arg(
+        long,
+        env = "SAGAFLOW_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    /// How long to wait for an engine to answer.
+    #[arg(long, default_value_t = 10)]
+    timeout_secs: u64,
+}
+
+pub async fn run(args: StartArgs) -> anyhow::Result<()> {
+    let input = serde_json::from_str(&args.input)
+        .with_context(|| format!("--input is not valid JSON: {}", args.input))?;
+    let request = StartRequest {
+        v: PROTOCOL_VERSION,
+        saga: args.saga,
+        version: args.version,
+        input,
+        key: args.key,
+    };
+    let client = async_nats::ConnectOptions::new()
+        .name("sagaflow-cli")
+        .request_timeout(Some(Duration::from_secs(args.timeout_secs)))
+        .connect(&args.nats_url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {}", args.nats_url))?;
+    let answer = client
+        .request(names::START_SUBJECT, serde_json::to_vec(&request)?.into())
+        .await
+        .context("no engine answered on sagaflow.start; is `sagaflow serve` running?")?;
+    match serde_json::from_slice::<EngineAnswer>(&answer.payload)
+        .context("the engine's answer is not a protocol message")?
+    {
+        EngineAnswer::Ok {
+            saga_id: Some(id), ..
+        } => {
+            println!("{id}");
+            Ok(())
+        }
+        EngineAnswer::Ok { saga_id: None, .. } => bail!("the engine answered without a saga id"),
+        EngineAnswer::Error { code, message, .. } => bail!("refused ({code}): {message}"),
+    }
+}

@@ -1,0 +1,501 @@
+//! Audit queries over every saga's history, JSON-lines export, and retention of finished
+//! sagas.
+//!
+//! The history is append-only: nothing here changes a record. [`retention`] is the only way
+//! anything leaves, and it removes whole finished sagas (their history and attempts go with
+//! them through `ON DELETE CASCADE`), never part of a history.
+
+use std::io::Write;
+
+use sagaflow_sdk::{Direction, Timestamp};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ColumnTrait, DbBackend, EntityTrait, FromQueryResult, JoinType, PaginatorTrait, QueryFilter,
+    QueryOrder, QuerySelect, Select,
+};
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::cursor::Cursor;
+use super::query::{MAX_PAGE, Page, TimeRange, like_pattern};
+use crate::EngineError;
+use crate::machine::{RecordKind, SagaStatus};
+use crate::store::{Store, history, saga};
+
+/// Whose records an audit query selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActorFilter {
+    /// Exactly this actor: `engine`, `worker:ID` or `operator:NAME`.
+    Exact(String),
+    /// Every actor whose name starts with this, e.g. `operator:` for every operator.
+    Prefix(String),
+}
+
+impl ActorFilter {
+    /// Every operator action, whoever the operator.
+    pub fn operators() -> Self {
+        ActorFilter::Prefix("operator:".into())
+    }
+}
+
+/// What [`audit`] selects from the history of every saga. Every field narrows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Records of this saga.
+    pub saga_id: Option<Uuid>,
+    /// Records of sagas of this definition name.
+    pub saga_name: Option<String>,
+    /// Records of any of these kinds (all kinds when empty).
+    pub kinds: Vec<RecordKind>,
+    /// Records about this step.
+    pub step: Option<String>,
+    /// Records in this direction.
+    pub direction: Option<Direction>,
+    /// Records by this actor.
+    pub actor: Option<ActorFilter>,
+    /// Records made in this range.
+    pub at: TimeRange,
+}
+
+impl AuditFilter {
+    fn validate(&self) -> Result<(), EngineError> {
+        let empty = |what: &str| {
+            EngineError::invalid_query(
+                format!("the {what} to filter on is empty"),
+                "give some text, or leave the filter out",
+            )
+        };
+        if self
+            .saga_name
+            .as_deref()
+            .is_some_and(|v| v.trim().is_empty())
+        {
+            return Err(empty("saga name"));
+        }
+        if self.step.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            return Err(empty("step name"));
+        }
+        match &self.actor {
+            Some(ActorFilter::Exact(a) | ActorFilter::Prefix(a)) if a.is_empty() => {
+                return Err(empty("actor"));
+            }
+            _ => {}
+        }
+        self.at.validate("time")
+    }
+}
+
+/// Parses a record kind as stored (`attempt_succeeded`, `operator_action`, ...).
+pub fn parse_kind(text: &str) -> Result<RecordKind, EngineError> {
+    serde_json::from_value(Value::String(text.trim().to_string())).map_err(|_| {
+        EngineError::invalid_query(
+            format!("`{text}` is not a history record kind"),
+            format!("use one of: {}", record_kinds().join(", ")),
+        )
+    })
+}
+
+/// Every record kind, as stored, for help texts and messages.
+///
+/// Read from the kind's own deserializer (its "expected one of" list), so a kind added to the
+/// machine shows here without a second list to keep in step.
+pub fn record_kinds() -> Vec<String> {
+    let Err(error) = serde_json::from_value::<RecordKind>(Value::String(String::new())) else {
+        return Vec::new();
+    };
+    let message = error.to_string();
+    let Some((_, list)) = message.split_once("expected one of ") else {
+        return Vec::new();
+    };
+    list.split(", ")
+        .map(|kind| kind.trim().trim_matches('`').to_string())
+        .filter(|kind| !kind.is_empty())
+        .collect()
+}
+
+/// One history record with the saga it belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    /// The saga.
+    pub saga_id: Uuid,
+    /// Its definition name.
+    pub saga_name: String,
+    /// Its pinned definition version.
+    pub saga_version: u32,
+    /// Position in the saga's history, from 1.
+    pub seq: i64,
+    /// When.
+    #[serde(serialize_with = "super::time::rfc3339::serialize")]
+    pub at: Timestamp,
+    /// The record kind.
+    pub kind: String,
+    /// The step, if any.
+    pub step: Option<String>,
+    /// The direction, if any.
+    pub direction: Option<String>,
+    /// The attempt, if any.
+    pub attempt: Option<u32>,
+    /// Who: `engine`, `worker:ID` or `operator:NAME`.
+    pub actor: String,
+    /// The error, if any.
+    pub error: Option<String>,
+    /// Details.
+    pub detail: Value,
+}
+
+/// One page of [`audit`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditPage {
+    /// Records by time, then saga id, then sequence number.
+    pub entries: Vec<AuditEntry>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<Cursor>,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct AuditRow {
+    saga_id: String,
+    seq: i64,
+    at: i64,
+    kind: String,
+    step_name: Option<String>,
+    direction: Option<String>,
+    attempt: Option<i32>,
+    payload: Option<String>,
+    error: Option<String>,
+    actor: String,
+    saga_name: String,
+    saga_version: i32,
+}
+
+impl AuditRow {
+    fn entry(self) -> Result<AuditEntry, EngineError> {
+        let corrupt = |detail: String| EngineError::Corrupt {
+            saga_id: self.saga_id.clone(),
+            detail,
+        };
+        Ok(AuditEntry {
+            saga_id: Uuid::parse_str(&self.saga_id).map_err(|e| corrupt(format!("id: {e}")))?,
+            saga_name: self.saga_name.clone(),
+            saga_version: u32::try_from(self.saga_version)
+                .map_err(|e| corrupt(format!("definition_version: {e}")))?,
+            seq: self.seq,
+            at: Timestamp(self.at),
+            kind: self.kind,
+            step: self.step_name,
+            direction: self.direction,
+            attempt: self.attempt.and_then(|a| u32::try_from(a).ok()),
+            actor: self.actor,
+            error: self.error,
+            detail: match self.payload {
+                Some(text) => serde_json::from_str(&text)
+                    .map_err(|e| corrupt(format!("history #{} payload: {e}", self.seq)))?,
+                None => Value::Null,
+            },
+        })
+    }
+}
+
+/// `saga_history` joined to `sagas` (for the saga's name and version).
+fn history_to_saga() -> sea_orm::RelationDef {
+    history::Entity::belongs_to(saga::Entity)
+        .from(history::Column::SagaId)
+        .to(saga::Column::Id)
+        .into()
+}
+
+/// The first string after every string that starts with `prefix`, bytewise: the prefix with
+/// its last character moved up by one. `None` when that character is not plain ASCII (then
+/// only the LIKE applies).
+fn prefix_end(prefix: &str) -> Option<String> {
+    let last = prefix.chars().last()?;
+    if !last.is_ascii() || last == '\u{7f}' {
+        return None;
+    }
+    let next = char::from(last as u8 + 1);
+    Some(format!("{}{next}", &prefix[..prefix.len() - 1]))
+}
+
+/// The query [`audit`] runs, ordered and limited to one row more than the page.
+pub(crate) fn audit_select(
+    filter: &AuditFilter,
+    page: &Page,
+    backend: DbBackend,
+) -> Result<Select<history::Entity>, EngineError> {
+    page.validate()?;
+    filter.validate()?;
+    let mut query = history::Entity::find()
+        .select_only()
+        .columns([
+            history::Column::SagaId,
+            history::Column::Seq,
+            history::Column::At,
+            history::Column::Kind,
+            history::Column::StepName,
+            history::Column::Direction,
+            history::Column::Attempt,
+            history::Column::Payload,
+            history::Column::Error,
+            history::Column::Actor,
+        ])
+        .column_as(saga::Column::Name, "saga_name")
+        .column_as(saga::Column::DefinitionVersion, "saga_version")
+        .join(JoinType::InnerJoin, history_to_saga());
+    if let Some(id) = filter.saga_id {
+        query = query.filter(history::Column::SagaId.eq(id.to_string()));
+    }
+    if let Some(name) = &filter.saga_name {
+        query = query.filter(saga::Column::Name.eq(name.as_str()));
+    }
+    if !filter.kinds.is_empty() {
+        query = query.filter(history::Column::Kind.is_in(filter.kinds.iter().map(|k| k.as_str())));
+    }
+    if let Some(step) = &filter.step {
+        query = query.filter(history::Column::StepName.eq(step.as_str()));
+    }
+    if let Some(direction) = filter.direction {
+        query = query.filter(history::Column::Direction.eq(direction.as_str()));
+    }
+    match &filter.actor {
+        Some(ActorFilter::Exact(actor)) => {
+            query = query.filter(history::Column::Actor.eq(actor.as_str()));
+        }
+        Some(ActorFilter::Prefix(prefix)) => {
+            // LIKE says what matches; PostgreSQL reads it through the pattern index. SQLite
+            // only uses an index for LIKE under `case_sensitive_like`, but it compares text
+            // bytewise, so the same prefix as a range reads `idx_history_actor_at` (the range
+            // alone would be wrong under PostgreSQL's linguistic collations).
+            query = query.filter(history::Column::Actor.like(like_pattern("", prefix, "%")));
+            if backend == DbBackend::Sqlite
+                && let Some(end) = prefix_end(prefix)
+            {
+                query = query
+                    .filter(history::Column::Actor.gte(prefix.as_str()))
+                    .filter(history::Column::Actor.lt(end));
+            }
+        }
+        None => {}
+    }
+    query = query.filter(filter.at.condition(history::Column::At));
+    if let Some(until) = filter.at.until {
+        // A saga's records all come after its creation: this lets the planner skip sagas
+        // created after the range, through the sagas' creation-time indexes.
+        query = query.filter(saga::Column::CreatedAt.lt(until.as_millis()));
+    }
+    if let Some(cursor) = &page.after {
+        let (at, saga_id, seq) = cursor.audit_key()?;
+        query = query.filter(
+            Expr::tuple([
+                history::Column::At.into_expr(),
+                history::Column::SagaId.into_expr(),
+                history::Column::Seq.into_expr(),
+            ])
+            .gt(Expr::tuple([
+                Expr::val(at),
+                Expr::val(saga_id),
+                Expr::val(seq),
+            ])),
+        );
+    }
+    Ok(query
+        .order_by_asc(history::Column::At)
+        .order_by_asc(history::Column::SagaId)
+        .order_by_asc(history::Column::Seq)
+        .limit(page.limit + 1))
+}
+
+/// History records of every saga that match `filter`, by time (then saga id and sequence
+/// number), one page at a time with a keyset cursor. Every value is a bound parameter.
+///
+/// "Which sagas compensated `authorize_payment` since Monday" is
+/// `kinds = [AttemptSucceeded], direction = Compensate, step = "authorize_payment",
+/// at.from = Monday`; "every operator action" is `actor = ActorFilter::operators()`.
+pub async fn audit(
+    store: &Store,
+    filter: &AuditFilter,
+    page: &Page,
+) -> Result<AuditPage, EngineError> {
+    let query = audit_select(filter, page, store.backend())?;
+    let mut rows = query
+        .into_model::<AuditRow>()
+        .all(store.connection())
+        .await
+        .map_err(EngineError::db("querying the history"))?;
+    let more = rows.len() as u64 > page.limit;
+    rows.truncate(page.limit as usize);
+    let next = match (more, rows.last()) {
+        (true, Some(last)) => Some(Cursor::for_audit(last.at, &last.saga_id, last.seq)),
+        _ => None,
+    };
+    let entries = rows
+        .into_iter()
+        .map(AuditRow::entry)
+        .collect::<Result<_, _>>()?;
+    Ok(AuditPage { entries, next })
+}
+
+/// Writes every record matching `filter` to `out` as JSON lines (one [`AuditEntry`] object per
+/// line), page by page so memory stays flat however long the history. Returns how many.
+pub async fn export_jsonl<W: Write>(
+    store: &Store,
+    filter: &AuditFilter,
+    out: &mut W,
+) -> Result<u64, EngineError> {
+    let mut page = Page::first(MAX_PAGE);
+    let mut written = 0;
+    loop {
+        let result = audit(store, filter, &page).await?;
+        for entry in &result.entries {
+            let line = serde_json::to_string(entry).map_err(|e| EngineError::Corrupt {
+                saga_id: entry.saga_id.to_string(),
+                detail: format!("history #{} cannot be written as JSON: {e}", entry.seq),
+            })?;
+            writeln!(out, "{line}").map_err(EngineError::Export)?;
+            written += 1;
+        }
+        match result.next {
+            Some(next) => page.after = Some(next),
+            None => break,
+        }
+    }
+    out.flush().map_err(EngineError::Export)?;
+    Ok(written)
+}
+
+/// What [`retention`] removed, or would remove.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetentionReport {
+    /// Finished sagas last changed before this were removed.
+    #[serde(serialize_with = "super::time::rfc3339::serialize")]
+    pub cutoff: Timestamp,
+    /// Whether this was only a count.
+    pub dry_run: bool,
+    /// How many sagas were removed (or would be, on a dry run).
+    pub sagas: u64,
+}
+
+/// Sagas removed per statement: each batch is one short transaction, so the engine's writes
+/// are not held up behind one long delete, and a run that stops midway leaves whole sagas.
+const RETENTION_BATCH: u64 = 500;
+
+const FINISHED: [SagaStatus; 2] = [SagaStatus::Completed, SagaStatus::Compensated];
+
+/// Removes whole finished (completed or compensated) sagas last changed before `cutoff`, with
+/// their history and attempts; with `dry_run`, only counts them. Stuck and active sagas are
+/// never removed, and no record of a kept saga is touched.
+pub async fn retention(
+    store: &Store,
+    cutoff: Timestamp,
+    dry_run: bool,
+) -> Result<RetentionReport, EngineError> {
+    let db = store.connection();
+    let finished = || {
+        sea_orm::Condition::all()
+            .add(saga::Column::Status.is_in(FINISHED.map(SagaStatus::as_str)))
+            .add(saga::Column::UpdatedAt.lt(cutoff.as_millis()))
+    };
+    if dry_run {
+        let sagas = saga::Entity::find()
+            .filter(finished())
+            .count(db)
+            .await
+            .map_err(EngineError::db("counting finished sagas"))?;
+        return Ok(RetentionReport {
+            cutoff,
+            dry_run,
+            sagas,
+        });
+    }
+    let mut removed = 0;
+    loop {
+        let ids: Vec<String> = saga::Entity::find()
+            .select_only()
+            .column(saga::Column::Id)
+            .filter(finished())
+            .order_by_asc(saga::Column::UpdatedAt)
+            .limit(RETENTION_BATCH)
+            .into_tuple()
+            .all(db)
+            .await
+            .map_err(EngineError::db("finding finished sagas"))?;
+        if ids.is_empty() {
+            break;
+        }
+        // The condition is checked again in the DELETE itself, so a saga that changed since it
+        // was selected (it cannot leave a finished status, but belt and braces) stays.
+        let result = saga::Entity::delete_many()
+            .filter(saga::Column::Id.is_in(ids))
+            .filter(finished())
+            .exec(db)
+            .await
+            .map_err(EngineError::db("removing finished sagas"))?;
+        if result.rows_affected == 0 {
+            break;
+        }
+        removed += result.rows_affected;
+    }
+    Ok(RetentionReport {
+        cutoff,
+        dry_run,
+        sagas: removed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_record_kind_is_listed_and_parses() {
+        let kinds = record_kinds();
+        for expected in [
+            "saga_started",
+            "attempt_succeeded",
+            "operator_action",
+            "saga_compensated",
+        ] {
+            assert!(
+                kinds.iter().any(|k| k == expected),
+                "{expected} in {kinds:?}"
+            );
+        }
+        for kind in &kinds {
+            let parsed = parse_kind(kind).map_err(|e| e.to_string());
+            assert_eq!(parsed.map(|k| k.as_str()), Ok(kind.as_str()));
+        }
+        let error = parse_kind("compensated")
+            .expect_err("not a kind")
+            .to_string();
+        assert!(
+            error.contains("`compensated` is not a history record kind"),
+            "{error}"
+        );
+        assert!(
+            error.contains("attempt_succeeded"),
+            "the kinds are listed: {error}"
+        );
+    }
+
+    #[test]
+    fn a_prefix_ends_where_its_last_character_moves_up() {
+        assert_eq!(prefix_end("operator:").as_deref(), Some("operator;"));
+        assert_eq!(prefix_end("worker:w").as_deref(), Some("worker:x"));
+        assert_eq!(prefix_end("opérateur:é"), None);
+        assert_eq!(prefix_end(""), None);
+    }
+
+    #[test]
+    fn like_patterns_escape_the_wildcards_in_user_text() {
+        let query = saga::Entity::find()
+            .filter(saga::Column::LastError.like(like_pattern("%", "50%_!", "%")));
+        let built = sea_orm::QueryTrait::build(&query, sea_orm::DbBackend::Postgres);
+        assert!(built.sql.contains("LIKE $1 ESCAPE '!'"), "{}", built.sql);
+        assert_eq!(
+            built
+                .values
+                .map(|v| v.0.iter().map(|v| v.to_string()).collect::<Vec<_>>()),
+            Some(vec!["'%50!%!_!!%'".to_string()])
+        );
+    }
+}

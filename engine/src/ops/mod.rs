@@ -1,0 +1,42 @@
+//! Operator and audit operations: find sagas, inspect one, read its history, query the history
+//! of all of them, and remove old finished sagas. The `sagaflow` CLI is a thin layer over these.
+//!
+//! Everything here reads through the [`Store`](crate::store::Store)'s connection with the
+//! sea-orm query builder: every value a caller passes is a bound parameter, never SQL text.
+//! Reads go through indexes (see the `audit_indexes` migration): `list` pages by keyset on
+//! `(created_at, id)`, `history` reads the `(saga_id, seq)` primary key, `stuck` the
+//! `(status, updated_at)` index.
+//!
+//! - [`list`]: sagas by status, name and version, current step, time ranges, error text and
+//!   start key, oldest first, with an opaque [`Cursor`] for the next page.
+//! - [`stuck`]: stuck sagas and active sagas without progress, each with the reason.
+//! - [`show`]: one saga step by step, with attempts and idempotency keys.
+//! - [`history`]: one saga's complete history as a timeline.
+//! - [`audit`] and [`export_jsonl`]: history records of every saga by saga, name, kind, step,
+//!   direction, actor and time.
+//! - [`retention`]: removes whole finished sagas older than a cutoff.
+//!
+//! The operator actions (resume, retry, skip, cancel) are not here yet.
+
+mod audit;
+mod cursor;
+mod inspect;
+#[cfg(test)]
+mod plans;
+mod query;
+pub mod render;
+pub mod time;
+
+pub use audit::{
+    ActorFilter, AuditEntry, AuditFilter, AuditPage, RetentionReport, audit, export_jsonl,
+    parse_kind, record_kinds, retention,
+};
+pub use cursor::Cursor;
+pub use inspect::{
+    ActivityView, AttemptView, HistoryView, SagaDetail, StepView, StuckView, TimelineEntry,
+    history, show,
+};
+pub use query::{
+    DEFAULT_PAGE, ListFilter, ListPage, MAX_PAGE, Page, SagaSummary, StuckKind, StuckQuery,
+    StuckReport, StuckSaga, TimeRange, list, stuck,
+};

@@ -1,0 +1,325 @@
+//! The distributed transport: NATS JetStream for step commands and replies, core NATS request
+//! and reply for starting sagas and for workers announcing their definitions. The subjects,
+//! streams and messages are the wire protocol of `docs/protocol.md`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use sagaflow_sdk::protocol::{
+    EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StartRequest, StepCommand, StepReply, names,
+};
+use sagaflow_sdk::worker::{durable_consumer, ensure_streams};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::Starter;
+use super::catalog::Catalog;
+use super::driver::{Acker, Inbound};
+use super::transport::Transport;
+use crate::EngineError;
+use crate::store::Store;
+
+/// How long JetStream waits for the engine to acknowledge a reply before redelivering it.
+const REPLY_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How often a reply is delivered at most.
+const REPLY_MAX_DELIVER: i64 = 10;
+
+/// A connection to the broker.
+#[derive(Clone)]
+pub(crate) struct Broker {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+fn broker_error(what: &str, error: impl std::fmt::Display) -> EngineError {
+    EngineError::Broker(format!("{what}: {error}"))
+}
+
+impl Broker {
+    pub(crate) async fn connect(url: &str) -> Result<Self, EngineError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("sagaflow-engine")
+            .retry_on_initial_connect()
+            .connect(url)
+            .await
+            .map_err(|e| broker_error(&format!("cannot connect to {url}"), e))?;
+        let js = jetstream::new(client.clone());
+        ensure_streams(&js)
+            .await
+            .map_err(|e| broker_error("cannot prepare the streams", e))?;
+        Ok(Broker { client, js })
+    }
+
+    pub(crate) fn transport(&self) -> JetStreamTransport {
+        JetStreamTransport {
+            js: self.js.clone(),
+        }
+    }
+
+    /// Pulls replies and hands them to the driver, which acknowledges each once the transition
+    /// it caused is committed. Malformed replies are dropped without redelivery (and recorded
+    /// in the saga's history when they name one).
+    pub(crate) async fn consume_replies(
+        &self,
+        inbox: mpsc::UnboundedSender<Inbound>,
+    ) -> Result<JoinHandle<()>, EngineError> {
+        let consumer = durable_consumer(
+            &self.js,
+            names::REPLY_STREAM,
+            names::ENGINE_CONSUMER,
+            "sagaflow.reply.>",
+            REPLY_ACK_WAIT,
+            REPLY_MAX_DELIVER,
+        )
+        .await
+        .map_err(|e| broker_error("cannot create the reply consumer", e))?;
+        Ok(tokio::spawn(async move {
+            loop {
+                let mut messages = match consumer.messages().await {
+                    Ok(messages) => messages,
+                    Err(e) => {
+                        warn!(error = %e, "cannot pull replies; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                while let Some(next) = messages.next().await {
+                    let message = match next {
+                        Ok(message) => message,
+                        Err(e) => {
+                            warn!(error = %e, "pulling replies failed; retrying");
+                            continue;
+                        }
+                    };
+                    if let Some(inbound) = admit_reply(message).await
+                        && inbox.send(inbound).is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Answers start requests on the start subject.
+    pub(crate) async fn serve_starts(
+        &self,
+        starter: Starter,
+    ) -> Result<JoinHandle<()>, EngineError> {
+        let mut requests = self
+            .client
+            .queue_subscribe(names::START_SUBJECT, names::ENGINE_QUEUE.into())
+            .await
+            .map_err(|e| broker_error("cannot subscribe to the start subject", e))?;
+        let client = self.client.clone();
+        Ok(tokio::spawn(async move {
+            while let Some(request) = requests.next().await {
+                let starter = starter.clone();
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let answer = match serde_json::from_slice::<StartRequest>(&request.payload) {
+                        Err(e) => refusal("bad_request", format!("not a start request: {e}")),
+                        Ok(start) if start.v != PROTOCOL_VERSION => refusal(
+                            "unsupported_version",
+                            format!(
+                                "start request version {} is not supported; send v={PROTOCOL_VERSION}",
+                                start.v
+                            ),
+                        ),
+                        Ok(start) => match starter
+                            .start(&start.saga, start.version, start.input, start.key)
+                            .await
+                        {
+                            Ok(id) => EngineAnswer::Ok {
+                                v: PROTOCOL_VERSION,
+                                saga_id: Some(id),
+                            },
+                            Err(e) => refusal(error_code(&e), e.to_string()),
+                        },
+                    };
+                    if let EngineAnswer::Error { code, message, .. } = &answer {
+                        warn!(%code, %message, "start request refused");
+                    }
+                    respond(&client, request.reply, &answer).await;
+                });
+            }
+        }))
+    }
+
+    /// Records the saga definitions workers announce.
+    pub(crate) async fn serve_registrations(
+        &self,
+        store: Store,
+        catalog: Arc<Catalog>,
+    ) -> Result<JoinHandle<()>, EngineError> {
+        let mut requests = self
+            .client
+            .queue_subscribe(names::REGISTER_SUBJECT, names::ENGINE_QUEUE.into())
+            .await
+            .map_err(|e| broker_error("cannot subscribe to the register subject", e))?;
+        let client = self.client.clone();
+        Ok(tokio::spawn(async move {
+            while let Some(request) = requests.next().await {
+                let answer = match serde_json::from_slice::<RegisterRequest>(&request.payload) {
+                    Err(e) => refusal("bad_request", format!("not a register request: {e}")),
+                    Ok(register) if register.v != PROTOCOL_VERSION => refusal(
+                        "unsupported_version",
+                        format!("register request version {} is not supported", register.v),
+                    ),
+                    Ok(register) => {
+                        let mut answer = EngineAnswer::Ok {
+                            v: PROTOCOL_VERSION,
+                            saga_id: None,
+                        };
+                        for spec in register.sagas {
+                            match store.register_definition(&spec).await {
+                                Ok(()) => {
+                                    info!(saga = %spec.name, version = spec.version, "definition registered by a worker");
+                                    catalog.add_spec(spec);
+                                }
+                                Err(e) => {
+                                    answer = refusal(error_code(&e), e.to_string());
+                                    break;
+                                }
+                            }
+                        }
+                        answer
+                    }
+                };
+                respond(&client, request.reply, &answer).await;
+            }
+        }))
+    }
+}
+
+/// Turns a reply message into the driver's input, or drops it (acknowledged, so it is not
+/// redelivered) when it cannot be one.
+async fn admit_reply(message: jetstream::Message) -> Option<Inbound> {
+    match serde_json::from_slice::<StepReply>(&message.payload) {
+        Ok(reply) if reply.v == PROTOCOL_VERSION => {
+            let acker: Acker = Box::new(move || {
+                tokio::spawn(async move {
+                    if let Err(e) = message.ack().await {
+                        warn!(error = %e, "reply ack failed; it will be redelivered and ignored as a duplicate");
+                    }
+                });
+            });
+            Some(Inbound::Reply(reply, Some(acker)))
+        }
+        Ok(reply) => {
+            let reason = format!(
+                "reply {} has schema version {}; this engine speaks {PROTOCOL_VERSION}",
+                reply.command_id, reply.v
+            );
+            warn!(%reason, "reply refused");
+            let _ = message.ack_with(AckKind::Term).await;
+            Some(Inbound::Rejected {
+                saga_id: reply.saga_id,
+                source: message.subject.to_string(),
+                reason,
+            })
+        }
+        Err(e) => {
+            warn!(subject = %message.subject, error = %e, "malformed reply dropped");
+            let saga_id = serde_json::from_slice::<serde_json::Value>(&message.payload)
+                .ok()
+                .and_then(|v| {
+                    v.get("saga_id")
+                        .and_then(|id| id.as_str())
+                        .and_then(|id| Uuid::parse_str(id).ok())
+                });
+            let _ = message.ack_with(AckKind::Term).await;
+            saga_id.map(|saga_id| Inbound::Rejected {
+                saga_id,
+                source: message.subject.to_string(),
+                reason: format!("malformed reply: {e}"),
+            })
+        }
+    }
+}
+
+fn refusal(code: &str, message: String) -> EngineAnswer {
+    EngineAnswer::Error {
+        v: PROTOCOL_VERSION,
+        code: code.to_string(),
+        message,
+    }
+}
+
+fn error_code(error: &EngineError) -> &'static str {
+    match error {
+        EngineError::UnknownDefinition { .. } => "unknown_saga",
+        EngineError::InvalidInput { .. } => "invalid_input",
+        EngineError::TooLarge { .. } => "too_large",
+        EngineError::DefinitionChanged { .. } => "definition_changed",
+        EngineError::Stopped => "stopping",
+        _ => "internal",
+    }
+}
+
+async fn respond(
+    client: &async_nats::Client,
+    reply_to: Option<async_nats::Subject>,
+    answer: &EngineAnswer,
+) {
+    let Some(reply_to) = reply_to else { return };
+    match serde_json::to_vec(answer) {
+        Ok(payload) => {
+            if let Err(e) = client.publish(reply_to, payload.into()).await {
+                warn!(error = %e, "cannot answer a request");
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot encode an answer"),
+    }
+}
+
+/// Publishes step commands to JetStream, de-duplicated by command id.
+pub(crate) struct JetStreamTransport {
+    js: jetstream::Context,
+}
+
+impl Transport for JetStreamTransport {
+    fn publish<'a>(&'a self, commands: &'a [StepCommand]) -> BoxFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            // Send every publish first, then wait for the acks together: one round trip for
+            // the batch instead of one per command.
+            let mut pending = Vec::with_capacity(commands.len());
+            for command in commands {
+                let payload = match serde_json::to_vec(command) {
+                    Ok(payload) => payload,
+                    Err(e) => {
+                        warn!(command = %command.command_id, error = %e, "cannot encode a command");
+                        continue;
+                    }
+                };
+                let publish = jetstream::message::PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(&command.command_id);
+                match self
+                    .js
+                    .send_publish(
+                        names::command_subject(&command.saga, &command.step),
+                        publish,
+                    )
+                    .await
+                {
+                    Ok(ack) => pending.push((command.command_id.clone(), ack)),
+                    Err(e) => warn!(command = %command.command_id, error = %e, "publish failed"),
+                }
+            }
+            let mut accepted = Vec::with_capacity(pending.len());
+            for (id, ack) in pending {
+                match ack.await {
+                    Ok(_) => accepted.push(id),
+                    Err(e) => warn!(command = %id, error = %e, "publish not acknowledged"),
+                }
+            }
+            accepted
+        })
+    }
+}

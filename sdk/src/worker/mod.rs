@@ -1,0 +1,365 @@
+//! The worker runtime: serves the steps of registered sagas over NATS JetStream.
+//!
+//! A worker pulls [`StepCommand`]s from the durable consumer of each saga it serves, runs the
+//! handler, publishes the [`StepReply`] (waiting for JetStream to store it) and only then
+//! acknowledges the command. A command whose idempotency key already has a final outcome in the
+//! worker's [`ResultStore`] is answered with that outcome without running the handler again, so
+//! a redelivered or re-dispatched command never applies its effect twice.
+//!
+//! Bad messages never stop a worker: a command that is not JSON, has an unknown schema version
+//! or names a saga version this worker does not have is logged, answered with a permanent error
+//! when it names a saga (so the saga's history records it), and removed without redelivery.
+
+mod results;
+mod streams;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use thiserror::Error;
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+pub use results::ResultStore;
+pub use streams::{DUPLICATE_WINDOW, durable_consumer, ensure_streams};
+
+use crate::protocol::{
+    EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StepCommand, StepOutcome, StepReply, names,
+};
+use crate::{ErrorClass, Saga, StepError};
+
+/// What can stop a worker.
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    /// The broker is unreachable or refused an operation.
+    #[error("NATS: {0}; check that nats-server runs with JetStream (-js) at the given URL")]
+    Broker(String),
+    /// The worker's idempotency table is unreachable.
+    #[error("worker database: {0}")]
+    Database(String),
+}
+
+/// Tuning for a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Names this worker in replies and history (`worker:ID`).
+    pub id: String,
+    /// How many attempts run at once, per saga served.
+    pub concurrency: usize,
+    /// How long JetStream waits for an ack before redelivering a command.
+    pub ack_wait: Duration,
+    /// How many times JetStream delivers one command at most.
+    pub max_deliver: i64,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            id: format!("worker-{}", std::process::id()),
+            concurrency: 32,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+        }
+    }
+}
+
+/// A worker process's runtime.
+pub struct Worker {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    sagas: BTreeMap<String, Vec<Arc<Saga>>>,
+    results: ResultStore,
+    options: WorkerOptions,
+}
+
+impl Worker {
+    /// Connects to NATS and prepares the streams; `results` keeps the idempotency records.
+    pub async fn connect(
+        nats_url: &str,
+        results: ResultStore,
+        sagas: Vec<Saga>,
+        options: WorkerOptions,
+    ) -> Result<Self, WorkerError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(options.id.clone())
+            .retry_on_initial_connect()
+            .connect(nats_url)
+            .await
+            .map_err(|e| WorkerError::Broker(format!("cannot connect to {nats_url}: {e}")))?;
+        let js = jetstream::new(client.clone());
+        ensure_streams(&js).await?;
+        let mut by_name: BTreeMap<String, Vec<Arc<Saga>>> = BTreeMap::new();
+        for saga in sagas {
+            by_name
+                .entry(saga.spec().name.clone())
+                .or_default()
+                .push(Arc::new(saga));
+        }
+        Ok(Worker {
+            client,
+            js,
+            sagas: by_name,
+            results,
+            options,
+        })
+    }
+
+    /// Serves until `shutdown` completes; then stops pulling and lets the attempts in progress
+    /// finish (for up to the ack wait) before returning.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+        let worker = Arc::new(self);
+        let mut consumers = Vec::new();
+        for name in worker.sagas.keys() {
+            let consumer = durable_consumer(
+                &worker.js,
+                names::COMMAND_STREAM,
+                &names::worker_consumer(name),
+                &names::command_filter(name),
+                worker.options.ack_wait,
+                worker.options.max_deliver,
+            )
+            .await?;
+            consumers.push((name.clone(), consumer));
+        }
+        let announcer = tokio::spawn(announce(worker.clone()));
+        let permits = Arc::new(Semaphore::new(
+            worker.options.concurrency.max(1) * consumers.len(),
+        ));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut loops = Vec::new();
+        for (name, consumer) in consumers {
+            let worker = worker.clone();
+            let permits = permits.clone();
+            let mut stopped = stopped.clone();
+            loops.push(tokio::spawn(async move {
+                let mut messages = match consumer.messages().await {
+                    Ok(messages) => messages,
+                    Err(e) => {
+                        warn!(saga = %name, error = %e, "cannot pull commands");
+                        return;
+                    }
+                };
+                loop {
+                    let next = tokio::select! {
+                        next = messages.next() => next,
+                        _ = stopped.changed() => break,
+                    };
+                    let message = match next {
+                        Some(Ok(message)) => message,
+                        Some(Err(e)) => {
+                            warn!(saga = %name, error = %e, "pulling commands failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        }
+                        None => break,
+                    };
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let worker = worker.clone();
+                    let name = name.clone();
+                    tokio::spawn(async move {
+                        worker.serve(&name, message).await;
+                        drop(permit);
+                    });
+                }
+            }));
+        }
+        info!(id = %worker.options.id, sagas = ?worker.sagas.keys().collect::<Vec<_>>(), "worker serving");
+        shutdown.await;
+        info!("worker stopping: no new commands; finishing the attempts in progress");
+        let _ = stop.send(true);
+        for handle in loops {
+            let _ = handle.await;
+        }
+        announcer.abort();
+        let all = u32::try_from(worker.options.concurrency.max(1) * worker.sagas.len())
+            .unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(worker.options.ack_wait, permits.acquire_many(all)).await;
+        Ok(())
+    }
+
+    async fn serve(&self, saga_name: &str, message: jetstream::Message) {
+        let command: StepCommand = match serde_json::from_slice(&message.payload) {
+            Ok(command) => command,
+            Err(e) => {
+                warn!(subject = %message.subject, error = %e, "malformed command: dropped");
+                if let Some(reply) = reply_to_malformed(&message.payload, &self.options.id, &e) {
+                    let _ = self.publish(&reply.0, &reply.1).await;
+                }
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let reply = if command.v != PROTOCOL_VERSION {
+            warn!(command = %command.command_id, v = command.v, "unsupported command version");
+            self.refuse(
+                &command,
+                "unsupported_version",
+                format!(
+                    "command schema version {} is not supported by this worker (it speaks {PROTOCOL_VERSION})",
+                    command.v
+                ),
+            )
+        } else {
+            match self.saga(saga_name, &command) {
+                Some(saga) => match self.answer(&saga, &command).await {
+                    Ok(reply) => reply,
+                    Err(e) => {
+                        // Without the idempotency record the attempt must not run: try later.
+                        warn!(command = %command.command_id, error = %e, "idempotency store unavailable");
+                        let _ = message
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                        return;
+                    }
+                },
+                None => self.refuse(
+                    &command,
+                    "unknown_saga",
+                    format!(
+                        "this worker serves no saga `{}` version {}",
+                        command.saga, command.saga_version
+                    ),
+                ),
+            }
+        };
+        match self.publish(&command.saga, &reply).await {
+            Ok(()) => {
+                if let Err(e) = message.double_ack().await {
+                    warn!(command = %command.command_id, error = %e, "ack failed; the command will be redelivered and answered from the record");
+                }
+            }
+            Err(e) => {
+                warn!(command = %command.command_id, error = %e, "reply not stored; the command will be redelivered");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                    .await;
+            }
+        }
+    }
+
+    fn saga(&self, name: &str, command: &StepCommand) -> Option<Arc<Saga>> {
+        self.sagas
+            .get(name)?
+            .iter()
+            .find(|s| s.spec().name == command.saga && s.spec().version == command.saga_version)
+            .cloned()
+    }
+
+    /// Answers from the idempotency record, or runs the handler and records a final outcome.
+    async fn answer(&self, saga: &Saga, command: &StepCommand) -> Result<StepReply, WorkerError> {
+        if let Some(recorded) = self.results.lookup(&command.idempotency_key).await? {
+            return Ok(StepReply::to(command, &self.options.id, recorded));
+        }
+        let reply = saga.handle(command, &self.options.id).await;
+        let is_final = match &reply.outcome {
+            StepOutcome::Succeeded { .. } => true,
+            StepOutcome::Failed { error } => error.class == ErrorClass::Permanent,
+        };
+        if !is_final {
+            return Ok(reply);
+        }
+        let standing = self
+            .results
+            .record(
+                &command.idempotency_key,
+                &command.command_id,
+                &reply.outcome,
+            )
+            .await?;
+        Ok(StepReply::to(command, &self.options.id, standing))
+    }
+
+    fn refuse(&self, command: &StepCommand, code: &str, message: String) -> StepReply {
+        StepReply::to(
+            command,
+            &self.options.id,
+            StepOutcome::Failed {
+                error: StepError::permanent(code, message),
+            },
+        )
+    }
+
+    async fn publish(&self, saga: &str, reply: &StepReply) -> Result<(), WorkerError> {
+        let payload = serde_json::to_vec(reply)
+            .map_err(|e| WorkerError::Broker(format!("cannot encode a reply: {e}")))?;
+        let ack = self
+            .js
+            .send_publish(
+                names::reply_subject(saga),
+                jetstream::message::PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(names::reply_message_id(&reply.command_id)),
+            )
+            .await
+            .map_err(|e| WorkerError::Broker(format!("cannot publish a reply: {e}")))?;
+        ack.await
+            .map_err(|e| WorkerError::Broker(format!("reply not acknowledged: {e}")))?;
+        Ok(())
+    }
+}
+
+/// Tells the engines which saga definitions this worker serves, until one answers, then again
+/// now and then (an engine with a fresh database learns them too).
+async fn announce(worker: Arc<Worker>) {
+    let request = RegisterRequest {
+        v: PROTOCOL_VERSION,
+        sagas: worker
+            .sagas
+            .values()
+            .flatten()
+            .map(|s| s.spec().clone())
+            .collect(),
+    };
+    let Ok(payload) = serde_json::to_vec(&request) else {
+        return;
+    };
+    loop {
+        let answer = worker
+            .client
+            .request(names::REGISTER_SUBJECT, payload.clone().into())
+            .await;
+        let wait = match answer.map(|m| serde_json::from_slice::<EngineAnswer>(&m.payload)) {
+            Ok(Ok(EngineAnswer::Ok { .. })) => Duration::from_secs(60),
+            Ok(Ok(EngineAnswer::Error { message, .. })) => {
+                warn!(%message, "an engine refused this worker's saga definitions");
+                Duration::from_secs(60)
+            }
+            _ => Duration::from_secs(2),
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// For a command that is not valid JSON of the schema but names its saga and attempt, the
+/// permanent-error reply that lets the engine record the problem in the saga's history.
+fn reply_to_malformed(
+    payload: &[u8],
+    worker: &str,
+    error: &serde_json::Error,
+) -> Option<(String, StepReply)> {
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let saga = value.get("saga")?.as_str()?.to_string();
+    let reply = StepReply {
+        v: PROTOCOL_VERSION,
+        command_id: value.get("command_id")?.as_str()?.to_string(),
+        saga_id: serde_json::from_value(value.get("saga_id")?.clone()).ok()?,
+        step_index: usize::try_from(value.get("step_index")?.as_u64()?).ok()?,
+        step: value.get("step")?.as_str()?.to_string(),
+        direction: serde_json::from_value(value.get("direction")?.clone()).ok()?,
+        attempt: u32::try_from(value.get("attempt")?.as_u64()?).ok()?,
+        worker: worker.to_string(),
+        outcome: StepOutcome::Failed {
+            error: StepError::permanent(
+                "malformed_command",
+                format!("the command does not match the protocol: {error}"),
+            ),
+        },
+    };
+    Some((saga, reply))
+}

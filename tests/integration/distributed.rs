@@ -1,0 +1,1131 @@
+//! Fault tests of the distributed mode: the engine (`sagaflow serve`), one or two demo workers
+//! (`sagaflow-demo-worker`) and a private nats-server run as real processes, the engine on a
+//! fresh PostgreSQL database and the workers (demo tables and `worker_results`) on another.
+//! Each test starts 300 `place_order` sagas over NATS (15% declined cards; the workers inject
+//! 5% transient failures and 2% lost replies) and injects one fault while they run: the engine
+//! SIGKILLed and restarted, a worker SIGKILLed mid-step, nats-server restarted, commands and
+//! replies delivered twice, late replies, the command stream purged, a graceful SIGTERM.
+//!
+//! Afterwards, every time: each saga completed, compensated, or is stuck with a reason; each
+//! forward step succeeded at most once, with the very outcome the worker recorded for its
+//! idempotency key; each compensation ran exactly once per step, in reverse order; the demo
+//! services' invariants hold and no order has two reservations or authorizations; and the
+//! engine and workers still serve new sagas.
+//!
+//! The tests take turns (they share two cores with PostgreSQL and the broker), and every child
+//! process is killed when its guard drops, pass or fail.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sagaflow_engine::machine::SagaStatus;
+use sagaflow_engine::store::{HistoryEntry, Store};
+use sagaflow_sdk::protocol::{EngineAnswer, PROTOCOL_VERSION, StartRequest, StepCommand, names};
+use sagaflow_tests::{Backend, NatsServer, TestDb};
+use sagaflow_workflows::{
+    OrderMix, PLACE_ORDER, PlaceOrder, STEP_TIMEOUT, SagaOutcomes, check_invariants,
+    generate_orders, install,
+};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, QueryResult, Statement};
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::support::{build_binary, check_compensations};
+
+/// Sagas per fault test.
+const ORDERS: usize = 300;
+/// The share of orders paid with a declined card (they compensate).
+const DECLINE_RATIO: f64 = 0.15;
+/// The workers' injected failures: transient before the effect, and after it (a lost reply).
+const TRANSIENT: &str = "0.05";
+const LOST_REPLY: &str = "0.02";
+/// How long a process gets to come up.
+const READY_PATIENCE: Duration = Duration::from_secs(60);
+/// How long one start may keep being retried.
+const START_PATIENCE: Duration = Duration::from_secs(120);
+/// How long the sagas get to end once the faults are over.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(120);
+/// The children's log filter: our crates at info, the rest (sqlx's per-query lines) at warn.
+const CHILD_LOG: &str = "warn,sagaflow_engine=info,sagaflow_sdk=info,sagaflow_workflows=info";
+
+/// One test at a time: each runs five processes on a 2-core machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Binaries {
+    engine: PathBuf,
+    worker: PathBuf,
+}
+
+fn binaries() -> &'static Binaries {
+    static BUILT: OnceLock<Binaries> = OnceLock::new();
+    BUILT.get_or_init(|| Binaries {
+        engine: build_binary("sagaflow-engine", "sagaflow"),
+        worker: build_binary("sagaflow-workflows", "sagaflow-demo-worker"),
+    })
+}
+
+/// A child process, killed (SIGKILL) and reaped when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `command` with stdout and stderr appended to `log`.
+    fn spawn(name: &str, command: &mut Command, log: &Path) -> Proc {
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open the log file");
+        let err = out.try_clone().expect("clone the log file");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+        }
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("poll a child process")
+    }
+
+    /// Sends `signal` (STOP, CONT, TERM) to this child, which must still be running (not
+    /// reaped, so its pid cannot have been reused).
+    fn signal(&mut self, signal: &str) {
+        assert!(
+            self.exited().is_none(),
+            "{} exited before it could get SIG{signal}",
+            self.name
+        );
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {signal} {} failed", self.name);
+    }
+
+    /// SIGKILLs it (it must still be running) and reaps it.
+    fn kill(mut self) {
+        assert!(
+            self.exited().is_none(),
+            "{} exited before it could be killed",
+            self.name
+        );
+        self.child.kill().expect("SIGKILL a child");
+        self.child.wait().expect("reap a child");
+    }
+
+    /// Waits for it to exit by itself, up to `patience`.
+    async fn wait_exit(&mut self, patience: Duration) -> Option<ExitStatus> {
+        let give_up = Instant::now() + patience;
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if Instant::now() >= give_up {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+async fn rows(db: &DatabaseConnection, sql: &str) -> Vec<QueryResult> {
+    db.query_all_raw(Statement::from_string(DbBackend::Postgres, sql))
+        .await
+        .unwrap_or_else(|e| panic!("query `{sql}`: {e}"))
+}
+
+async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    rows(db, sql).await[0]
+        .try_get_by_index::<i64>(0)
+        .expect("a count")
+}
+
+/// What the history of a run shows, besides the checks that must hold.
+#[derive(Debug, Default)]
+struct Findings {
+    counts: BTreeMap<String, i64>,
+    /// `reply_ignored` records by reason (`duplicate`, `late`, or the whole reason).
+    ignored: BTreeMap<String, usize>,
+    /// Attempts that timed out.
+    timed_out: usize,
+    /// Timed-out attempts followed by the next attempt, with the same idempotency key.
+    redispatched: usize,
+}
+
+/// One test's processes and databases.
+struct Cluster {
+    name: &'static str,
+    engine: Option<Proc>,
+    workers: Vec<Option<Proc>>,
+    engine_lives: usize,
+    worker_lives: Vec<usize>,
+    ack_wait_secs: u64,
+    started_at: Instant,
+    store: Store,
+    demo: DatabaseConnection,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    nats: NatsServer,
+    engine_db: TestDb,
+    worker_db: TestDb,
+    logs: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// A private nats-server, two fresh databases, the engine and `workers` workers, all up
+    /// and the workers' saga definitions registered with the engine.
+    async fn new(name: &'static str, workers: usize, ack_wait_secs: u64) -> Cluster {
+        let started_at = Instant::now();
+        binaries();
+        let built = started_at.elapsed();
+        let nats = NatsServer::start();
+        let engine_db = TestDb::new(Backend::Postgres).await;
+        let worker_db = TestDb::new(Backend::Postgres).await;
+        // Migrated here, before the engine starts, so the two never race to migrate.
+        let store = Store::connect(&engine_db.url)
+            .await
+            .expect("open the engine database");
+        let demo = Database::connect(&worker_db.url)
+            .await
+            .expect("open the worker database");
+        install(&demo).await.expect("create the demo tables");
+        let client = async_nats::ConnectOptions::new()
+            .name("sagaflow-fault-test")
+            .request_timeout(Some(Duration::from_secs(3)))
+            .retry_on_initial_connect()
+            .connect(nats.url())
+            .await
+            .expect("connect to the test's nats-server");
+        let js = jetstream::new(client.clone());
+        let mut cluster = Cluster {
+            name,
+            engine: None,
+            workers: (0..workers).map(|_| None).collect(),
+            engine_lives: 0,
+            worker_lives: vec![0; workers],
+            ack_wait_secs,
+            started_at,
+            store,
+            demo,
+            client,
+            js,
+            nats,
+            engine_db,
+            worker_db,
+            logs: tempfile::tempdir().expect("a folder for the logs"),
+        };
+        cluster.start_engine();
+        for i in 0..workers {
+            cluster.start_worker(i);
+        }
+        cluster.engine_ready().await;
+        for i in 0..workers {
+            cluster.worker_ready(i).await;
+        }
+        let give_up = Instant::now() + READY_PATIENCE;
+        while !cluster
+            .store
+            .definitions()
+            .await
+            .expect("read the definitions")
+            .iter()
+            .any(|d| d.name == PLACE_ORDER)
+        {
+            assert!(
+                Instant::now() < give_up,
+                "{name}: no worker registered {PLACE_ORDER}\n{}",
+                cluster.tails()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!(
+            "{name}: binaries ready after {built:.1?}, processes up after {:.1?}",
+            started_at.elapsed()
+        );
+        cluster
+    }
+
+    /// Prints how far the test got, and when.
+    fn phase(&self, what: &str) {
+        println!("{}: {what} at {:.1?}", self.name, self.started_at.elapsed());
+    }
+
+    fn log(&self, who: &str) -> PathBuf {
+        self.logs.path().join(format!("{who}.log"))
+    }
+
+    fn start_engine(&mut self) {
+        assert!(self.engine.is_none(), "the engine is running already");
+        self.engine_lives += 1;
+        let mut command = Command::new(&binaries().engine);
+        command
+            .args(["serve", "--database-url", &self.engine_db.url])
+            .args(["--nats-url", &self.nats.url()])
+            .env("RUST_LOG", CHILD_LOG);
+        self.engine = Some(Proc::spawn("the engine", &mut command, &self.log("engine")));
+    }
+
+    fn start_worker(&mut self, i: usize) {
+        assert!(self.workers[i].is_none(), "worker {i} is running already");
+        self.worker_lives[i] += 1;
+        let id = format!("w{i}");
+        // Another seed per life, so a restarted worker does not replay the same faults.
+        let seed = (i * 1_000 + self.worker_lives[i]).to_string();
+        let mut command = Command::new(&binaries().worker);
+        command
+            .args(["--database-url", &self.worker_db.url])
+            .args(["--nats-url", &self.nats.url()])
+            .args(["--id", &id, "--seed", &seed])
+            .args(["--transient", TRANSIENT, "--lost-reply", LOST_REPLY])
+            .args(["--ack-wait-secs", &self.ack_wait_secs.to_string()])
+            .env("RUST_LOG", CHILD_LOG);
+        self.workers[i] = Some(Proc::spawn(
+            &format!("worker {id}"),
+            &mut command,
+            &self.log(&id),
+        ));
+    }
+
+    /// Waits until `log` holds `needle` `times` times (once per life of the process).
+    async fn wait_for_line(&self, who: &str, needle: &str, times: usize) {
+        let give_up = Instant::now() + READY_PATIENCE;
+        loop {
+            let text = std::fs::read_to_string(self.log(who)).unwrap_or_default();
+            if text.matches(needle).count() >= times {
+                return;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "{}: {who} did not come up in {READY_PATIENCE:?}\n{}",
+                self.name,
+                self.tails()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn engine_ready(&self) {
+        self.wait_for_line("engine", "sagaflow engine serving on", self.engine_lives)
+            .await;
+    }
+
+    async fn worker_ready(&self, i: usize) {
+        self.wait_for_line(
+            &format!("w{i}"),
+            "serving place_order",
+            self.worker_lives[i],
+        )
+        .await;
+    }
+
+    fn kill_engine(&mut self) {
+        self.engine.take().expect("the engine is running").kill();
+    }
+
+    fn kill_worker(&mut self, i: usize) {
+        self.workers[i]
+            .take()
+            .expect("the worker is running")
+            .kill();
+    }
+
+    fn engine(&mut self) -> &mut Proc {
+        self.engine.as_mut().expect("the engine is running")
+    }
+
+    fn worker(&mut self, i: usize) -> &mut Proc {
+        self.workers[i].as_mut().expect("the worker is running")
+    }
+
+    /// The run's orders: `ORDERS` of them, 15% with a declined card.
+    fn orders(&self, seed: u64) -> Vec<PlaceOrder> {
+        generate_orders(&OrderMix {
+            prefix: self.name.to_string(),
+            count: ORDERS,
+            decline_ratio: DECLINE_RATIO,
+            seed,
+            ..OrderMix::default()
+        })
+    }
+
+    /// Starts one saga per order over NATS (start key = order id), spread evenly over `over`,
+    /// each retried until an engine answers; returns each key's saga id.
+    fn spawn_starts(
+        &self,
+        orders: Vec<PlaceOrder>,
+        over: Duration,
+    ) -> JoinHandle<BTreeMap<String, Uuid>> {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let begin = tokio::time::Instant::now();
+            let n = orders.len().max(1) as f64;
+            futures::stream::iter(orders.into_iter().enumerate())
+                .map(|(i, order)| {
+                    let client = client.clone();
+                    async move {
+                        tokio::time::sleep_until(begin + over.mul_f64(i as f64 / n)).await;
+                        let id = start_saga(&client, &order.order_id, order.to_json()).await;
+                        (order.order_id, id)
+                    }
+                })
+                .buffer_unordered(64)
+                .collect()
+                .await
+        })
+    }
+
+    /// Attempts dispatched and not answered yet.
+    async fn in_flight(&self) -> i64 {
+        count(
+            self.store.connection(),
+            "SELECT COUNT(*) FROM step_attempts WHERE status = 'dispatched'",
+        )
+        .await
+    }
+
+    async fn ignored_with(&self, reason_prefix: &str) -> i64 {
+        count(
+            self.store.connection(),
+            &format!(
+                "SELECT COUNT(*) FROM saga_history WHERE kind = 'reply_ignored' \
+                 AND payload LIKE '%\"reason\":\"{reason_prefix}%'"
+            ),
+        )
+        .await
+    }
+
+    /// Waits until `expected` sagas exist and none is created, running or compensating.
+    async fn wait_settled(&self, expected: usize) -> BTreeMap<String, i64> {
+        let give_up = Instant::now() + SETTLE_PATIENCE;
+        loop {
+            let counts = self.store.status_counts().await.expect("count sagas");
+            let total: i64 = counts.values().sum();
+            let active: i64 = ["created", "running", "compensating"]
+                .iter()
+                .filter_map(|s| counts.get(*s))
+                .sum();
+            if total >= expected as i64 && active == 0 {
+                return counts;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "{}: sagas still active {SETTLE_PATIENCE:?} after the faults ended: {counts:?} \
+                 ({} attempts in flight)\n{}",
+                self.name,
+                self.in_flight().await,
+                self.tails()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Every check that must hold after any fault; returns what the histories show.
+    async fn verify(&self, started: &BTreeMap<String, Uuid>) -> Findings {
+        let name = self.name;
+        let mut findings = Findings {
+            counts: self.wait_settled(started.len()).await,
+            ..Findings::default()
+        };
+        self.phase("settled");
+        let mut sagas: HashMap<Uuid, (String, String)> = HashMap::new();
+        for row in rows(
+            self.store.connection(),
+            "SELECT id, start_key, status FROM sagas",
+        )
+        .await
+        {
+            let id: String = row.try_get("", "id").expect("id");
+            let key: Option<String> = row.try_get("", "start_key").expect("start_key");
+            let status: String = row.try_get("", "status").expect("status");
+            let id = Uuid::parse_str(&id).expect("a saga id");
+            sagas.insert(id, (key.expect("every saga has a start key"), status));
+        }
+        assert_eq!(
+            sagas.len(),
+            started.len(),
+            "{name}: one saga per start key, and no other"
+        );
+        for (key, id) in started {
+            assert_eq!(
+                sagas.get(id).map(|(k, _)| k.as_str()),
+                Some(key.as_str()),
+                "{name}: saga {id} was answered for start key {key}"
+            );
+        }
+
+        let recorded: HashMap<String, Value> = rows(
+            &self.demo,
+            "SELECT idempotency_key, outcome FROM worker_results",
+        )
+        .await
+        .iter()
+        .map(|row| {
+            let key: String = row.try_get("", "idempotency_key").expect("key");
+            let outcome: String = row.try_get("", "outcome").expect("outcome");
+            (
+                key,
+                serde_json::from_str(&outcome).expect("a recorded outcome"),
+            )
+        })
+        .collect();
+
+        let mut outcomes = SagaOutcomes::default();
+        for (id, (order_id, status)) in &sagas {
+            let history = self.store.history(*id).await.expect("read a history");
+            check_history(name, *id, &history, &recorded, &mut findings);
+            match status.as_str() {
+                "completed" => {
+                    assert!(
+                        !history
+                            .iter()
+                            .any(|h| h.direction.as_deref() == Some("compensate")),
+                        "{name}: completed saga {id} ran a compensation"
+                    );
+                    outcomes.completed_orders.push(order_id.clone());
+                }
+                "compensated" => {
+                    check_compensations(&history, *id);
+                    outcomes.compensated_orders.push(order_id.clone());
+                }
+                "stuck" => {
+                    let stuck = self
+                        .store
+                        .load(*id)
+                        .await
+                        .expect("load a saga")
+                        .expect("the saga exists")
+                        .state
+                        .stuck;
+                    assert!(
+                        stuck.is_some_and(|s| !s.reason.is_empty()),
+                        "{name}: stuck saga {id} without a reason"
+                    );
+                }
+                other => panic!("{name}: saga {id} ended {other}"),
+            }
+        }
+        assert!(
+            !outcomes.completed_orders.is_empty() && !outcomes.compensated_orders.is_empty(),
+            "{name}: a run has completed sagas and (declined cards) compensated ones: {:?}",
+            findings.counts
+        );
+
+        let report = check_invariants(&self.demo, &outcomes)
+            .await
+            .expect("read the demo tables");
+        assert!(report.is_ok(), "{name}: {report}");
+        for (what, sql) in [
+            (
+                "reservations of one order",
+                "SELECT order_id FROM demo_reservations GROUP BY order_id HAVING COUNT(*) > 1",
+            ),
+            (
+                "authorizations of one order",
+                "SELECT order_id FROM demo_authorizations GROUP BY order_id HAVING COUNT(*) > 1",
+            ),
+            (
+                "shipments of one order",
+                "SELECT order_id FROM demo_shipments GROUP BY order_id HAVING COUNT(*) > 1",
+            ),
+            (
+                "confirmations of one order",
+                "SELECT order_id FROM demo_orders GROUP BY order_id HAVING COUNT(*) > 1",
+            ),
+            (
+                "recorded outcomes of one idempotency key",
+                "SELECT idempotency_key AS order_id FROM worker_results \
+                 GROUP BY idempotency_key HAVING COUNT(*) > 1",
+            ),
+        ] {
+            let twice: Vec<String> = rows(&self.demo, sql)
+                .await
+                .iter()
+                .map(|r| r.try_get("", "order_id").expect("order_id"))
+                .collect();
+            assert!(twice.is_empty(), "{name}: several {what}: {twice:?}");
+        }
+        findings
+    }
+
+    /// Starts a few fresh sagas (good cards) and waits for each to complete.
+    async fn serves_new_sagas(&self) {
+        let fresh = generate_orders(&OrderMix {
+            prefix: format!("{}-fresh", self.name),
+            count: 4,
+            decline_ratio: 0.0,
+            seed: 99,
+            ..OrderMix::default()
+        });
+        let mut ids = Vec::new();
+        for order in &fresh {
+            ids.push(start_saga(&self.client, &order.order_id, order.to_json()).await);
+        }
+        let give_up = Instant::now() + Duration::from_secs(60);
+        for id in ids {
+            loop {
+                let status = self
+                    .store
+                    .load(id)
+                    .await
+                    .expect("load a saga")
+                    .expect("the fresh saga exists")
+                    .state
+                    .status;
+                if status == SagaStatus::Completed {
+                    break;
+                }
+                assert!(
+                    status.is_active() && Instant::now() < give_up,
+                    "{}: fresh saga {id} is {} after the faults\n{}",
+                    self.name,
+                    status.as_str(),
+                    self.tails()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    fn report(&self, findings: &Findings) {
+        println!(
+            "{}: done in {:.1?}: {:?}; ignored replies {:?}; {} attempts timed out, {} re-dispatched",
+            self.name,
+            self.started_at.elapsed(),
+            findings.counts,
+            findings.ignored,
+            findings.timed_out,
+            findings.redispatched
+        );
+    }
+
+    fn tails(&self) -> String {
+        let mut out = String::new();
+        let mut who = vec!["engine".to_string()];
+        who.extend((0..self.workers.len()).map(|i| format!("w{i}")));
+        for who in who {
+            out.push_str(&format!(
+                "--- {who} (last 40 lines) ---\n{}\n",
+                tail(&self.log(&who), 40)
+            ));
+        }
+        out.push_str(&format!(
+            "--- nats-server (last 10 lines) ---\n{}\n",
+            self.nats.log_tail(10)
+        ));
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}: the children's logs:\n{}", self.name, self.tails());
+        }
+    }
+}
+
+/// Checks one saga's history: each step succeeded at most once per direction, with the outcome
+/// the worker recorded for its idempotency key, every attempt of a step carried the same key,
+/// and at most one terminal record.
+fn check_history(
+    name: &str,
+    id: Uuid,
+    history: &[HistoryEntry],
+    recorded: &HashMap<String, Value>,
+    findings: &mut Findings,
+) {
+    let mut keys: BTreeMap<(String, String), HashSet<String>> = BTreeMap::new();
+    let mut dispatched: HashSet<(String, String, u32)> = HashSet::new();
+    for h in history {
+        if h.kind == "attempt_dispatched"
+            && let (Some(step), Some(direction), Some(attempt)) = (&h.step, &h.direction, h.attempt)
+        {
+            let key = h.detail["idempotency_key"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: saga {id}: a dispatch without a key"))
+                .to_string();
+            keys.entry((step.clone(), direction.clone()))
+                .or_default()
+                .insert(key);
+            dispatched.insert((step.clone(), direction.clone(), attempt));
+        }
+    }
+    for ((step, direction), set) in &keys {
+        assert_eq!(
+            set.len(),
+            1,
+            "{name}: saga {id}: {step}/{direction} dispatched with several keys: {set:?}"
+        );
+    }
+    let mut succeeded: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for h in history {
+        let (Some(step), Some(direction)) = (&h.step, &h.direction) else {
+            continue;
+        };
+        let slot = (step.clone(), direction.clone());
+        match h.kind.as_str() {
+            "attempt_succeeded" => {
+                *succeeded.entry(slot.clone()).or_default() += 1;
+                let key = keys[&slot].iter().next().expect("a key");
+                let outcome = recorded.get(key).unwrap_or_else(|| {
+                    panic!("{name}: saga {id}: {step}/{direction} succeeded, but the worker recorded nothing for {key}")
+                });
+                assert_eq!(
+                    outcome["status"], "succeeded",
+                    "{name}: saga {id}: {step}/{direction}: the engine applied a success, the worker recorded {outcome}"
+                );
+                if direction == "forward" {
+                    assert_eq!(
+                        outcome["output"], h.detail["output"],
+                        "{name}: saga {id}: {step}: the engine applied another output than the one recorded for {key}"
+                    );
+                }
+            }
+            "reply_ignored" => {
+                let reason = h.detail["reason"].as_str().unwrap_or("").to_string();
+                let class = match reason.split_once(':') {
+                    Some((class @ ("duplicate" | "late"), _)) => class.to_string(),
+                    _ => reason,
+                };
+                *findings.ignored.entry(class).or_default() += 1;
+            }
+            "attempt_timed_out" => {
+                findings.timed_out += 1;
+                if let Some(attempt) = h.attempt
+                    && dispatched.contains(&(step.clone(), direction.clone(), attempt + 1))
+                {
+                    findings.redispatched += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    for ((step, direction), n) in succeeded {
+        assert_eq!(
+            n, 1,
+            "{name}: saga {id}: {step}/{direction} succeeded {n} times"
+        );
+    }
+    let terminal = history
+        .iter()
+        .filter(|h| h.kind == "saga_completed" || h.kind == "saga_compensated")
+        .count();
+    assert!(terminal <= 1, "{name}: saga {id} ended {terminal} times");
+}
+
+/// Starts a `place_order` saga on the start subject, retrying (same key) until an engine
+/// answers with its id: the answer is lost when the engine dies or the broker restarts, and an
+/// engine refuses while it stops or before a worker has told it the saga.
+async fn start_saga(client: &async_nats::Client, key: &str, input: Value) -> Uuid {
+    let request = StartRequest {
+        v: PROTOCOL_VERSION,
+        saga: PLACE_ORDER.to_string(),
+        version: None,
+        input,
+        key: Some(key.to_string()),
+    };
+    let payload = serde_json::to_vec(&request).expect("encode a start request");
+    let give_up = Instant::now() + START_PATIENCE;
+    loop {
+        let last = match client
+            .request(names::START_SUBJECT, payload.clone().into())
+            .await
+        {
+            Ok(answer) => match serde_json::from_slice::<EngineAnswer>(&answer.payload) {
+                Ok(EngineAnswer::Ok {
+                    saga_id: Some(id), ..
+                }) => return id,
+                Ok(EngineAnswer::Error { code, message, .. }) => {
+                    assert!(
+                        ["unknown_saga", "stopping", "internal"].contains(&code.as_str()),
+                        "start {key} refused: {code}: {message}"
+                    );
+                    format!("{code}: {message}")
+                }
+                other => format!("{other:?}"),
+            },
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            Instant::now() < give_up,
+            "no engine started {key} in {START_PATIENCE:?}; last: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn await_starts(
+    cluster: &Cluster,
+    starts: JoinHandle<BTreeMap<String, Uuid>>,
+) -> BTreeMap<String, Uuid> {
+    match starts.await {
+        Ok(started) => started,
+        Err(e) => panic!("{}: starting the sagas failed: {e}", cluster.name),
+    }
+}
+
+async fn settle_and_verify(cluster: &Cluster, started: &BTreeMap<String, Uuid>) -> Findings {
+    cluster.phase("all sagas started");
+    let findings = cluster.verify(started).await;
+    cluster.phase("verified");
+    cluster.serves_new_sagas().await;
+    cluster.report(&findings);
+    findings
+}
+
+fn rng() -> (u64, StdRng) {
+    let seed: u64 = rand::random();
+    (seed, StdRng::seed_from_u64(seed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_sigkilled_five_times_loses_nothing() {
+    let _turn = SERIAL.lock().await;
+    let mut cluster = Cluster::new("engine_kill", 1, 10).await;
+    let (seed, mut rng) = rng();
+    println!("engine_kill: kill timings from seed {seed}");
+    let starts = cluster.spawn_starts(cluster.orders(1), Duration::from_secs(12));
+    // Kills only count when attempts are in flight: at least five while sagas run.
+    let mut kills = 0;
+    let mut tries = 0;
+    while kills < 5 {
+        tries += 1;
+        assert!(
+            tries <= 12,
+            "engine_kill: only {kills} kills found sagas in flight"
+        );
+        cluster.engine_ready().await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1_200))).await;
+        let in_flight = cluster.in_flight().await;
+        cluster.kill_engine();
+        if in_flight > 0 {
+            kills += 1;
+        }
+        println!("engine_kill: SIGKILL with {in_flight} attempts in flight");
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(50..600))).await;
+        cluster.start_engine();
+    }
+    let started = await_starts(&cluster, starts).await;
+    settle_and_verify(&cluster, &started).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_sigkilled_mid_step_loses_nothing() {
+    let _turn = SERIAL.lock().await;
+    // A short ack wait: what a killed worker held is redelivered to the other one too.
+    let mut cluster = Cluster::new("worker_kill", 2, 4).await;
+    let (seed, mut rng) = rng();
+    println!("worker_kill: kill timings from seed {seed}");
+    let starts = cluster.spawn_starts(cluster.orders(2), Duration::from_secs(12));
+    for round in 0..4 {
+        let i = round % 2;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(800..2_000))).await;
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while cluster.in_flight().await == 0 {
+            assert!(Instant::now() < give_up, "worker_kill: nothing in flight");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cluster.kill_worker(i);
+        println!("worker_kill: SIGKILL w{i}");
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1_000))).await;
+        cluster.start_worker(i);
+        cluster.worker_ready(i).await;
+    }
+    let started = await_starts(&cluster, starts).await;
+    settle_and_verify(&cluster, &started).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_server_restarted_mid_run_loses_nothing() {
+    let _turn = SERIAL.lock().await;
+    let mut cluster = Cluster::new("nats_restart", 1, 10).await;
+    let starts = cluster.spawn_starts(cluster.orders(3), Duration::from_secs(12));
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let in_flight = cluster.in_flight().await;
+        cluster.nats.stop();
+        println!("nats_restart: nats-server stopped with {in_flight} attempts in flight");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cluster.nats.restart();
+    }
+    let started = await_starts(&cluster, starts).await;
+    settle_and_verify(&cluster, &started).await;
+    assert!(
+        cluster.worker(0).exited().is_none(),
+        "nats_restart: the worker exited"
+    );
+    assert!(
+        cluster.engine().exited().is_none(),
+        "nats_restart: the engine exited"
+    );
+}
+
+/// Republishes copies of sent commands, taken from the engine's outbox, under new message ids
+/// (so JetStream does not drop them as duplicates), until `stop`; returns how many.
+async fn duplicate_commands(
+    store: Store,
+    js: jetstream::Context,
+    mut stop: watch::Receiver<bool>,
+) -> usize {
+    let mut copies = 0;
+    loop {
+        for row in rows(
+            store.connection(),
+            "SELECT payload FROM outbox WHERE sent_at IS NOT NULL ORDER BY random() LIMIT 8",
+        )
+        .await
+        {
+            let payload: String = row.try_get("", "payload").expect("payload");
+            let command: StepCommand = serde_json::from_str(&payload).expect("a command");
+            let ack = js
+                .send_publish(
+                    names::command_subject(&command.saga, &command.step),
+                    jetstream::message::PublishMessage::build()
+                        .payload(payload.into_bytes().into())
+                        .message_id(format!("test-copy-{}", Uuid::new_v4())),
+                )
+                .await
+                .expect("publish a command copy");
+            ack.await.expect("JetStream stores the command copy");
+            copies += 1;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.changed() => return copies,
+        }
+    }
+}
+
+/// Watches the replies workers publish and republishes a copy of every third one, a moment
+/// later (once the engine has applied the original), under a new message id; returns how many.
+async fn duplicate_replies(
+    client: async_nats::Client,
+    js: jetstream::Context,
+    mut stop: watch::Receiver<bool>,
+) -> usize {
+    let mut replies = client
+        .subscribe("sagaflow.reply.>")
+        .await
+        .expect("watch the replies");
+    let mut seen = 0;
+    let mut copies = Vec::new();
+    loop {
+        let message = tokio::select! {
+            message = replies.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+            _ = stop.changed() => break,
+        };
+        let is_copy = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .is_some_and(|id| id.as_str().starts_with("test-copy-"));
+        if is_copy {
+            continue;
+        }
+        seen += 1;
+        if seen % 3 != 0 {
+            continue;
+        }
+        let js = js.clone();
+        copies.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let ack = js
+                .send_publish(
+                    message.subject.clone(),
+                    jetstream::message::PublishMessage::build()
+                        .payload(message.payload.clone())
+                        .message_id(format!("test-copy-{}", Uuid::new_v4())),
+                )
+                .await
+                .expect("publish a reply copy");
+            ack.await.expect("JetStream stores the reply copy");
+        }));
+    }
+    let n = copies.len();
+    for copy in copies {
+        copy.await.expect("a reply copy was published");
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_and_replies_delivered_twice_apply_once() {
+    let _turn = SERIAL.lock().await;
+    let cluster = Cluster::new("duplicates", 1, 10).await;
+    let (stop, stopped) = watch::channel(false);
+    let commands = tokio::spawn(duplicate_commands(
+        cluster.store.clone(),
+        cluster.js.clone(),
+        stopped.clone(),
+    ));
+    let replies = tokio::spawn(duplicate_replies(
+        cluster.client.clone(),
+        cluster.js.clone(),
+        stopped,
+    ));
+    let starts = cluster.spawn_starts(cluster.orders(4), Duration::from_secs(10));
+    let started = await_starts(&cluster, starts).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = stop.send(true);
+    let commands = commands.await.expect("the command copier");
+    let replies = replies.await.expect("the reply copier");
+    println!("duplicates: {commands} command copies, {replies} reply copies");
+    assert!(
+        commands >= 30 && replies >= 30,
+        "duplicates: too few copies to prove anything"
+    );
+    let findings = settle_and_verify(&cluster, &started).await;
+    assert!(
+        findings.ignored.get("duplicate").copied().unwrap_or(0) > 0,
+        "duplicates: no reply was recorded as an ignored duplicate: {:?}",
+        findings.ignored
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_reply_after_a_retry_is_ignored() {
+    let _turn = SERIAL.lock().await;
+    // The default ack wait: a stopped worker keeps its commands until it resumes.
+    let mut cluster = Cluster::new("late_reply", 2, 30).await;
+    let starts = cluster.spawn_starts(cluster.orders(5), Duration::from_secs(14));
+    let mut rounds = 0;
+    while cluster.ignored_with("late").await == 0 {
+        rounds += 1;
+        assert!(
+            rounds <= 3,
+            "late_reply: no late reply after {} rounds",
+            rounds - 1
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while cluster.in_flight().await == 0 {
+            assert!(Instant::now() < give_up, "late_reply: nothing in flight");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Frozen past the step timeout: the engine times its attempts out and re-dispatches
+        // them (to w1); when w0 resumes, it answers the attempts that were superseded.
+        cluster.worker(0).signal("STOP");
+        tokio::time::sleep(STEP_TIMEOUT + Duration::from_secs(3)).await;
+        cluster.worker(0).signal("CONT");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let started = await_starts(&cluster, starts).await;
+    let findings = settle_and_verify(&cluster, &started).await;
+    assert!(
+        findings.ignored.get("late").copied().unwrap_or(0) > 0 && findings.redispatched > 0,
+        "late_reply: {findings:?}"
+    );
+}
+
+async fn purge_commands(js: &jetstream::Context) -> u64 {
+    let stream = js
+        .get_stream(names::COMMAND_STREAM)
+        .await
+        .expect("the command stream");
+    let purged = stream.purge().await.expect("purge the command stream");
+    assert!(purged.success, "the purge failed");
+    purged.purged
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purged_command_stream_is_recovered_by_timeouts() {
+    let _turn = SERIAL.lock().await;
+    let mut cluster = Cluster::new("purge", 1, 10).await;
+    let starts = cluster.spawn_starts(cluster.orders(6), Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let first = purge_commands(&cluster.js).await;
+    // Commands that reached the worker before the purge are still answered. To lose some for
+    // certain, let them pile up in the stream with no worker pulling, then purge again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.worker(0).signal("TERM");
+    let status = cluster
+        .worker(0)
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("the worker stops on SIGTERM");
+    assert!(status.success(), "purge: the worker stopped with {status}");
+    cluster.workers[0] = None;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = purge_commands(&cluster.js).await;
+    println!("purge: {first} then {second} commands purged");
+    assert!(second > 0, "purge: nothing was waiting in the stream");
+    cluster.start_worker(0);
+    cluster.worker_ready(0).await;
+    let started = await_starts(&cluster, starts).await;
+    let findings = settle_and_verify(&cluster, &started).await;
+    assert!(
+        findings.timed_out > 0 && findings.redispatched > 0,
+        "purge: the lost commands were not recovered by timeouts: {findings:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_engine_gracefully_and_loses_nothing() {
+    let _turn = SERIAL.lock().await;
+    let mut cluster = Cluster::new("graceful", 1, 10).await;
+    let starts = cluster.spawn_starts(cluster.orders(7), Duration::from_secs(8));
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let in_flight = cluster.in_flight().await;
+    assert!(in_flight > 0, "graceful: nothing in flight to stop");
+    let asked = Instant::now();
+    cluster.engine().signal("TERM");
+    let status = cluster.engine().wait_exit(Duration::from_secs(30)).await;
+    let took = asked.elapsed();
+    println!(
+        "graceful: SIGTERM with {in_flight} attempts in flight; exited in {took:.1?} with {status:?}"
+    );
+    let status = status.expect("graceful: the engine did not exit within 30 s of SIGTERM");
+    assert!(
+        status.success(),
+        "graceful: the engine exited with {status}"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "graceful: the engine took {took:?} to stop"
+    );
+    assert!(
+        tail(&cluster.log("engine"), 5).contains("stopped"),
+        "graceful: the engine did not say it stopped"
+    );
+    cluster.engine = None;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.start_engine();
+    let started = await_starts(&cluster, starts).await;
+    settle_and_verify(&cluster, &started).await;
+}

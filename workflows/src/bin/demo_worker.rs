@@ -1,0 +1,119 @@
+//! `sagaflow-demo-worker`: the demo services of the example workflows as a step worker, serving
+//! `place_order` and `book_trip` over NATS JetStream.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use sagaflow_sdk::Timestamp;
+use sagaflow_sdk::worker::{ResultStore, Worker, WorkerOptions};
+use sagaflow_workflows::{
+    DEMO_STOCK, FaultPlan, Faults, Inventory, OrderServices, TripServices, book_trip_saga, install,
+    place_order_saga, seed_stock_once,
+};
+use sea_orm::Database;
+
+/// Serve the demo workflows' steps over NATS.
+#[derive(Debug, Parser)]
+#[command(name = "sagaflow-demo-worker", version, about)]
+struct Args {
+    /// The NATS server, with JetStream enabled.
+    #[arg(
+        long,
+        env = "SAGAFLOW_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    /// Where the demo services keep their tables and this worker its idempotency records.
+    #[arg(long, env = "SAGAFLOW_WORKER_DATABASE_URL")]
+    database_url: String,
+    /// Names this worker in the saga histories.
+    #[arg(long, default_value_t = format!("demo-{}", std::process::id()))]
+    id: String,
+    /// Attempts run at once per saga.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Chance that a service call fails transiently before applying its effect.
+    #[arg(long, default_value_t = 0.0)]
+    transient: f64,
+    /// Chance that a service applies its effect and then fails (a lost reply).
+    #[arg(long, default_value_t = 0.0)]
+    lost_reply: f64,
+    /// Seed of the injected failures.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Seconds JetStream waits for an ack before redelivering a command.
+    #[arg(long, default_value_t = 30)]
+    ack_wait_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let url = if args.database_url.starts_with("sqlite:") && !args.database_url.contains("mode=") {
+        format!("{}?mode=rwc", args.database_url)
+    } else {
+        args.database_url.clone()
+    };
+    let db = Database::connect(&url)
+        .await
+        .with_context(|| format!("cannot open {}", args.database_url))?;
+    install(&db)
+        .await
+        .context("installing the demo services' tables")?;
+    seed_stock_once(&db, &DEMO_STOCK).await?;
+    let faults = Faults::new(
+        FaultPlan::uniform(args.transient, args.lost_reply)?,
+        args.seed,
+    );
+    let sagas = vec![
+        place_order_saga(&OrderServices::new(&db, &faults))?,
+        book_trip_saga(&TripServices::new(&db, &faults))?,
+    ];
+    let results = ResultStore::with_connection(db.clone()).await?;
+    let options = WorkerOptions {
+        id: args.id.clone(),
+        concurrency: args.concurrency,
+        ack_wait: Duration::from_secs(args.ack_wait_secs),
+        ..WorkerOptions::default()
+    };
+    let worker = Worker::connect(&args.nats_url, results, sagas, options).await?;
+
+    // The inventory service releases reservations whose hold expired.
+    let inventory = Inventory::new(db.clone(), Faults::none());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Err(error) = inventory.release_expired(Timestamp::now()).await {
+                tracing::warn!(%error, "releasing expired reservations failed");
+            }
+        }
+    });
+
+    eprintln!(
+        "{} serving place_order and book_trip on {}",
+        args.id, args.nats_url
+    );
+    worker
+        .run(async {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        })
+        .await?;
+    eprintln!("{} stopped", args.id);
+    Ok(())
+}
