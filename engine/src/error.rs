@@ -44,6 +44,10 @@ pub enum EngineError {
         known: String,
     },
 
+    /// A definition breaks a rule of the saga model.
+    #[error("definition refused: {0}")]
+    InvalidDefinition(#[source] SdkError),
+
     /// A definition was registered again with different content under the same version.
     #[error(
         "saga `{name}` version {version} is already registered with a different definition; \

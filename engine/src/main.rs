@@ -43,6 +43,19 @@ enum Commands {
     /// Start a saga through a running engine (over NATS) and print its id. Idempotent with
     /// --key.
     Start(cli::start::StartArgs),
+    /// Resume a stuck saga: its failed step or compensation is tried again now, with a fresh
+    /// retry budget. With --all, every stuck saga a filter matches (a dry run unless
+    /// --execute). Requires --reason; recorded with the actor in the history.
+    Resume(cli::act::ResumeArgs),
+    /// Retry the current step now instead of waiting out its backoff. Requires --reason.
+    RetryStep(cli::act::RetryStepArgs),
+    /// Declare the current step done by hand: a forward action with the output later steps
+    /// read (--output, checked against the step's type), or a stuck compensation. Requires
+    /// --reason.
+    SkipStep(cli::act::SkipStepArgs),
+    /// Cancel a saga moving forward before its pivot: it compensates what it completed. With
+    /// --all, every saga a filter matches (a dry run unless --execute). Requires --reason.
+    Cancel(cli::act::CancelArgs),
 }
 
 #[tokio::main]
@@ -65,5 +78,9 @@ async fn main() -> anyhow::Result<()> {
         Commands::Retention(args) => cli::retention::run(args).await,
         Commands::Serve(args) => cli::serve::run(args).await,
         Commands::Start(args) => cli::start::run(args).await,
+        Commands::Resume(args) => cli::act::resume(args).await,
+        Commands::RetryStep(args) => cli::act::retry_step(args).await,
+        Commands::SkipStep(args) => cli::act::skip_step(args).await,
+        Commands::Cancel(args) => cli::act::cancel(args).await,
     }
 }

@@ -114,82 +114,19 @@ impl SagaBuilder {
         self
     }
 
-    /// Checks the definition against the saga model and returns it.
-    ///
-    /// The rules: a name and a version of at least 1; at least one step; saga and step names
-    /// of letters, digits, `_` and `-` (they appear in idempotency keys and NATS subjects), step
-    /// names unique; steps ordered as
-    /// compensatable steps, then at most one pivot, then retriable steps, which need a pivot
-    /// before them.
+    /// Checks the definition against the saga model ([`SagaSpec::validate`] lists the rules)
+    /// and returns it.
     pub fn build(self) -> Result<Saga, SdkError> {
-        let invalid = |reason: String| SdkError::InvalidDefinition {
-            saga: self.name.clone(),
-            reason,
-        };
-        if !is_plain_name(&self.name) {
-            return Err(invalid(
-                "a saga name is letters, digits, `_` and `-` (it is part of NATS subjects)".into(),
-            ));
-        }
-        if self.version == 0 {
-            return Err(invalid("versions start at 1".into()));
-        }
-        if self.steps.is_empty() {
-            return Err(invalid("a saga needs at least one step".into()));
-        }
-        let mut seen_pivot = false;
-        for (i, step) in self.steps.iter().enumerate() {
-            let name = &step.spec.name;
-            if !is_plain_name(name) {
-                return Err(invalid(format!(
-                    "step {i} has name `{name}`: use letters, digits, `_` and `-` (step names \
-                     appear in idempotency keys and NATS subjects)"
-                )));
-            }
-            if self.steps[..i].iter().any(|s| &s.spec.name == name) {
-                return Err(invalid(format!("two steps are called `{name}`")));
-            }
-            match step.spec.kind {
-                StepKind::Compensatable if seen_pivot => {
-                    return Err(invalid(format!(
-                        "compensatable step `{name}` comes after the pivot; steps after the \
-                         pivot must be retriable"
-                    )));
-                }
-                StepKind::Pivot if seen_pivot => {
-                    return Err(invalid(format!(
-                        "`{name}` is a second pivot; a saga has at most one"
-                    )));
-                }
-                StepKind::Retriable if !seen_pivot => {
-                    return Err(invalid(format!(
-                        "retriable step `{name}` has no pivot before it; mark the go/no-go step \
-                         with Step::pivot"
-                    )));
-                }
-                StepKind::Pivot => seen_pivot = true,
-                _ => {}
-            }
-        }
         let (specs, runners) = self.steps.into_iter().map(|s| (s.spec, s.runner)).unzip();
-        Ok(Saga {
-            spec: SagaSpec {
-                name: self.name,
-                version: self.version,
-                steps: specs,
-                deadline: self.deadline,
-            },
-            runners,
-        })
+        let spec = SagaSpec {
+            name: self.name,
+            version: self.version,
+            steps: specs,
+            deadline: self.deadline,
+        };
+        spec.validate()?;
+        Ok(Saga { spec, runners })
     }
-}
-
-/// Letters, digits, `_` and `-`, at least one: safe in keys and NATS subject tokens.
-fn is_plain_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// A saga definition with its handlers: what a worker (or the embedded runtime) registers.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::RetryPolicy;
+use crate::{RetryPolicy, SdkError};
 
 /// Where a step stands in the classic saga model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -81,6 +81,66 @@ pub struct SagaSpec {
 }
 
 impl SagaSpec {
+    /// Checks the definition against the saga model; every path that accepts a definition
+    /// (the SDK builder, an engine receiving one from a worker) calls this.
+    ///
+    /// The rules: a name and a version of at least 1; at least one step; saga and step names
+    /// of letters, digits, `_` and `-` (they appear in idempotency keys and NATS subjects), step
+    /// names unique; steps ordered as compensatable steps, then at most one pivot, then
+    /// retriable steps, which need a pivot before them.
+    pub fn validate(&self) -> Result<(), SdkError> {
+        let invalid = |reason: String| SdkError::InvalidDefinition {
+            saga: self.name.clone(),
+            reason,
+        };
+        if !is_plain_name(&self.name) {
+            return Err(invalid(
+                "a saga name is letters, digits, `_` and `-` (it is part of NATS subjects)".into(),
+            ));
+        }
+        if self.version == 0 {
+            return Err(invalid("versions start at 1".into()));
+        }
+        if self.steps.is_empty() {
+            return Err(invalid("a saga needs at least one step".into()));
+        }
+        let mut seen_pivot = false;
+        for (i, step) in self.steps.iter().enumerate() {
+            let name = &step.name;
+            if !is_plain_name(name) {
+                return Err(invalid(format!(
+                    "step {i} has name `{name}`: use letters, digits, `_` and `-` (step names \
+                     appear in idempotency keys and NATS subjects)"
+                )));
+            }
+            if self.steps[..i].iter().any(|s| &s.name == name) {
+                return Err(invalid(format!("two steps are called `{name}`")));
+            }
+            match step.kind {
+                StepKind::Compensatable if seen_pivot => {
+                    return Err(invalid(format!(
+                        "compensatable step `{name}` comes after the pivot; steps after the \
+                         pivot must be retriable"
+                    )));
+                }
+                StepKind::Pivot if seen_pivot => {
+                    return Err(invalid(format!(
+                        "`{name}` is a second pivot; a saga has at most one"
+                    )));
+                }
+                StepKind::Retriable if !seen_pivot => {
+                    return Err(invalid(format!(
+                        "retriable step `{name}` has no pivot before it; mark the go/no-go step \
+                         with Step::pivot"
+                    )));
+                }
+                StepKind::Pivot => seen_pivot = true,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// The index of the step called `name`.
     pub fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.name == name)
@@ -94,6 +154,14 @@ impl SagaSpec {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// Letters, digits, `_` and `-`, at least one: safe in keys and NATS subject tokens.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 mod optional_millis {

@@ -294,7 +294,8 @@ impl Cluster {
         command
             .args(["serve", "--database-url", &self.engine_db.url])
             .args(["--nats-url", &self.nats.url()])
-            .env("RUST_LOG", CHILD_LOG);
+            .env("RUST_LOG", CHILD_LOG)
+            .env("RUST_BACKTRACE", "0");
         self.engine = Some(Proc::spawn("the engine", &mut command, &self.log("engine")));
     }
 
@@ -311,7 +312,8 @@ impl Cluster {
             .args(["--id", &id, "--seed", &seed])
             .args(["--transient", TRANSIENT, "--lost-reply", LOST_REPLY])
             .args(["--ack-wait-secs", &self.ack_wait_secs.to_string()])
-            .env("RUST_LOG", CHILD_LOG);
+            .env("RUST_LOG", CHILD_LOG)
+            .env("RUST_BACKTRACE", "0");
         self.workers[i] = Some(Proc::spawn(
             &format!("worker {id}"),
             &mut command,
@@ -381,22 +383,24 @@ impl Cluster {
         })
     }
 
-    /// Starts one saga per order over NATS (start key = order id), spread evenly over `over`,
-    /// each retried until an engine answers; returns each key's saga id.
-    fn spawn_starts(
-        &self,
-        orders: Vec<PlaceOrder>,
-        over: Duration,
-    ) -> JoinHandle<BTreeMap<String, Uuid>> {
+    /// Starts one saga per order over NATS (start key = order id), spread evenly over `over`
+    /// (so the faults meet sagas in flight) until [`Starts::finish`] hurries the rest; each
+    /// start is retried until an engine answers.
+    fn spawn_starts(&self, orders: Vec<PlaceOrder>, over: Duration) -> Starts {
         let client = self.client.clone();
-        tokio::spawn(async move {
+        let (hurry, hurried) = watch::channel(false);
+        let task = tokio::spawn(async move {
             let begin = tokio::time::Instant::now();
             let n = orders.len().max(1) as f64;
             futures::stream::iter(orders.into_iter().enumerate())
                 .map(|(i, order)| {
                     let client = client.clone();
+                    let mut hurried = hurried.clone();
                     async move {
-                        tokio::time::sleep_until(begin + over.mul_f64(i as f64 / n)).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(begin + over.mul_f64(i as f64 / n)) => {}
+                            _ = hurried.wait_for(|h| *h) => {}
+                        }
                         let id = start_saga(&client, &order.order_id, order.to_json()).await;
                         (order.order_id, id)
                     }
@@ -404,7 +408,12 @@ impl Cluster {
                 .buffer_unordered(64)
                 .collect()
                 .await
-        })
+        });
+        Starts {
+            name: self.name,
+            hurry,
+            task,
+        }
     }
 
     /// Attempts dispatched and not answered yet.
@@ -412,6 +421,33 @@ impl Cluster {
         count(
             self.store.connection(),
             "SELECT COUNT(*) FROM step_attempts WHERE status = 'dispatched'",
+        )
+        .await
+    }
+
+    /// Waits (up to ten seconds) until at least `min` attempts are in flight; returns how many.
+    async fn wait_in_flight(&self, min: i64) -> i64 {
+        let give_up = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = self.in_flight().await;
+            if n >= min {
+                return n;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "{}: not {min} attempts in flight within 10 s",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Attempts that ended three seconds or more after their dispatch.
+    async fn slow_attempts(&self) -> i64 {
+        count(
+            self.store.connection(),
+            "SELECT COUNT(*) FROM step_attempts \
+             WHERE finished_at IS NOT NULL AND finished_at - dispatched_at >= 3000",
         )
         .await
     }
@@ -580,11 +616,25 @@ impl Cluster {
         findings
     }
 
-    /// Starts a few fresh sagas (good cards) and waits for each to complete.
-    async fn serves_new_sagas(&self) {
+    /// Checks that the engine and every worker still run, then starts a few fresh sagas (good
+    /// cards) and waits for each to complete.
+    async fn serves_new_sagas(&mut self) {
+        let name = self.name;
+        assert!(
+            self.engine().exited().is_none(),
+            "{name}: the engine exited\n{}",
+            self.tails()
+        );
+        for i in 0..self.workers.len() {
+            assert!(
+                self.worker(i).exited().is_none(),
+                "{name}: worker w{i} exited\n{}",
+                self.tails()
+            );
+        }
         let fresh = generate_orders(&OrderMix {
             prefix: format!("{}-fresh", self.name),
-            count: 4,
+            count: 8,
             decline_ratio: 0.0,
             seed: 99,
             ..OrderMix::default()
@@ -594,6 +644,7 @@ impl Cluster {
             ids.push(start_saga(&self.client, &order.order_id, order.to_json()).await);
         }
         let give_up = Instant::now() + Duration::from_secs(60);
+        let mut served = std::collections::BTreeSet::new();
         for id in ids {
             loop {
                 let status = self
@@ -616,7 +667,13 @@ impl Cluster {
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            for h in self.store.history(id).await.expect("read a history") {
+                if h.kind == "attempt_succeeded" {
+                    served.insert(h.actor);
+                }
+            }
         }
+        println!("{name}: fresh sagas served by {served:?}");
     }
 
     fn report(&self, findings: &Findings) {
@@ -629,13 +686,34 @@ impl Cluster {
             findings.timed_out,
             findings.redispatched
         );
+        // What the children complained about, for whoever reads the output.
+        for who in self.children() {
+            let text = std::fs::read_to_string(self.log(&who)).unwrap_or_default();
+            let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+            let mut examples: BTreeMap<&str, &str> = BTreeMap::new();
+            for line in text.lines() {
+                for level in ["WARN", "ERROR"] {
+                    if line.contains(&format!(" {level} ")) {
+                        *kinds.entry(level).or_default() += 1;
+                        examples.entry(level).or_insert(line);
+                    }
+                }
+            }
+            if !kinds.is_empty() {
+                println!("{}: {who} logged {kinds:?}, e.g. {examples:?}", self.name);
+            }
+        }
+    }
+
+    fn children(&self) -> Vec<String> {
+        let mut who = vec!["engine".to_string()];
+        who.extend((0..self.workers.len()).map(|i| format!("w{i}")));
+        who
     }
 
     fn tails(&self) -> String {
         let mut out = String::new();
-        let mut who = vec!["engine".to_string()];
-        who.extend((0..self.workers.len()).map(|i| format!("w{i}")));
-        for who in who {
+        for who in self.children() {
             out.push_str(&format!(
                 "--- {who} (last 40 lines) ---\n{}\n",
                 tail(&self.log(&who), 40)
@@ -787,17 +865,25 @@ async fn start_saga(client: &async_nats::Client, key: &str, input: Value) -> Uui
     }
 }
 
-async fn await_starts(
-    cluster: &Cluster,
-    starts: JoinHandle<BTreeMap<String, Uuid>>,
-) -> BTreeMap<String, Uuid> {
-    match starts.await {
-        Ok(started) => started,
-        Err(e) => panic!("{}: starting the sagas failed: {e}", cluster.name),
+/// The sagas being started.
+struct Starts {
+    name: &'static str,
+    hurry: watch::Sender<bool>,
+    task: JoinHandle<BTreeMap<String, Uuid>>,
+}
+
+impl Starts {
+    /// Starts the orders not started yet at once, and returns each start key's saga id.
+    async fn finish(self) -> BTreeMap<String, Uuid> {
+        let _ = self.hurry.send(true);
+        match self.task.await {
+            Ok(started) => started,
+            Err(e) => panic!("{}: starting the sagas failed: {e}", self.name),
+        }
     }
 }
 
-async fn settle_and_verify(cluster: &Cluster, started: &BTreeMap<String, Uuid>) -> Findings {
+async fn settle_and_verify(cluster: &mut Cluster, started: &BTreeMap<String, Uuid>) -> Findings {
     cluster.phase("all sagas started");
     let findings = cluster.verify(started).await;
     cluster.phase("verified");
@@ -812,34 +898,23 @@ fn rng() -> (u64, StdRng) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn engine_sigkilled_five_times_loses_nothing() {
+async fn engine_sigkilled_repeatedly_loses_nothing() {
     let _turn = SERIAL.lock().await;
     let mut cluster = Cluster::new("engine_kill", 1, 10).await;
     let (seed, mut rng) = rng();
     println!("engine_kill: kill timings from seed {seed}");
-    let starts = cluster.spawn_starts(cluster.orders(1), Duration::from_secs(12));
-    // Kills only count when attempts are in flight: at least five while sagas run.
-    let mut kills = 0;
-    let mut tries = 0;
-    while kills < 5 {
-        tries += 1;
-        assert!(
-            tries <= 12,
-            "engine_kill: only {kills} kills found sagas in flight"
-        );
+    let starts = cluster.spawn_starts(cluster.orders(1), Duration::from_secs(20));
+    for _ in 0..6 {
         cluster.engine_ready().await;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1_200))).await;
-        let in_flight = cluster.in_flight().await;
+        let in_flight = cluster.wait_in_flight(1).await;
         cluster.kill_engine();
-        if in_flight > 0 {
-            kills += 1;
-        }
         println!("engine_kill: SIGKILL with {in_flight} attempts in flight");
         tokio::time::sleep(Duration::from_millis(rng.gen_range(50..600))).await;
         cluster.start_engine();
     }
-    let started = await_starts(&cluster, starts).await;
-    settle_and_verify(&cluster, &started).await;
+    let started = starts.finish().await;
+    settle_and_verify(&mut cluster, &started).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -849,40 +924,50 @@ async fn worker_sigkilled_mid_step_loses_nothing() {
     let mut cluster = Cluster::new("worker_kill", 2, 4).await;
     let (seed, mut rng) = rng();
     println!("worker_kill: kill timings from seed {seed}");
-    let starts = cluster.spawn_starts(cluster.orders(2), Duration::from_secs(12));
+    let starts = cluster.spawn_starts(cluster.orders(2), Duration::from_secs(15));
     for round in 0..4 {
         let i = round % 2;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(800..2_000))).await;
-        let give_up = Instant::now() + Duration::from_secs(10);
-        while cluster.in_flight().await == 0 {
-            assert!(Instant::now() < give_up, "worker_kill: nothing in flight");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // With several attempts in flight, the killed worker holds some of them.
+        let in_flight = cluster.wait_in_flight(3).await;
         cluster.kill_worker(i);
-        println!("worker_kill: SIGKILL w{i}");
+        println!("worker_kill: SIGKILL w{i} with {in_flight} attempts in flight");
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1_000))).await;
         cluster.start_worker(i);
         cluster.worker_ready(i).await;
     }
-    let started = await_starts(&cluster, starts).await;
-    settle_and_verify(&cluster, &started).await;
+    let started = starts.finish().await;
+    settle_and_verify(&mut cluster, &started).await;
+    // What the killed workers held was answered late: redelivered after the ack wait, or
+    // re-dispatched after the attempt timed out.
+    let slow = cluster.slow_attempts().await;
+    println!("worker_kill: {slow} attempts answered after 3 s or more");
+    assert!(slow > 0, "worker_kill: no kill caught an attempt in flight");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_server_restarted_mid_run_loses_nothing() {
     let _turn = SERIAL.lock().await;
     let mut cluster = Cluster::new("nats_restart", 1, 10).await;
-    let starts = cluster.spawn_starts(cluster.orders(3), Duration::from_secs(12));
-    for _ in 0..2 {
+    let starts = cluster.spawn_starts(cluster.orders(3), Duration::from_secs(15));
+    // Once stopped (SIGTERM), once killed (SIGKILL); down for two seconds each time.
+    for graceful in [true, false] {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let in_flight = cluster.in_flight().await;
-        cluster.nats.stop();
-        println!("nats_restart: nats-server stopped with {in_flight} attempts in flight");
+        let in_flight = cluster.wait_in_flight(1).await;
+        if graceful {
+            cluster.nats.stop();
+        } else {
+            cluster.nats.kill();
+        }
+        println!(
+            "nats_restart: nats-server {} with {in_flight} attempts in flight",
+            if graceful { "stopped" } else { "killed" }
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
         cluster.nats.restart();
     }
-    let started = await_starts(&cluster, starts).await;
-    settle_and_verify(&cluster, &started).await;
+    let started = starts.finish().await;
+    settle_and_verify(&mut cluster, &started).await;
     assert!(
         cluster.worker(0).exited().is_none(),
         "nats_restart: the worker exited"
@@ -929,8 +1014,9 @@ async fn duplicate_commands(
     }
 }
 
-/// Watches the replies workers publish and republishes a copy of every third one, a moment
-/// later (once the engine has applied the original), under a new message id; returns how many.
+/// Watches the replies workers publish and republishes a copy of every third one under a new
+/// message id (the stream holds it after the original, so the engine applies the original
+/// first, usually while the saga still runs); returns how many.
 async fn duplicate_replies(
     client: async_nats::Client,
     js: jetstream::Context,
@@ -964,7 +1050,6 @@ async fn duplicate_replies(
         }
         let js = js.clone();
         copies.push(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
             let ack = js
                 .send_publish(
                     message.subject.clone(),
@@ -987,7 +1072,7 @@ async fn duplicate_replies(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_and_replies_delivered_twice_apply_once() {
     let _turn = SERIAL.lock().await;
-    let cluster = Cluster::new("duplicates", 1, 10).await;
+    let mut cluster = Cluster::new("duplicates", 1, 10).await;
     let (stop, stopped) = watch::channel(false);
     let commands = tokio::spawn(duplicate_commands(
         cluster.store.clone(),
@@ -999,8 +1084,10 @@ async fn commands_and_replies_delivered_twice_apply_once() {
         cluster.js.clone(),
         stopped,
     ));
-    let starts = cluster.spawn_starts(cluster.orders(4), Duration::from_secs(10));
-    let started = await_starts(&cluster, starts).await;
+    let spread = Duration::from_secs(10);
+    let starts = cluster.spawn_starts(cluster.orders(4), spread);
+    tokio::time::sleep(spread).await;
+    let started = starts.finish().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _ = stop.send(true);
     let commands = commands.await.expect("the command copier");
@@ -1010,7 +1097,7 @@ async fn commands_and_replies_delivered_twice_apply_once() {
         commands >= 30 && replies >= 30,
         "duplicates: too few copies to prove anything"
     );
-    let findings = settle_and_verify(&cluster, &started).await;
+    let findings = settle_and_verify(&mut cluster, &started).await;
     assert!(
         findings.ignored.get("duplicate").copied().unwrap_or(0) > 0,
         "duplicates: no reply was recorded as an ignored duplicate: {:?}",
@@ -1023,7 +1110,7 @@ async fn late_reply_after_a_retry_is_ignored() {
     let _turn = SERIAL.lock().await;
     // The default ack wait: a stopped worker keeps its commands until it resumes.
     let mut cluster = Cluster::new("late_reply", 2, 30).await;
-    let starts = cluster.spawn_starts(cluster.orders(5), Duration::from_secs(14));
+    let starts = cluster.spawn_starts(cluster.orders(5), Duration::from_secs(20));
     let mut rounds = 0;
     while cluster.ignored_with("late").await == 0 {
         rounds += 1;
@@ -1033,11 +1120,7 @@ async fn late_reply_after_a_retry_is_ignored() {
             rounds - 1
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let give_up = Instant::now() + Duration::from_secs(10);
-        while cluster.in_flight().await == 0 {
-            assert!(Instant::now() < give_up, "late_reply: nothing in flight");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        cluster.wait_in_flight(1).await;
         // Frozen past the step timeout: the engine times its attempts out and re-dispatches
         // them (to w1); when w0 resumes, it answers the attempts that were superseded.
         cluster.worker(0).signal("STOP");
@@ -1045,8 +1128,8 @@ async fn late_reply_after_a_retry_is_ignored() {
         cluster.worker(0).signal("CONT");
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let started = await_starts(&cluster, starts).await;
-    let findings = settle_and_verify(&cluster, &started).await;
+    let started = starts.finish().await;
+    let findings = settle_and_verify(&mut cluster, &started).await;
     assert!(
         findings.ignored.get("late").copied().unwrap_or(0) > 0 && findings.redispatched > 0,
         "late_reply: {findings:?}"
@@ -1067,7 +1150,7 @@ async fn purge_commands(js: &jetstream::Context) -> u64 {
 async fn purged_command_stream_is_recovered_by_timeouts() {
     let _turn = SERIAL.lock().await;
     let mut cluster = Cluster::new("purge", 1, 10).await;
-    let starts = cluster.spawn_starts(cluster.orders(6), Duration::from_secs(10));
+    let starts = cluster.spawn_starts(cluster.orders(6), Duration::from_secs(12));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let first = purge_commands(&cluster.js).await;
     // Commands that reached the worker before the purge are still answered. To lose some for
@@ -1087,8 +1170,8 @@ async fn purged_command_stream_is_recovered_by_timeouts() {
     assert!(second > 0, "purge: nothing was waiting in the stream");
     cluster.start_worker(0);
     cluster.worker_ready(0).await;
-    let started = await_starts(&cluster, starts).await;
-    let findings = settle_and_verify(&cluster, &started).await;
+    let started = starts.finish().await;
+    let findings = settle_and_verify(&mut cluster, &started).await;
     assert!(
         findings.timed_out > 0 && findings.redispatched > 0,
         "purge: the lost commands were not recovered by timeouts: {findings:?}"
@@ -1101,8 +1184,7 @@ async fn sigterm_stops_the_engine_gracefully_and_loses_nothing() {
     let mut cluster = Cluster::new("graceful", 1, 10).await;
     let starts = cluster.spawn_starts(cluster.orders(7), Duration::from_secs(8));
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let in_flight = cluster.in_flight().await;
-    assert!(in_flight > 0, "graceful: nothing in flight to stop");
+    let in_flight = cluster.wait_in_flight(1).await;
     let asked = Instant::now();
     cluster.engine().signal("TERM");
     let status = cluster.engine().wait_exit(Duration::from_secs(30)).await;
@@ -1126,6 +1208,6 @@ async fn sigterm_stops_the_engine_gracefully_and_loses_nothing() {
     cluster.engine = None;
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.start_engine();
-    let started = await_starts(&cluster, starts).await;
-    settle_and_verify(&cluster, &started).await;
+    let started = starts.finish().await;
+    settle_and_verify(&mut cluster, &started).await;
 }

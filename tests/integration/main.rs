@@ -1,5 +1,6 @@
 //! Integration tests, one binary with a module per area (one link instead of many).
 
+mod act;
 mod crash;
 mod distributed;
 mod embedded;

@@ -688,7 +688,11 @@ async fn python_worker_built_from_the_protocol_document() {
     })
     .await;
     let ignored = records(&history, "reply_ignored");
-    assert_eq!(ignored.len(), 1, "the broker dropped the replayed command's reply: {history:#?}");
+    assert_eq!(
+        ignored.len(),
+        1,
+        "the broker dropped the replayed command's reply: {history:#?}"
+    );
     assert_eq!(ignored[0].actor, ACTOR);
     assert_eq!(ignored[0].step.as_deref(), Some("debit"));
     assert_eq!(
@@ -773,16 +777,45 @@ async fn python_worker_built_from_the_protocol_document() {
         future_command.to_string().into_bytes(),
     )
     .await;
-    let history = history_until(&store, ids[5], "the v9 command's refusal arrives", |h| {
-        !records(h, "reply_ignored").is_empty()
-    })
+    // A command that names its saga and attempt but breaks the schema is answered with a
+    // permanent `malformed_command` error (so a waiting saga's history would show it), then
+    // terminated.
+    let mut broken_command = commands
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|c| c["saga_id"] == ids[6].to_string() && c["step"] == "credit")
+        .cloned()
+        .expect("the credit command of saga 6");
+    broken_command["attempt"] = json!(8);
+    broken_command["command_id"] = json!(format!("{}:credit:forward:8", ids[6]));
+    broken_command["outputs"] = json!("not an object");
+    publish(
+        &js,
+        "sagaflow.cmd.py_transfer.credit",
+        "test-broken-command",
+        broken_command.to_string().into_bytes(),
+    )
     .await;
-    let ignored = records(&history, "reply_ignored")[0];
-    assert_eq!(ignored.actor, ACTOR);
-    assert_eq!(
-        ignored.detail["reply"],
-        json!({"class": "permanent", "code": "unsupported_version"})
-    );
+    for (id, code) in [
+        (ids[5], "unsupported_version"),
+        (ids[6], "malformed_command"),
+    ] {
+        let history = history_until(&store, id, "the worker's refusal arrives", |h| {
+            !records(h, "reply_ignored").is_empty()
+        })
+        .await;
+        let ignored = records(&history, "reply_ignored");
+        assert_eq!(ignored.len(), 1, "{history:#?}");
+        assert_eq!(ignored[0].actor, ACTOR);
+        assert_eq!(
+            ignored[0].detail,
+            json!({
+                "reason": "the saga is already completed",
+                "reply": {"class": "permanent", "code": code}
+            })
+        );
+    }
 
     // Nothing loops: both consumers drained, nothing ever redelivered.
     check_drained(&js, "SAGAFLOW_REPLIES", "sagaflow-engine").await;

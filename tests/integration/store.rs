@@ -162,3 +162,34 @@ async fn a_stale_writer_is_refused_and_rereads() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definition_that_breaks_the_saga_model_is_refused_and_not_stored() {
+    let db = TestDb::new(sagaflow_tests::Backend::Sqlite).await;
+    let store = Store::connect(&db.url).await.unwrap();
+    let valid = Saga::builder("pair", 1)
+        .step(Step::pivot("b", Flaky::new(0, json!(2))))
+        .build()
+        .unwrap()
+        .spec()
+        .clone();
+    let mut no_steps = valid.clone();
+    no_steps.steps.clear();
+    let mut dotted = valid.clone();
+    dotted.name = "bad.name".into();
+    let mut pivot_twice = valid.clone();
+    pivot_twice.steps.push(valid.steps[0].clone());
+    pivot_twice.steps[1].name = "c".into();
+    for (spec, says) in [
+        (no_steps, "at least one step"),
+        (dotted, "letters, digits"),
+        (pivot_twice, "second pivot"),
+    ] {
+        let error = store.register_definition(&spec).await.unwrap_err();
+        assert!(error.to_string().contains(says), "{error}");
+    }
+    assert!(
+        store.definitions().await.unwrap().is_empty(),
+        "nothing stored"
+    );
+}

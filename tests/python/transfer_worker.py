@@ -118,8 +118,8 @@ def failed(error_class, code, message):
 
 
 def is_final(outcome):
-    """Section 9.3: successes and permanent failures are final; retryable failures are not."""
-    return outcome["status"] == "succeeded" or outcome["error"]["class"] == "permanent"
+    """Section 9.3: only successes are recorded; failures run the handler again next time."""
+    return outcome["status"] == "succeeded"
 
 
 class StoreUnavailable(Exception):

@@ -244,3 +244,39 @@ fn tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_stops_restarts_on_the_same_port_and_store() {
+        let mut nats = NatsServer::start();
+        assert!(nats.is_running());
+        assert!(greets(nats.port));
+        assert_eq!(nats.url(), format!("nats://127.0.0.1:{}", nats.port));
+        let (port, first_pid) = (nats.port, nats.pid());
+        assert!(
+            nats.store_dir().join("jetstream").is_dir(),
+            "JetStream store"
+        );
+
+        nats.stop();
+        assert!(!nats.is_running());
+        assert!(!greets(port), "stopped");
+        nats.restart();
+        assert_eq!(nats.port, port);
+        assert!(greets(port));
+        assert_ne!(nats.pid(), first_pid);
+
+        nats.kill();
+        assert!(!greets(port), "killed");
+        nats.restart();
+        assert!(greets(port));
+        assert!(
+            nats.log_tail(50).contains("Server is ready"),
+            "{}",
+            nats.log_tail(50)
+        );
+    }
+}

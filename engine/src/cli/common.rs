@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use anyhow::bail;
+use sagaflow_engine::machine::SagaStatus;
 use sagaflow_engine::ops::time::{parse_duration, parse_instant};
+use sagaflow_engine::ops::{ListFilter, TimeRange};
 use sagaflow_engine::store::Store;
 use sagaflow_sdk::Timestamp;
 use serde::Serialize;
@@ -46,6 +48,73 @@ fn sqlite_path(url: &str) -> Option<&str> {
         .or_else(|| (!url.contains("://")).then_some(url))?;
     let path = rest.split('?').next().unwrap_or(rest);
     (!path.is_empty() && path != ":memory:").then_some(path)
+}
+
+/// Which sagas: the filters of `sagaflow list`, shared with the bulk actions.
+#[derive(Debug, clap::Args)]
+#[group(id = "filters", multiple = true)]
+pub struct SagaFilterArgs {
+    /// Only sagas in this status (repeat it, or separate with commas, for several).
+    #[arg(long, value_delimiter = ',', value_parser = status)]
+    pub status: Vec<SagaStatus>,
+    /// Only sagas of this definition name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Only sagas pinned to this definition version.
+    #[arg(long)]
+    pub version: Option<u32>,
+    /// Only sagas working on, or stuck at, this step (by name).
+    #[arg(long)]
+    pub step: Option<String>,
+    /// Only sagas created at or after this time (RFC3339, a UTC date, or a duration ago: 2h).
+    #[arg(long, value_parser = instant)]
+    pub created_since: Option<Timestamp>,
+    /// Only sagas created before this time.
+    #[arg(long, value_parser = instant)]
+    pub created_before: Option<Timestamp>,
+    /// Only sagas last changed at or after this time.
+    #[arg(long, value_parser = instant)]
+    pub updated_since: Option<Timestamp>,
+    /// Only sagas last changed before this time.
+    #[arg(long, value_parser = instant)]
+    pub updated_before: Option<Timestamp>,
+    /// Only sagas whose last error contains this text (ignoring case).
+    #[arg(long)]
+    pub error: Option<String>,
+    /// Only the saga started with this start key.
+    #[arg(long)]
+    pub start_key: Option<String>,
+}
+
+impl SagaFilterArgs {
+    /// The library's filter.
+    pub fn into_filter(self) -> ListFilter {
+        ListFilter {
+            statuses: self.status,
+            name: self.name,
+            version: self.version,
+            current_step: self.step,
+            created: TimeRange {
+                from: self.created_since,
+                until: self.created_before,
+            },
+            updated: TimeRange {
+                from: self.updated_since,
+                until: self.updated_before,
+            },
+            error_contains: self.error,
+            start_key: self.start_key,
+        }
+    }
+}
+
+fn status(text: &str) -> Result<SagaStatus, String> {
+    SagaStatus::parse(text).ok_or_else(|| {
+        format!(
+            "`{text}` is not a saga status; use created, running, compensating, completed, \
+             compensated or stuck"
+        )
+    })
 }
 
 /// Table or JSON.

@@ -1,5 +1,6 @@
 //! The subcommands of the `sagaflow` binary.
 
+pub mod act;
 pub mod audit;
 pub mod common;
 pub mod demo;

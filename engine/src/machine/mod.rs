@@ -153,7 +153,12 @@ impl Machine<'_, '_> {
             Actor::Engine,
             json!({ "input": self.state.input, "deadline": self.state.deadline }),
         ));
-        self.begin_round(0, Direction::Forward);
+        if self.spec.steps.is_empty() {
+            // Definitions are validated to have steps; a saga of none has nothing to do.
+            self.finish(SagaStatus::Completed);
+        } else {
+            self.begin_round(0, Direction::Forward);
+        }
         Ok(())
     }
 

@@ -481,6 +481,7 @@ pub fn all() -> Vec<Scenario> {
         deadline_then_operator_resumes_pivot(),
         timeout_then_retryable_failures_compensates_the_step(),
         early_timer_changes_nothing(),
+        rejected_message_is_recorded(),
         reply_for_finished_saga(),
         reply_for_unknown_step_or_attempt(),
         operator_resume_stuck_compensation(),
@@ -989,6 +990,29 @@ fn timeout_then_retryable_failures_compensates_the_step() -> Scenario {
             ],
         ),
         SagaStatus::Compensated,
+    )
+}
+
+fn rejected_message_is_recorded() -> Scenario {
+    scenario(
+        "rejected_message_is_recorded",
+        "A malformed reply naming this saga arrives: it is recorded as message_rejected and \
+         changes nothing; the saga goes on and completes.",
+        order_spec(),
+        with(
+            vec![
+                (0, Event::Start),
+                (
+                    5,
+                    Event::Rejected {
+                        source: "sagaflow.reply.place_order".into(),
+                        reason: "malformed reply: missing field `attempt`".into(),
+                    },
+                ),
+            ],
+            succeed_through(4).into_iter().skip(1).collect(),
+        ),
+        SagaStatus::Completed,
     )
 }
 

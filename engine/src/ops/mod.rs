@@ -15,9 +15,11 @@
 //! - [`audit`] and [`export_jsonl`]: history records of every saga by saga, name, kind, step,
 //!   direction, actor and time.
 //! - [`retention`]: removes whole finished sagas older than a cutoff.
-//!
-//! The operator actions (resume, retry, skip, cancel) are not here yet.
+//! - [`act`] (and [`plan`]): resume, retry now, skip a step, cancel; each recorded with the
+//!   operator and the reason, committed conditionally with its step commands in the outbox.
+//! - [`act_in_bulk`]: resume or cancel every saga a [`ListFilter`] matches, dry run by default.
 
+mod act;
 mod audit;
 mod cursor;
 mod inspect;
@@ -27,6 +29,10 @@ mod query;
 pub mod render;
 pub mod time;
 
+pub use act::{
+    ActOptions, ActReport, BulkAction, BulkEntry, BulkOutcome, BulkReport, BulkRequest,
+    DispatchedAttempt, OutputCheck, PlannedAct, act, act_in_bulk, plan,
+};
 pub use audit::{
     ActorFilter, AuditEntry, AuditFilter, AuditPage, RetentionReport, audit, export_jsonl,
     parse_kind, record_kinds, retention,

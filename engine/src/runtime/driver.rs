@@ -23,7 +23,10 @@ use crate::machine::{
     Activity, Command, Event, Inputs, OperatorCommand, Record, Reply, SagaState, Transition, decide,
 };
 use crate::store::{SagaWrite, Store, StoredSaga, WriteOutcome};
-use sagaflow_sdk::protocol::{PROTOCOL_VERSION, StepCommand, StepReply};
+use sagaflow_sdk::protocol::{StepCommand, StepReply};
+
+use super::commands::command_for;
+use super::relay::Outgoing;
 
 /// The most events folded into one commit.
 const MAX_BATCH: usize = 512;
@@ -73,7 +76,13 @@ pub(crate) struct Driver {
     pub store: Store,
     pub catalog: Arc<Catalog>,
     /// Committed step commands go to the outbox relay, which publishes them.
-    pub relay: mpsc::UnboundedSender<Vec<StepCommand>>,
+    pub relay: mpsc::UnboundedSender<Outgoing>,
+    /// Whether step commands are written to the outbox with their transition (distributed), or
+    /// only handed to the relay (embedded: a restart re-sends every attempt in flight).
+    pub write_outbox: bool,
+    /// When the timer poller plans to look next (ms since the epoch): a new timer earlier than
+    /// that wakes it, a later one does not.
+    pub planned_wake: Arc<std::sync::atomic::AtomicI64>,
     pub inbox: mpsc::UnboundedReceiver<Inbound>,
     pub requeue: mpsc::UnboundedSender<Inbound>,
     pub pending_wakes: PendingWakes,
@@ -110,7 +119,10 @@ impl Driver {
                 if let Activity::InFlight { .. } = stored.state.activity {
                     let spec = self.spec_of(&stored.state)?;
                     if let Some(command) = resend_command(&stored.state, &spec) {
-                        let _ = self.relay.send(vec![command]);
+                        let _ = self.relay.send(Outgoing {
+                            commands: vec![command],
+                            in_outbox: false,
+                        });
                         resent += 1;
                     }
                 }
@@ -337,7 +349,7 @@ impl Driver {
                 state: &w.state,
                 records: &w.records,
                 start_key: w.start_key.as_deref(),
-                dispatches: commands,
+                dispatches: if self.write_outbox { commands } else { &[] },
                 now,
             })
             .collect();
@@ -443,9 +455,13 @@ impl Driver {
             }
         }
         if !to_publish.is_empty() {
-            let _ = self.relay.send(to_publish);
+            let _ = self.relay.send(Outgoing {
+                commands: to_publish,
+                in_outbox: self.write_outbox,
+            });
         }
-        if earliest_wake.is_some() {
+        let planned = self.planned_wake.load(std::sync::atomic::Ordering::Relaxed);
+        if earliest_wake.is_some_and(|at| at.as_millis() < planned) {
             self.timers_changed.notify_one();
         }
     }
@@ -467,8 +483,16 @@ impl Driver {
         if missing.is_empty() {
             return Ok(());
         }
+        let mut unknown_definition = false;
         for stored in self.store.load_many(&missing).await? {
+            unknown_definition |= self.spec_of(&stored.state).is_err();
             self.cache.insert(stored.state.saga_id, stored);
+        }
+        if unknown_definition {
+            // Another engine (or an earlier run) registered it: the store has every definition.
+            for spec in self.store.definitions().await? {
+                self.catalog.add_spec(spec);
+            }
         }
         Ok(())
     }
@@ -534,30 +558,6 @@ fn apply(
             delays: &mut RandomizedDelays,
         },
     )?)
-}
-
-fn command_for(state: &SagaState, dispatch: crate::machine::Dispatch) -> StepCommand {
-    StepCommand {
-        v: PROTOCOL_VERSION,
-        command_id: StepCommand::id_for(
-            state.saga_id,
-            &dispatch.step_name,
-            dispatch.direction,
-            dispatch.attempt,
-        ),
-        saga_id: state.saga_id,
-        saga: state.name.clone(),
-        saga_version: state.version,
-        step_index: dispatch.step,
-        step: dispatch.step_name,
-        direction: dispatch.direction,
-        attempt: dispatch.attempt,
-        idempotency_key: dispatch.idempotency_key,
-        forward_key: dispatch.forward_key,
-        deadline: dispatch.deadline,
-        input: state.input.clone(),
-        outputs: state.outputs.clone(),
-    }
 }
 
 /// A worker's reply as the state machine's event.

@@ -5,6 +5,7 @@
 //! machine, store, outbox and history serve both: only the transport differs.
 
 mod catalog;
+pub(crate) mod commands;
 mod driver;
 mod nats;
 mod relay;
@@ -94,6 +95,7 @@ pub struct Engine {
 /// Starts sagas: shared by the library API and the NATS start subject.
 #[derive(Clone)]
 pub(crate) struct Starter {
+    store: Store,
     catalog: Arc<Catalog>,
     inbox: mpsc::UnboundedSender<Inbound>,
 }
@@ -106,7 +108,16 @@ impl Starter {
         input: Value,
         start_key: Option<String>,
     ) -> Result<Uuid, EngineError> {
-        let spec = self.catalog.spec(name, version)?;
+        let spec = match self.catalog.spec(name, version) {
+            Ok(spec) => spec,
+            Err(_) => {
+                // A worker may have announced it to another engine sharing the database.
+                for spec in self.store.definitions().await? {
+                    self.catalog.add_spec(spec);
+                }
+                self.catalog.spec(name, version)?
+            }
+        };
         let size = input.to_string().len();
         if size > MAX_INPUT_BYTES {
             return Err(EngineError::TooLarge {
@@ -237,11 +248,14 @@ impl Engine {
         let (relay_tx, relay_rx) = mpsc::unbounded_channel();
         let pending_wakes = Arc::new(Mutex::new(Default::default()));
         let timers_changed = Arc::new(Notify::new());
+        let planned_wake = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let (settled, _) = tokio::sync::broadcast::channel(SETTLED_BUFFER);
         let mut driver = Driver {
             store: store.clone(),
             catalog: catalog.clone(),
             relay: relay_tx,
+            write_outbox: recovery == Recovery::OutboxOnly,
+            planned_wake: planned_wake.clone(),
             inbox: inbox_rx,
             requeue: inbox.clone(),
             pending_wakes: pending_wakes.clone(),
@@ -265,11 +279,13 @@ impl Engine {
             inbox.clone(),
             pending_wakes,
             timers_changed,
+            planned_wake,
             options.timer_poll_interval,
         ));
         Ok(Engine {
-            store,
+            store: store.clone(),
             starter: Starter {
+                store,
                 catalog,
                 inbox: inbox.clone(),
             },

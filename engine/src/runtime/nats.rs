@@ -257,6 +257,7 @@ fn error_code(error: &EngineError) -> &'static str {
         EngineError::InvalidInput { .. } => "invalid_input",
         EngineError::TooLarge { .. } => "too_large",
         EngineError::DefinitionChanged { .. } => "definition_changed",
+        EngineError::InvalidDefinition(_) => "invalid_definition",
         EngineError::Stopped => "stopping",
         _ => "internal",
     }

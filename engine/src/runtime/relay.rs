@@ -27,24 +27,34 @@ const KEEP_SENT: Duration = Duration::from_secs(3_600);
 /// The most commands one publish call carries.
 const MAX_BATCH: usize = 1_024;
 
+/// Commands for the relay to publish.
+pub(crate) struct Outgoing {
+    pub commands: Vec<StepCommand>,
+    /// Whether they are rows in the outbox, to be marked sent. The embedded engine does not
+    /// write its own commands there: on a restart it re-sends every attempt in flight anyway.
+    pub in_outbox: bool,
+}
+
 pub(crate) async fn run(
     store: Store,
     transport: Arc<dyn Transport>,
-    mut committed: mpsc::UnboundedReceiver<Vec<StepCommand>>,
+    mut committed: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     let mut sweeps: u64 = 0;
     loop {
         tokio::select! {
             batch = committed.recv() => {
-                let Some(mut commands) = batch else { return };
+                let Some(first) = batch else { return };
+                let in_outbox = first.in_outbox;
+                let mut commands = first.commands;
                 while commands.len() < MAX_BATCH {
                     match committed.try_recv() {
-                        Ok(more) => commands.extend(more),
+                        Ok(more) => commands.extend(more.commands),
                         Err(_) => break,
                     }
                 }
-                publish(&store, transport.as_ref(), &commands).await;
+                publish(&store, transport.as_ref(), &commands, in_outbox).await;
             }
             _ = sweep.tick() => {
                 sweeps += 1;
@@ -52,7 +62,7 @@ pub(crate) async fn run(
                 let written_by = Timestamp(now.as_millis() - SWEEP_GRACE.as_millis() as i64);
                 match store.unsent(written_by, MAX_BATCH as u64).await {
                     Ok(commands) if !commands.is_empty() => {
-                        publish(&store, transport.as_ref(), &commands).await;
+                        publish(&store, transport.as_ref(), &commands, true).await;
                     }
                     Ok(_) => {}
                     Err(error) => warn!(%error, "cannot read the outbox; trying again"),
@@ -69,13 +79,21 @@ pub(crate) async fn run(
     }
 }
 
-async fn publish(store: &Store, transport: &dyn Transport, commands: &[StepCommand]) {
+async fn publish(
+    store: &Store,
+    transport: &dyn Transport,
+    commands: &[StepCommand],
+    in_outbox: bool,
+) {
     let accepted = transport.publish(commands).await;
     if accepted.len() < commands.len() {
         warn!(
             unsent = commands.len() - accepted.len(),
             "some step commands were not accepted; the outbox sweep tries them again"
         );
+    }
+    if !in_outbox {
+        return;
     }
     if let Err(error) = store.mark_sent(&accepted, Timestamp::now()).await {
         // They stay unsent and will be published again: duplicates are absorbed downstream.

@@ -5,6 +5,7 @@
 //! because the state machine checks each against `now`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use sagaflow_sdk::Timestamp;
@@ -22,6 +23,7 @@ pub(crate) async fn run(
     inbox: mpsc::UnboundedSender<Inbound>,
     pending_wakes: PendingWakes,
     timers_changed: Arc<Notify>,
+    planned_wake: Arc<AtomicI64>,
     poll_interval: Duration,
 ) {
     loop {
@@ -46,6 +48,10 @@ pub(crate) async fn run(
                 .clamp(Duration::from_millis(5), poll_interval),
             _ => poll_interval,
         };
+        planned_wake.store(
+            Timestamp::now().plus(sleep_for).as_millis(),
+            Ordering::Relaxed,
+        );
         tokio::select! {
             _ = tokio::time::sleep(sleep_for) => {}
             _ = timers_changed.notified() => {}

@@ -6,6 +6,8 @@
 //! so ([`WriteOutcome::Stale`]) and must re-read. Timers are the `wake_at` column, not sleeps,
 //! so a restarted engine finds every retry and timeout where it left them.
 
+mod batch;
+mod definitions;
 mod entities;
 
 use std::collections::BTreeMap;
@@ -14,11 +16,11 @@ use std::time::Duration;
 use sagaflow_migrations::{Migrator, MigratorTrait};
 use sagaflow_sdk::backoff::retry_infrastructure;
 use sagaflow_sdk::protocol::StepCommand;
-use sagaflow_sdk::{Direction, RetryPolicy, SagaSpec, Timestamp};
+use sagaflow_sdk::{RetryPolicy, SagaSpec, Timestamp};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
-    DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectOptions, Database, DatabaseConnection, DbBackend,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 use serde_json::Value;
 use tracing::warn;
@@ -158,6 +160,8 @@ impl Store {
     /// Registers a definition. Registering the same spec again is a no-op; a different spec
     /// under an existing version is refused, because running sagas are pinned to it.
     pub async fn register_definition(&self, spec: &SagaSpec) -> Result<(), EngineError> {
+        // Definitions also arrive from workers over the network: check them like the SDK does.
+        spec.validate().map_err(EngineError::InvalidDefinition)?;
         let text = serde_json::to_string(spec).map_err(|e| EngineError::Corrupt {
             saga_id: format!("definition {}", spec.name),
             detail: e.to_string(),
@@ -445,71 +449,77 @@ impl Store {
     /// dropped whole: a saga whose row changed since it was read comes back
     /// [`WriteOutcome::Stale`] and nothing of it is written; the others commit.
     pub async fn commit(&self, writes: &[SagaWrite<'_>]) -> Result<Vec<WriteOutcome>, EngineError> {
+        let columns: Vec<SagaColumns> = writes
+            .iter()
+            .map(|w| SagaColumns::of(w.state))
+            .collect::<Result<_, _>>()?;
         let txn = self
             .db
             .begin()
             .await
             .map_err(EngineError::db("beginning a transaction"))?;
+
+        // Conditional updates first: they decide which sagas of the batch commit at all.
+        let updates: Vec<batch::SagaUpdate> = writes
+            .iter()
+            .zip(&columns)
+            .filter_map(|(write, c)| {
+                let base = write.base?;
+                Some(batch::SagaUpdate {
+                    id: write.state.saga_id.to_string(),
+                    status: c.status.clone(),
+                    current_step: c.current_step.clone(),
+                    outputs: c.outputs.clone(),
+                    progress: c.progress.clone(),
+                    last_error: c.last_error.clone(),
+                    wake_at: c.wake_at,
+                    row_version: base.row_version + 1,
+                    history_seq: base.history_seq + write.records.len() as i64,
+                    updated_at: write.now.as_millis(),
+                    expected: base.row_version,
+                })
+            })
+            .collect();
+        let updated = batch::update_sagas(&txn, &updates).await?;
+
+        let mut new_sagas = Vec::new();
         let mut outcomes = Vec::with_capacity(writes.len());
         let mut history_rows = Vec::new();
         let mut new_attempts = Vec::new();
         let mut attempt_updates = Vec::new();
         let mut outbox_rows = Vec::new();
-        for write in writes {
-            let columns = SagaColumns::of(write.state)?;
+        for (write, c) in writes.iter().zip(columns) {
+            let saga_id = write.state.saga_id.to_string();
             let now = write.now.as_millis();
             let (row_version, first_seq) = match write.base {
                 None => {
-                    let row = saga::ActiveModel {
-                        id: Set(write.state.saga_id.to_string()),
+                    new_sagas.push(saga::ActiveModel {
+                        id: Set(saga_id.clone()),
                         name: Set(write.state.name.clone()),
                         definition_version: Set(write.state.version as i32),
-                        status: Set(columns.status),
-                        current_step: Set(columns.current_step),
+                        status: Set(c.status),
+                        current_step: Set(c.current_step),
                         start_key: Set(write.start_key.map(str::to_string)),
-                        input: Set(columns.input),
-                        outputs: Set(columns.outputs),
-                        progress: Set(columns.progress),
-                        last_error: Set(columns.last_error),
-                        wake_at: Set(columns.wake_at),
+                        input: Set(c.input),
+                        outputs: Set(c.outputs),
+                        progress: Set(c.progress),
+                        last_error: Set(c.last_error),
+                        wake_at: Set(c.wake_at),
                         row_version: Set(1),
                         history_seq: Set(write.records.len() as i64),
                         created_at: Set(write.state.created_at.as_millis()),
                         updated_at: Set(now),
-                    };
-                    saga::Entity::insert(row)
-                        .exec_without_returning(&txn)
-                        .await
-                        .map_err(EngineError::db("inserting a new saga"))?;
+                    });
                     (1, 1)
                 }
-                Some(base) => {
-                    let result = saga::Entity::update_many()
-                        .col_expr(saga::Column::Status, Expr::value(columns.status))
-                        .col_expr(saga::Column::CurrentStep, Expr::value(columns.current_step))
-                        .col_expr(saga::Column::Outputs, Expr::value(columns.outputs))
-                        .col_expr(saga::Column::Progress, Expr::value(columns.progress))
-                        .col_expr(saga::Column::LastError, Expr::value(columns.last_error))
-                        .col_expr(saga::Column::WakeAt, Expr::value(columns.wake_at))
-                        .col_expr(saga::Column::RowVersion, Expr::value(base.row_version + 1))
-                        .col_expr(
-                            saga::Column::HistorySeq,
-                            Expr::value(base.history_seq + write.records.len() as i64),
-                        )
-                        .col_expr(saga::Column::UpdatedAt, Expr::value(now))
-                        .filter(saga::Column::Id.eq(write.state.saga_id.to_string()))
-                        .filter(saga::Column::RowVersion.eq(base.row_version))
-                        .exec(&txn)
-                        .await
-                        .map_err(EngineError::db("updating a saga"))?;
-                    if result.rows_affected != 1 {
-                        outcomes.push(WriteOutcome::Stale);
-                        continue;
-                    }
+                Some(base) if updated.contains(&saga_id) => {
                     (base.row_version + 1, base.history_seq + 1)
                 }
+                Some(_) => {
+                    outcomes.push(WriteOutcome::Stale);
+                    continue;
+                }
             };
-            let saga_id = write.state.saga_id.to_string();
             for (offset, record) in write.records.iter().enumerate() {
                 history_rows.push(history_row(
                     &saga_id,
@@ -535,15 +545,20 @@ impl Store {
                 history_seq: first_seq + write.records.len() as i64 - 1,
             });
         }
+        for chunk in new_sagas.chunks(INSERT_CHUNK / 4) {
+            saga::Entity::insert_many(chunk.to_vec())
+                .exec_without_returning(&txn)
+                .await
+                .map_err(EngineError::db("inserting new sagas"))?;
+        }
         for chunk in new_attempts.chunks(INSERT_CHUNK) {
             attempt::Entity::insert_many(chunk.to_vec())
                 .exec_without_returning(&txn)
                 .await
                 .map_err(EngineError::db("recording attempts"))?;
         }
-        for update in attempt_updates {
-            update.apply(&txn).await?;
-        }
+        // After the inserts: an attempt dispatched and answered in one batch is updated too.
+        batch::update_attempts(&txn, attempt_updates).await?;
         for chunk in outbox_rows.chunks(INSERT_CHUNK) {
             outbox::Entity::insert_many(chunk.to_vec())
                 .exec_without_returning(&txn)
@@ -661,41 +676,13 @@ fn history_row(saga_id: &str, seq: i64, at: i64, record: &Record) -> history::Ac
     }
 }
 
-/// A change to an existing attempt row.
-struct AttemptUpdate {
-    saga_id: String,
-    step: i32,
-    direction: Direction,
-    attempt: i32,
-    status: &'static str,
-    finished_at: i64,
-    error: Option<String>,
-}
-
-impl AttemptUpdate {
-    async fn apply(self, txn: &impl ConnectionTrait) -> Result<(), EngineError> {
-        attempt::Entity::update_many()
-            .col_expr(attempt::Column::Status, Expr::value(self.status))
-            .col_expr(attempt::Column::FinishedAt, Expr::value(self.finished_at))
-            .col_expr(attempt::Column::Error, Expr::value(self.error))
-            .filter(attempt::Column::SagaId.eq(self.saga_id))
-            .filter(attempt::Column::Step.eq(self.step))
-            .filter(attempt::Column::Direction.eq(self.direction.as_str()))
-            .filter(attempt::Column::Attempt.eq(self.attempt))
-            .exec(txn)
-            .await
-            .map_err(EngineError::db("updating an attempt"))?;
-        Ok(())
-    }
-}
-
 fn attempt_changes(
     write: &SagaWrite<'_>,
     saga_id: &str,
     now: i64,
     record: &Record,
     inserts: &mut Vec<attempt::ActiveModel>,
-    updates: &mut Vec<AttemptUpdate>,
+    updates: &mut Vec<batch::AttemptUpdate>,
 ) {
     let (Some(step_name), Some(direction), Some(attempt_no)) =
         (&record.step, record.direction, record.attempt)
@@ -730,10 +717,10 @@ fn attempt_changes(
         RecordKind::AttemptTimedOut => "timed_out",
         _ => return,
     };
-    updates.push(AttemptUpdate {
+    updates.push(batch::AttemptUpdate {
         saga_id: saga_id.to_string(),
         step: step as i32,
-        direction,
+        direction: direction.as_str(),
         attempt: attempt_no as i32,
         status,
         finished_at: now,
@@ -746,7 +733,7 @@ fn abandoned_attempts(
     write: &SagaWrite<'_>,
     saga_id: &str,
     now: i64,
-    updates: &mut Vec<AttemptUpdate>,
+    updates: &mut Vec<batch::AttemptUpdate>,
 ) {
     let Some(base) = write.base else { return };
     let Activity::InFlight {
@@ -764,10 +751,10 @@ fn abandoned_attempts(
         .get(step)
         .is_some_and(|s| s.attempts(direction).last_outcome == Some(AttemptOutcome::Abandoned));
     if abandoned {
-        updates.push(AttemptUpdate {
+        updates.push(batch::AttemptUpdate {
             saga_id: saga_id.to_string(),
             step: step as i32,
-            direction,
+            direction: direction.as_str(),
             attempt: attempt as i32,
             status: "abandoned",
             finished_at: now,

@@ -2,9 +2,9 @@
 //!
 //! A worker pulls [`StepCommand`]s from the durable consumer of each saga it serves, runs the
 //! handler, publishes the [`StepReply`] (waiting for JetStream to store it) and only then
-//! acknowledges the command. A command whose idempotency key already has a final outcome in the
-//! worker's [`ResultStore`] is answered with that outcome without running the handler again, so
-//! a redelivered or re-dispatched command never applies its effect twice.
+//! acknowledges the command. A command whose idempotency key already succeeded (recorded in the
+//! worker's [`ResultStore`]) is answered with the recorded output without running the handler
+//! again, so a redelivered or re-dispatched command never applies its effect twice.
 //!
 //! Bad messages never stop a worker: a command that is not JSON, has an unknown schema version
 //! or names a saga version this worker does not have is logged, answered with a permanent error
@@ -30,7 +30,7 @@ pub use streams::{DUPLICATE_WINDOW, durable_consumer, ensure_streams};
 use crate::protocol::{
     EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StepCommand, StepOutcome, StepReply, names,
 };
-use crate::{ErrorClass, Saga, StepError};
+use crate::{Saga, StepError};
 
 /// What can stop a worker.
 #[derive(Debug, Error)]
@@ -251,17 +251,16 @@ impl Worker {
             .cloned()
     }
 
-    /// Answers from the idempotency record, or runs the handler and records a final outcome.
+    /// Answers from the idempotency record, or runs the handler and records a success.
     async fn answer(&self, saga: &Saga, command: &StepCommand) -> Result<StepReply, WorkerError> {
         if let Some(recorded) = self.results.lookup(&command.idempotency_key).await? {
             return Ok(StepReply::to(command, &self.options.id, recorded));
         }
         let reply = saga.handle(command, &self.options.id).await;
-        let is_final = match &reply.outcome {
-            StepOutcome::Succeeded { .. } => true,
-            StepOutcome::Failed { error } => error.class == ErrorClass::Permanent,
-        };
-        if !is_final {
+        // Only successes are recorded. A permanent failure promises nothing was applied, so
+        // running the handler again is safe, and it must run again when an operator who fixed
+        // the cause resumes the step.
+        if !matches!(reply.outcome, StepOutcome::Succeeded { .. }) {
             return Ok(reply);
         }
         let standing = self

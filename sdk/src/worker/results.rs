@@ -1,4 +1,4 @@
-//! The worker-side idempotency table: the final outcome of every idempotency key served.
+//! The worker-side idempotency table: the outcome of every idempotency key that succeeded.
 //!
 //! Why a table (through sea-orm) and not NATS key-value: the record must outlive anything the
 //! broker may lose (a purged stream, a restarted server), because its job is exactly to stop a
@@ -9,14 +9,18 @@
 
 use sea_orm::entity::prelude::*;
 use sea_orm::{
-    ActiveValue::Set, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, Schema,
+    ActiveValue::Set, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend,
+    DbErr, Schema, TransactionTrait,
 };
 
 use super::WorkerError;
 use crate::Timestamp;
 use crate::protocol::StepOutcome;
 
-/// `worker_results`: one row per idempotency key whose outcome is final.
+/// The PostgreSQL advisory lock key that serializes creating `worker_results`.
+const CREATE_LOCK: i64 = 7_036_815_064;
+
+/// `worker_results`: one row per idempotency key that succeeded.
 pub mod entity {
     use sea_orm::entity::prelude::*;
 
@@ -74,13 +78,24 @@ impl ResultStore {
         let backend = db.get_database_backend();
         let mut create = Schema::new(backend).create_table_from_entity(entity::Entity);
         create.if_not_exists();
-        db.execute(&create)
-            .await
-            .map_err(|e| WorkerError::Database(format!("cannot create worker_results: {e}")))?;
+        let failed = |e: DbErr| WorkerError::Database(format!("cannot create worker_results: {e}"));
+        if backend == DbBackend::Postgres {
+            // Workers of a fleet start together, and concurrent CREATE TABLE IF NOT EXISTS can
+            // still collide in PostgreSQL's catalog (a unique violation on pg_type): serialize
+            // them with a transaction-scoped advisory lock.
+            let txn = db.begin().await.map_err(failed)?;
+            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({CREATE_LOCK})"))
+                .await
+                .map_err(failed)?;
+            txn.execute(&create).await.map_err(failed)?;
+            txn.commit().await.map_err(failed)?;
+        } else {
+            db.execute(&create).await.map_err(failed)?;
+        }
         Ok(ResultStore { db })
     }
 
-    /// The recorded outcome for `key`, if it is final.
+    /// The recorded outcome for `key`, if it succeeded.
     pub async fn lookup(&self, key: &str) -> Result<Option<StepOutcome>, WorkerError> {
         let row = entity::Entity::find_by_id(key.to_string())
             .one(&self.db)

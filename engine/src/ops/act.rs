@@ -1,0 +1,613 @@
+//! Operator actions: resume a stuck saga, retry the current step now, skip a step by hand,
+//! cancel a saga; one saga at a time ([`act`]) or by filter ([`act_in_bulk`]).
+//!
+//! An action is the state machine's [`Event::Operator`] applied to the saga as stored, under
+//! the definition version it is pinned to, and committed like any transition: conditionally on
+//! the version that was read, with its history (the operator and the reason) and the step
+//! commands it dispatches written to the outbox in the same transaction. Whatever engine runs
+//! (embedded or distributed) picks those commands up from the outbox and sends them to the
+//! workers; an engine that had the saga in memory finds its next write stale and re-reads.
+//!
+//! Nothing is written when the action is refused: the machine refuses what the saga's state
+//! does not allow, the output given for a skipped step must fit the step's `Output` type, and a
+//! saga that another writer changed since it was read gives [`EngineError::Conflict`].
+
+use std::collections::HashMap;
+
+use sagaflow_sdk::backoff::RandomizedDelays;
+use sagaflow_sdk::protocol::StepCommand;
+use sagaflow_sdk::{Direction, Saga, SagaSpec, Timestamp};
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::query::{ListFilter, MAX_PAGE, Page, list};
+use crate::EngineError;
+use crate::machine::{
+    Command, Event, Inputs, MachineError, OperatorAction, OperatorCommand, RecordKind, SagaStatus,
+    Transition, decide,
+};
+use crate::runtime::MAX_INPUT_BYTES;
+use crate::runtime::commands::command_for;
+use crate::store::{SagaWrite, Store, StoredSaga, WriteOutcome};
+
+/// How an action is checked and when it happens.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ActOptions<'a> {
+    /// Sagas compiled into the calling program, with their handlers' types. When a skipped
+    /// step's saga is pinned to one of these definitions (the same name, version and content),
+    /// the output given is checked against the step's `Output` type. The handlers never run.
+    pub typed_sagas: &'a [Saga],
+    /// Accept a skipped step's output that cannot be checked because the saga is not among
+    /// `typed_sagas`. An output that is checked and does not fit is refused regardless.
+    pub unchecked_output: bool,
+    /// When the action happens; the current time when `None` (tests fix it).
+    pub at: Option<Timestamp>,
+}
+
+/// Whether a skipped step's output was checked against the step's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputCheck {
+    /// No output was given (not a skip, or the skip of a compensation).
+    NoOutput,
+    /// It deserializes into the step's `Output` type.
+    Checked,
+    /// Accepted without a check (`unchecked_output`).
+    Unchecked,
+}
+
+/// One attempt an action dispatched, sent to the workers through the outbox.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DispatchedAttempt {
+    /// The step.
+    pub step: String,
+    /// Forward or compensation.
+    pub direction: Direction,
+    /// The attempt number (attempt numbers keep counting across resumes).
+    pub attempt: u32,
+    /// The command's id in the outbox (the broker de-duplicates by it).
+    pub command_id: String,
+    /// When the attempt times out, if the step has a timeout.
+    #[serde(serialize_with = "super::time::rfc3339::option::serialize")]
+    pub deadline: Option<Timestamp>,
+}
+
+/// What an action did (or, for a [`PlannedAct`] not yet committed, would do).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ActReport {
+    /// The saga.
+    pub saga_id: Uuid,
+    /// Its definition name.
+    pub name: String,
+    /// Its pinned definition version.
+    pub version: u32,
+    /// `resume`, `retry`, `skip` or `cancel`.
+    pub action: &'static str,
+    /// The step skipped, for a skip.
+    pub step: Option<String>,
+    /// Who acted, as recorded: `operator:NAME`.
+    pub actor: String,
+    /// Why, as recorded.
+    pub reason: String,
+    /// The status before the action.
+    pub status_before: SagaStatus,
+    /// The status after it.
+    pub status: SagaStatus,
+    /// Attempts dispatched (written to the outbox with the transition).
+    pub dispatched: Vec<DispatchedAttempt>,
+    /// How many history records the action appended.
+    pub history_records: usize,
+    /// The saga's row version after the commit (before it, for a plan).
+    pub row_version: i64,
+    /// Whether a skipped step's output was checked against its type.
+    pub output_check: OutputCheck,
+}
+
+/// An action decided against the saga as it was read, not written yet. [`PlannedAct::commit`]
+/// writes it if the saga has not changed since.
+#[derive(Debug, Clone)]
+pub struct PlannedAct {
+    base: StoredSaga,
+    spec: SagaSpec,
+    transition: Transition,
+    commands: Vec<StepCommand>,
+    now: Timestamp,
+    report: ActReport,
+}
+
+impl PlannedAct {
+    /// What the action will do once committed.
+    pub fn report(&self) -> &ActReport {
+        &self.report
+    }
+
+    /// Commits the action: the new state, its history and its step commands (to the outbox),
+    /// in one transaction, only if the saga is still at the version it was read at. Otherwise
+    /// nothing is written and the answer is [`EngineError::Conflict`].
+    pub async fn commit(self, store: &Store) -> Result<ActReport, EngineError> {
+        let saga_id = self.report.saga_id;
+        let outcomes = store
+            .commit(&[SagaWrite {
+                spec: &self.spec,
+                base: Some(&self.base),
+                state: &self.transition.state,
+                records: &self.transition.history,
+                start_key: None,
+                dispatches: &self.commands,
+                now: self.now,
+            }])
+            .await?;
+        match outcomes.first() {
+            Some(WriteOutcome::Committed { row_version, .. }) => Ok(ActReport {
+                row_version: *row_version,
+                ..self.report
+            }),
+            Some(WriteOutcome::Stale) | None => Err(EngineError::Conflict(saga_id)),
+        }
+    }
+}
+
+/// Applies an operator's action to one saga and commits it (see the module documentation).
+///
+/// The actor is the operator's name (recorded as `operator:NAME`); both it and the reason must
+/// be given. Refusals are [`EngineError::Refused`] with what the state allows instead.
+pub async fn act(
+    store: &Store,
+    saga_id: Uuid,
+    command: OperatorCommand,
+    options: &ActOptions<'_>,
+) -> Result<ActReport, EngineError> {
+    plan(store, saga_id, command, options)
+        .await?
+        .commit(store)
+        .await
+}
+
+/// Decides an operator's action against the saga as stored, without writing anything.
+pub async fn plan(
+    store: &Store,
+    saga_id: Uuid,
+    command: OperatorCommand,
+    options: &ActOptions<'_>,
+) -> Result<PlannedAct, EngineError> {
+    let stored = store
+        .load(saga_id)
+        .await?
+        .ok_or(EngineError::UnknownSaga(saga_id))?;
+    let spec = pinned_definition(store, &stored).await?;
+    plan_loaded(stored, spec, command, options)
+}
+
+async fn pinned_definition(store: &Store, stored: &StoredSaga) -> Result<SagaSpec, EngineError> {
+    let (name, version) = (&stored.state.name, stored.state.version);
+    store
+        .definition(name, version)
+        .await?
+        .ok_or_else(|| EngineError::Corrupt {
+            saga_id: stored.state.saga_id.to_string(),
+            detail: format!("its definition {name}@{version} is not registered"),
+        })
+}
+
+fn action_name(action: &OperatorAction) -> &'static str {
+    match action {
+        OperatorAction::Resume => "resume",
+        OperatorAction::RetryNow => "retry",
+        OperatorAction::SkipStep { .. } => "skip",
+        OperatorAction::Cancel => "cancel",
+    }
+}
+
+/// How the machine words each action in a refusal ("cannot {verb} saga ...").
+fn refusal_verb(action: &OperatorAction) -> &'static str {
+    match action {
+        OperatorAction::Resume => "resume",
+        OperatorAction::RetryNow => "retry",
+        OperatorAction::SkipStep { .. } => "skip a step of",
+        OperatorAction::Cancel => "cancel",
+    }
+}
+
+fn refused(saga_id: Uuid, action: &OperatorAction, why: String) -> EngineError {
+    EngineError::Refused(MachineError::Refused {
+        saga_id,
+        action: refusal_verb(action),
+        why,
+    })
+}
+
+/// The pure part of an action: checks, the machine's decision, the output check, the commands.
+fn plan_loaded(
+    stored: StoredSaga,
+    spec: SagaSpec,
+    command: OperatorCommand,
+    options: &ActOptions<'_>,
+) -> Result<PlannedAct, EngineError> {
+    let saga_id = stored.state.saga_id;
+    let refuse = |why: String| refused(saga_id, &command.action, why);
+    if command.reason.trim().is_empty() {
+        return Err(refuse(
+            "no reason was given; every operator action records why, with who acted".into(),
+        ));
+    }
+    if command.actor.trim().is_empty() {
+        return Err(refuse(
+            "no operator name was given; every operator action records who acted".into(),
+        ));
+    }
+    let skipped_output = match &command.action {
+        OperatorAction::SkipStep { step, output } => Some((step.clone(), output.clone())),
+        _ => None,
+    };
+    if let Some((step, Some(output))) = &skipped_output {
+        let size = output.to_string().len();
+        if size > MAX_INPUT_BYTES {
+            return Err(EngineError::TooLarge {
+                what: format!("the output given for step `{step}`"),
+                size,
+                limit: MAX_INPUT_BYTES,
+            });
+        }
+        let compensating = spec.step_index(step).is_some_and(|index| {
+            stored.state.current_step() == Some((index, Direction::Compensate))
+        });
+        if compensating {
+            return Err(refuse(format!(
+                "`{step}` is being compensated, and skipping a compensation takes no output; \
+                 leave --output out"
+            )));
+        }
+    }
+
+    let now = options.at.unwrap_or_else(Timestamp::now);
+    let status_before = stored.state.status;
+    let action = action_name(&command.action);
+    let actor = format!("operator:{}", command.actor);
+    let reason = command.reason.clone();
+    let verb_action = command.action.clone();
+    let mut transition = decide(
+        &stored.state,
+        &spec,
+        Event::Operator(command),
+        Inputs {
+            now,
+            delays: &mut RandomizedDelays,
+        },
+    )?;
+
+    // The machine accepted the skip (the step exists and is the current one, forward): now the
+    // output must fit what later steps will read.
+    let mut output_check = OutputCheck::NoOutput;
+    if let Some((step, Some(output))) = &skipped_output {
+        output_check = check_output(&spec, step, output, options)
+            .map_err(|why| refused(saga_id, &verb_action, why))?;
+        if let Some(record) = transition
+            .history
+            .iter_mut()
+            .find(|r| r.kind == RecordKind::OperatorAction)
+            && let Value::Object(detail) = &mut record.detail
+        {
+            detail.insert(
+                "output_checked".into(),
+                Value::Bool(output_check == OutputCheck::Checked),
+            );
+        }
+    }
+
+    let commands: Vec<StepCommand> = transition
+        .commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::Dispatch(dispatch) => Some(command_for(&transition.state, dispatch.clone())),
+            _ => None,
+        })
+        .collect();
+    let report = ActReport {
+        saga_id,
+        name: stored.state.name.clone(),
+        version: stored.state.version,
+        action,
+        step: skipped_output.map(|(step, _)| step),
+        actor,
+        reason,
+        status_before,
+        status: transition.state.status,
+        dispatched: commands
+            .iter()
+            .map(|c| DispatchedAttempt {
+                step: c.step.clone(),
+                direction: c.direction,
+                attempt: c.attempt,
+                command_id: c.command_id.clone(),
+                deadline: c.deadline,
+            })
+            .collect(),
+        history_records: transition.history.len(),
+        row_version: stored.row_version,
+        output_check,
+    };
+    Ok(PlannedAct {
+        base: stored,
+        spec,
+        transition,
+        commands,
+        now,
+        report,
+    })
+}
+
+/// Checks a skipped step's output against the step's type, where the saga's types are known.
+fn check_output(
+    pinned: &SagaSpec,
+    step: &str,
+    output: &Value,
+    options: &ActOptions<'_>,
+) -> Result<OutputCheck, String> {
+    let same_name = options
+        .typed_sagas
+        .iter()
+        .find(|s| s.spec().name == pinned.name && s.spec().version == pinned.version);
+    match same_name {
+        Some(saga) if saga.spec() == pinned => saga
+            .validate_output(step, output)
+            .map(|()| OutputCheck::Checked)
+            .map_err(|error| {
+                format!("the output given does not fit what step `{step}` returns: {error}")
+            }),
+        _ if options.unchecked_output => Ok(OutputCheck::Unchecked),
+        Some(_) => Err(format!(
+            "the output of `{step}` cannot be checked: the definition {}@{} compiled into this \
+             program differs from the one the saga is pinned to; check the output against the \
+             step's type yourself and pass --unchecked-output to skip anyway",
+            pinned.name, pinned.version
+        )),
+        None => {
+            let known: Vec<String> = options
+                .typed_sagas
+                .iter()
+                .map(|s| format!("{}@{}", s.spec().name, s.spec().version))
+                .collect();
+            Err(format!(
+                "the output of `{step}` cannot be checked: saga {}@{} is not compiled into this \
+                 program (it knows {}); check the output against the step's type yourself and \
+                 pass --unchecked-output to skip anyway",
+                pinned.name,
+                pinned.version,
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ))
+        }
+    }
+}
+
+// ----- bulk -----
+
+/// An action that can be applied to many sagas at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BulkAction {
+    /// Resume stuck sagas.
+    Resume,
+    /// Cancel sagas moving forward before their pivot.
+    Cancel,
+}
+
+impl BulkAction {
+    fn operator_action(self) -> OperatorAction {
+        match self {
+            BulkAction::Resume => OperatorAction::Resume,
+            BulkAction::Cancel => OperatorAction::Cancel,
+        }
+    }
+
+    /// The statuses selected when a filter names none: those the action can apply to.
+    pub fn default_statuses(self) -> Vec<SagaStatus> {
+        match self {
+            BulkAction::Resume => vec![SagaStatus::Stuck],
+            BulkAction::Cancel => vec![SagaStatus::Created, SagaStatus::Running, SagaStatus::Stuck],
+        }
+    }
+}
+
+/// A bulk action: which sagas, what to do, who and why, and whether to do it.
+#[derive(Debug, Clone)]
+pub struct BulkRequest {
+    /// The sagas to act on, as for [`list`]. When it names no status, the action's
+    /// [`BulkAction::default_statuses`] are used.
+    pub filter: ListFilter,
+    /// What to do to each.
+    pub action: BulkAction,
+    /// Who acts (recorded as `operator:NAME`).
+    pub actor: String,
+    /// Why.
+    pub reason: String,
+    /// Act; when false (a dry run), only decide and report what would change.
+    pub execute: bool,
+}
+
+/// What happened, or would happen, to one saga of a bulk action.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum BulkOutcome {
+    /// Dry run: the action is allowed and would move the saga to `status`.
+    WouldChange {
+        /// The status it would have.
+        status: SagaStatus,
+    },
+    /// The action was committed.
+    Changed {
+        /// The status it has now.
+        status: SagaStatus,
+        /// How many attempts it dispatched.
+        dispatched: usize,
+    },
+    /// The saga's state does not allow the action; nothing was changed.
+    Refused {
+        /// Why.
+        message: String,
+    },
+    /// The action could not be committed (the saga kept changing, or the database failed);
+    /// nothing was changed.
+    Failed {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// One saga of a bulk action.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BulkEntry {
+    /// The saga.
+    pub saga_id: Uuid,
+    /// Its definition name.
+    pub name: String,
+    /// Its pinned definition version.
+    pub version: u32,
+    /// Its status when it was read.
+    pub status_before: SagaStatus,
+    /// What happened, or would.
+    #[serde(flatten)]
+    pub outcome: BulkOutcome,
+}
+
+/// The result of [`act_in_bulk`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BulkReport {
+    /// The action.
+    pub action: BulkAction,
+    /// Whether it was carried out (false for a dry run).
+    pub executed: bool,
+    /// How many sagas the filter matched.
+    pub matched: usize,
+    /// How many changed (or, in a dry run, would change).
+    pub changed: usize,
+    /// How many were refused by their state.
+    pub refused: usize,
+    /// How many failed to commit.
+    pub failed: usize,
+    /// Each saga, oldest first.
+    pub sagas: Vec<BulkEntry>,
+}
+
+/// How many times a bulk action re-reads a saga that changed under it before giving up.
+const BULK_CONFLICT_TRIES: usize = 3;
+
+/// Resumes or cancels every saga the filter matches; a dry run (`execute: false`) decides each
+/// without writing anything. Sagas are acted on one at a time, each in its own transaction, so
+/// a refusal or a failure of one leaves the others unaffected. A saga that changes while being
+/// acted on is re-read and decided again (a few times) before it counts as failed.
+pub async fn act_in_bulk(store: &Store, request: &BulkRequest) -> Result<BulkReport, EngineError> {
+    let mut filter = request.filter.clone();
+    if filter.statuses.is_empty() {
+        filter.statuses = request.action.default_statuses();
+    }
+    let mut matched = Vec::new();
+    let mut page = Page::first(MAX_PAGE);
+    loop {
+        let found = list(store, &filter, &page).await?;
+        matched.extend(found.sagas);
+        match found.next {
+            Some(next) => page.after = Some(next),
+            None => break,
+        }
+    }
+    let command = OperatorCommand {
+        actor: request.actor.clone(),
+        reason: request.reason.clone(),
+        action: request.action.operator_action(),
+    };
+    let mut definitions: HashMap<(String, u32), SagaSpec> = HashMap::new();
+    let mut sagas = Vec::with_capacity(matched.len());
+    for summary in matched {
+        let mut entry = BulkEntry {
+            saga_id: summary.id,
+            name: summary.name,
+            version: summary.version,
+            status_before: summary.status,
+            outcome: BulkOutcome::Failed {
+                message: String::new(),
+            },
+        };
+        let mut tries = 0;
+        entry.outcome = loop {
+            tries += 1;
+            match bulk_one(
+                store,
+                &mut definitions,
+                &mut entry,
+                &command,
+                request.execute,
+            )
+            .await
+            {
+                Err(EngineError::Conflict(_)) if tries < BULK_CONFLICT_TRIES => continue,
+                Err(error @ EngineError::Refused(_)) => {
+                    break BulkOutcome::Refused {
+                        message: error.to_string(),
+                    };
+                }
+                Err(error) => {
+                    break BulkOutcome::Failed {
+                        message: error.to_string(),
+                    };
+                }
+                Ok(outcome) => break outcome,
+            }
+        };
+        sagas.push(entry);
+    }
+    let count = |f: fn(&BulkOutcome) -> bool| sagas.iter().filter(|s| f(&s.outcome)).count();
+    Ok(BulkReport {
+        action: request.action,
+        executed: request.execute,
+        matched: sagas.len(),
+        changed: count(|o| {
+            matches!(
+                o,
+                BulkOutcome::Changed { .. } | BulkOutcome::WouldChange { .. }
+            )
+        }),
+        refused: count(|o| matches!(o, BulkOutcome::Refused { .. })),
+        failed: count(|o| matches!(o, BulkOutcome::Failed { .. })),
+        sagas,
+    })
+}
+
+/// Reads one saga afresh, decides the action, and commits it unless this is a dry run.
+async fn bulk_one(
+    store: &Store,
+    definitions: &mut HashMap<(String, u32), SagaSpec>,
+    entry: &mut BulkEntry,
+    command: &OperatorCommand,
+    execute: bool,
+) -> Result<BulkOutcome, EngineError> {
+    let stored = store
+        .load(entry.saga_id)
+        .await?
+        .ok_or(EngineError::UnknownSaga(entry.saga_id))?;
+    entry.status_before = stored.state.status;
+    let key = (stored.state.name.clone(), stored.state.version);
+    let spec = match definitions.get(&key) {
+        Some(spec) => spec.clone(),
+        None => {
+            let spec = pinned_definition(store, &stored).await?;
+            definitions.insert(key, spec.clone());
+            spec
+        }
+    };
+    let planned = plan_loaded(stored, spec, command.clone(), &ActOptions::default())?;
+    if !execute {
+        return Ok(BulkOutcome::WouldChange {
+            status: planned.report().status,
+        });
+    }
+    let report = planned.commit(store).await?;
+    Ok(BulkOutcome::Changed {
+        status: report.status,
+        dispatched: report.dispatched.len(),
+    })
+}
