@@ -145,7 +145,9 @@ impl Driver {
             if let Some(at) = stop {
                 batch.truncate(at);
             }
+            let (size, began) = (batch.len(), std::time::Instant::now());
             self.process(batch).await;
+            tracing::trace!(size, took_us = began.elapsed().as_micros() as u64, "batch processed");
             if stop.is_some() {
                 return;
             }
@@ -356,7 +358,10 @@ impl Driver {
         let outcomes = if writes.is_empty() {
             Ok(Vec::new())
         } else {
-            self.store.commit(&writes).await
+            let began = std::time::Instant::now();
+            let result = self.store.commit(&writes).await;
+            tracing::trace!(writes = writes.len(), took_us = began.elapsed().as_micros() as u64, "commit");
+            result
         };
         drop(writes);
         let outcomes = match outcomes {
