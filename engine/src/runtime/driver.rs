@@ -147,7 +147,11 @@ impl Driver {
             }
             let (size, began) = (batch.len(), std::time::Instant::now());
             self.process(batch).await;
-            tracing::trace!(size, took_us = began.elapsed().as_micros() as u64, "batch processed");
+            tracing::trace!(
+                size,
+                took_us = began.elapsed().as_micros() as u64,
+                "batch processed"
+            );
             if stop.is_some() {
                 return;
             }
@@ -360,7 +364,11 @@ impl Driver {
         } else {
             let began = std::time::Instant::now();
             let result = self.store.commit(&writes).await;
-            tracing::trace!(writes = writes.len(), took_us = began.elapsed().as_micros() as u64, "commit");
+            tracing::trace!(
+                writes = writes.len(),
+                took_us = began.elapsed().as_micros() as u64,
+                "commit"
+            );
             result
         };
         drop(writes);
