@@ -1204,3 +1204,81 @@ async fn resumed_history_snapshot_on_sqlite() {
 async fn resumed_history_snapshot_identically_on_postgres() {
     resumed_history(Backend::Postgres).await;
 }
+/// A compensatable step whose first compensation never answers (it outlives its timeout).
+#[derive(Clone, Default)]
+struct HangsOnce {
+    retryable_failures: Arc<AtomicU32>,
+    compensation_calls: Arc<AtomicU32>,
+}
+
+impl StepHandler for HangsOnce {
+    type Input = Value;
+    type Output = Counted;
+
+    async fn execute(&self, _ctx: &StepContext, _input: Value) -> Result<Counted, StepError> {
+        let left = self.retryable_failures.load(Ordering::SeqCst);
+        if left > 0 {
+            self.retryable_failures.store(left - 1, Ordering::SeqCst);
+            return Err(StepError::retryable("busy", "try again later"));
+        }
+        Ok(Counted { n: 1 })
+    }
+}
+
+impl Compensate for HangsOnce {
+    async fn compensate(
+        &self,
+        _ctx: &StepContext,
+        _input: Value,
+        _output: Option<Counted>,
+    ) -> Result<(), StepError> {
+        if self.compensation_calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_secs(3_600)).await;
+        }
+        Ok(())
+    }
+}
+
+/// The engine has the saga in memory (backing off) when the operator cancels it from outside;
+/// the compensation the cancel dispatched times out without a reply. The timeout is only in the
+/// database: the engine must re-read the saga when that timer falls due, not apply the wake to
+/// its stale copy (where nothing is due) forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_set_by_an_operator_action_fires_in_an_engine_that_had_the_saga_cached() {
+    for backend in BACKENDS {
+        let db = TestDb::new(backend).await;
+        let first = Steered::default();
+        let second = HangsOnce::default();
+        second.retryable_failures.store(1, Ordering::SeqCst);
+        let saga = Saga::builder("hangs", 1)
+            .step(Step::compensatable("first", first.clone()).retry(fast_policy(3)))
+            .step(
+                Step::compensatable("second", second.clone())
+                    .retry(hourly_policy())
+                    .compensation_retry(fast_policy(3))
+                    .timeout(Duration::from_secs(1)),
+            )
+            .build()
+            .unwrap();
+        let engine = launch(&db.url, vec![saga]).await;
+        let id = engine.start("hangs", json!({}), None).await.unwrap();
+        wait_for_record(engine.store(), id, "retry_scheduled").await;
+        let store = operator_store(&db).await;
+        ops::act(
+            &store,
+            id,
+            command("bob", "customer withdrew", OperatorAction::Cancel),
+            &ActOptions::default(),
+        )
+        .await
+        .unwrap();
+        wait_for_status(&store, id, SagaStatus::Compensated).await;
+        let history = store.history(id).await.unwrap();
+        // Attempt 1 timed out (the outbox sweep may even deliver it after its timeout, and
+        // the retry may meet the still hanging handler): the saga moved on by its timers.
+        let timed_out = attempts(&history, "attempt_timed_out", "second", "compensate");
+        assert_eq!(timed_out.first(), Some(&1), "{backend:?}: {history:#?}");
+        assert_eq!(first.compensations.load(Ordering::SeqCst), 1);
+        engine.shutdown().await;
+    }
+}

@@ -611,3 +611,79 @@ async fn bulk_one(
         dispatched: report.dispatched.len(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sagaflow_sdk::{Saga, Step, StepContext, StepError, StepHandler};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    struct Count;
+
+    impl StepHandler for Count {
+        type Input = Value;
+        type Output = u32;
+
+        async fn execute(&self, _ctx: &StepContext, _input: Value) -> Result<u32, StepError> {
+            Ok(1)
+        }
+    }
+
+    fn saga(timeout: Duration) -> Saga {
+        Saga::builder("counting", 1)
+            .step(Step::pivot("count", Count).timeout(timeout))
+            .build()
+            .expect("valid saga")
+    }
+
+    fn options(typed: &[Saga], unchecked_output: bool) -> ActOptions<'_> {
+        ActOptions {
+            typed_sagas: typed,
+            unchecked_output,
+            at: None,
+        }
+    }
+
+    #[test]
+    fn outputs_are_checked_against_the_pinned_definition_only() {
+        let pinned = saga(Duration::from_secs(5)).spec().clone();
+        let same = [saga(Duration::from_secs(5))];
+        assert_eq!(
+            check_output(&pinned, "count", &json!(3), &options(&same, false)),
+            Ok(OutputCheck::Checked)
+        );
+        let misfit = check_output(&pinned, "count", &json!("three"), &options(&same, true))
+            .expect_err(
+                "a checked output that does not fit is refused, even if unchecked is allowed",
+            );
+        assert!(
+            misfit.contains("does not fit what step `count` returns") && misfit.contains("u32"),
+            "{misfit}"
+        );
+
+        // The same name and version with other content: its types are not trusted.
+        let changed = [saga(Duration::from_secs(9))];
+        let error = check_output(&pinned, "count", &json!(3), &options(&changed, false))
+            .expect_err("refused");
+        assert!(
+            error.contains("differs") && error.contains("--unchecked-output"),
+            "{error}"
+        );
+
+        // A saga the program is not built with: refused unless the operator says so.
+        let error =
+            check_output(&pinned, "count", &json!(3), &options(&[], false)).expect_err("refused");
+        assert!(
+            error.contains("counting@1 is not compiled into this program (it knows none)")
+                && error.contains("--unchecked-output"),
+            "{error}"
+        );
+        assert_eq!(
+            check_output(&pinned, "count", &json!("anything"), &options(&[], true)),
+            Ok(OutputCheck::Unchecked)
+        );
+    }
+}

@@ -480,6 +480,20 @@ impl Driver {
     }
 
     async fn load_missing(&mut self, batch: &[Inbound]) -> Result<(), EngineError> {
+        // A wake the cached state does not explain (its own wake-up is later, or it has none)
+        // means another writer changed the saga, e.g. an operator acting from the CLI: the
+        // timer is in the database, not in the cache, so read the saga again.
+        let now = Timestamp::now();
+        for inbound in batch {
+            if let Inbound::Wake(id) = inbound
+                && self
+                    .cache
+                    .get(id)
+                    .is_some_and(|s| s.state.wake_at().is_none_or(|at| at > now))
+            {
+                self.cache.remove(id);
+            }
+        }
         let missing: Vec<Uuid> = batch
             .iter()
             .filter_map(|inbound| match inbound {
