@@ -42,7 +42,7 @@ use uuid::Uuid;
 
 use crate::support::{build_binary, check_compensations};
 
-/// Sagas per fault test.
+/// Sagas per fault test (at least).
 const ORDERS: usize = 300;
 /// The share of orders paid with a declined card (they compensate).
 const DECLINE_RATIO: f64 = 0.15;
@@ -295,7 +295,8 @@ impl Cluster {
             .args(["serve", "--database-url", &self.engine_db.url])
             .args(["--nats-url", &self.nats.url()])
             .env("RUST_LOG", CHILD_LOG)
-            .env("RUST_BACKTRACE", "0");
+            .env("RUST_BACKTRACE", "0")
+            .env("NO_COLOR", "1");
         self.engine = Some(Proc::spawn("the engine", &mut command, &self.log("engine")));
     }
 
@@ -313,7 +314,8 @@ impl Cluster {
             .args(["--transient", TRANSIENT, "--lost-reply", LOST_REPLY])
             .args(["--ack-wait-secs", &self.ack_wait_secs.to_string()])
             .env("RUST_LOG", CHILD_LOG)
-            .env("RUST_BACKTRACE", "0");
+            .env("RUST_BACKTRACE", "0")
+            .env("NO_COLOR", "1");
         self.workers[i] = Some(Proc::spawn(
             &format!("worker {id}"),
             &mut command,
@@ -372,11 +374,11 @@ impl Cluster {
         self.workers[i].as_mut().expect("the worker is running")
     }
 
-    /// The run's orders: `ORDERS` of them, 15% with a declined card.
-    fn orders(&self, seed: u64) -> Vec<PlaceOrder> {
+    /// The run's orders: `count` of them, 15% with a declined card.
+    fn orders(&self, count: usize, seed: u64) -> Vec<PlaceOrder> {
         generate_orders(&OrderMix {
             prefix: self.name.to_string(),
-            count: ORDERS,
+            count,
             decline_ratio: DECLINE_RATIO,
             seed,
             ..OrderMix::default()
@@ -439,6 +441,36 @@ impl Cluster {
                 self.name
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits (up to ten seconds) until some attempt has been in flight for `age`; returns how
+    /// many have.
+    async fn wait_unanswered_for(&self, age: Duration) -> i64 {
+        let give_up = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("a clock after 1970")
+                .as_millis();
+            let before = now_ms - age.as_millis();
+            let n = count(
+                self.store.connection(),
+                &format!(
+                    "SELECT COUNT(*) FROM step_attempts \
+                     WHERE status = 'dispatched' AND dispatched_at < {before}"
+                ),
+            )
+            .await;
+            if n > 0 {
+                return n;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "{}: no attempt stayed unanswered for {age:?} within 10 s",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -693,7 +725,7 @@ impl Cluster {
             let mut examples: BTreeMap<&str, &str> = BTreeMap::new();
             for line in text.lines() {
                 for level in ["WARN", "ERROR"] {
-                    if line.contains(&format!(" {level} ")) {
+                    if line.contains(level) {
                         *kinds.entry(level).or_default() += 1;
                         examples.entry(level).or_insert(line);
                     }
@@ -903,7 +935,8 @@ async fn engine_sigkilled_repeatedly_loses_nothing() {
     let mut cluster = Cluster::new("engine_kill", 1, 10).await;
     let (seed, mut rng) = rng();
     println!("engine_kill: kill timings from seed {seed}");
-    let starts = cluster.spawn_starts(cluster.orders(1), Duration::from_secs(20));
+    // More orders than the other tests, so that the kills find more attempts in flight.
+    let starts = cluster.spawn_starts(cluster.orders(450, 1), Duration::from_secs(18));
     for _ in 0..6 {
         cluster.engine_ready().await;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1_200))).await;
@@ -924,14 +957,19 @@ async fn worker_sigkilled_mid_step_loses_nothing() {
     let mut cluster = Cluster::new("worker_kill", 2, 4).await;
     let (seed, mut rng) = rng();
     println!("worker_kill: kill timings from seed {seed}");
-    let starts = cluster.spawn_starts(cluster.orders(2), Duration::from_secs(15));
+    let starts = cluster.spawn_starts(cluster.orders(ORDERS, 2), Duration::from_secs(15));
     for round in 0..4 {
         let i = round % 2;
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(800..2_000))).await;
-        // With several attempts in flight, the killed worker holds some of them.
-        let in_flight = cluster.wait_in_flight(3).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(500..1_500))).await;
+        // Frozen first, so that the kill provably catches it holding work: an attempt left
+        // unanswered for half a second was delivered to it (or waits on a row lock its open
+        // transaction holds). Frozen then killed is, to everyone else, killed at the freeze.
+        cluster.worker(i).signal("STOP");
+        let held = cluster
+            .wait_unanswered_for(Duration::from_millis(500))
+            .await;
         cluster.kill_worker(i);
-        println!("worker_kill: SIGKILL w{i} with {in_flight} attempts in flight");
+        println!("worker_kill: SIGKILL w{i} holding work ({held} attempts unanswered)");
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1_000))).await;
         cluster.start_worker(i);
         cluster.worker_ready(i).await;
@@ -949,7 +987,7 @@ async fn worker_sigkilled_mid_step_loses_nothing() {
 async fn nats_server_restarted_mid_run_loses_nothing() {
     let _turn = SERIAL.lock().await;
     let mut cluster = Cluster::new("nats_restart", 1, 10).await;
-    let starts = cluster.spawn_starts(cluster.orders(3), Duration::from_secs(15));
+    let starts = cluster.spawn_starts(cluster.orders(ORDERS, 3), Duration::from_secs(15));
     // Once stopped (SIGTERM), once killed (SIGKILL); down for two seconds each time.
     for graceful in [true, false] {
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -967,15 +1005,8 @@ async fn nats_server_restarted_mid_run_loses_nothing() {
         cluster.nats.restart();
     }
     let started = starts.finish().await;
+    // Among the rest: the engine and the worker are still alive, reconnected, and serving.
     settle_and_verify(&mut cluster, &started).await;
-    assert!(
-        cluster.worker(0).exited().is_none(),
-        "nats_restart: the worker exited"
-    );
-    assert!(
-        cluster.engine().exited().is_none(),
-        "nats_restart: the engine exited"
-    );
 }
 
 /// Republishes copies of sent commands, taken from the engine's outbox, under new message ids
@@ -1085,7 +1116,7 @@ async fn commands_and_replies_delivered_twice_apply_once() {
         stopped,
     ));
     let spread = Duration::from_secs(10);
-    let starts = cluster.spawn_starts(cluster.orders(4), spread);
+    let starts = cluster.spawn_starts(cluster.orders(ORDERS, 4), spread);
     tokio::time::sleep(spread).await;
     let started = starts.finish().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1110,7 +1141,7 @@ async fn late_reply_after_a_retry_is_ignored() {
     let _turn = SERIAL.lock().await;
     // The default ack wait: a stopped worker keeps its commands until it resumes.
     let mut cluster = Cluster::new("late_reply", 2, 30).await;
-    let starts = cluster.spawn_starts(cluster.orders(5), Duration::from_secs(20));
+    let starts = cluster.spawn_starts(cluster.orders(ORDERS, 5), Duration::from_secs(20));
     let mut rounds = 0;
     while cluster.ignored_with("late").await == 0 {
         rounds += 1;
@@ -1150,7 +1181,7 @@ async fn purge_commands(js: &jetstream::Context) -> u64 {
 async fn purged_command_stream_is_recovered_by_timeouts() {
     let _turn = SERIAL.lock().await;
     let mut cluster = Cluster::new("purge", 1, 10).await;
-    let starts = cluster.spawn_starts(cluster.orders(6), Duration::from_secs(12));
+    let starts = cluster.spawn_starts(cluster.orders(ORDERS, 6), Duration::from_secs(12));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let first = purge_commands(&cluster.js).await;
     // Commands that reached the worker before the purge are still answered. To lose some for
@@ -1182,7 +1213,7 @@ async fn purged_command_stream_is_recovered_by_timeouts() {
 async fn sigterm_stops_the_engine_gracefully_and_loses_nothing() {
     let _turn = SERIAL.lock().await;
     let mut cluster = Cluster::new("graceful", 1, 10).await;
-    let starts = cluster.spawn_starts(cluster.orders(7), Duration::from_secs(8));
+    let starts = cluster.spawn_starts(cluster.orders(ORDERS, 7), Duration::from_secs(8));
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let in_flight = cluster.wait_in_flight(1).await;
     let asked = Instant::now();
@@ -1206,6 +1237,13 @@ async fn sigterm_stops_the_engine_gracefully_and_loses_nothing() {
         "graceful: the engine did not say it stopped"
     );
     cluster.engine = None;
+    // The transitions it had taken in are committed and their commands published.
+    let unsent = count(
+        cluster.store.connection(),
+        "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL",
+    )
+    .await;
+    assert_eq!(unsent, 0, "graceful: the engine left commands unpublished");
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.start_engine();
     let started = starts.finish().await;
