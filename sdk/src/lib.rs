@@ -110,6 +110,7 @@
 //! workers over NATS.
 
 pub mod backoff;
+mod database_url;
 mod error;
 mod handler;
 mod json;
@@ -121,6 +122,7 @@ mod time;
 #[cfg(feature = "worker")]
 pub mod worker;
 
+pub use database_url::database_url;
 pub use error::SdkError;
 pub use handler::{Compensate, ErrorClass, StepContext, StepError, StepHandler};
 pub use retry::{RetryPolicy, RetryPolicyBuilder};

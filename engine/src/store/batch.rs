@@ -1,42 +1,159 @@
-//! Many rows in one statement: the conditional saga updates and the attempt updates of a whole
-//! batch of transitions go to the database as one `UPDATE ... FROM (VALUES ...)` each, so a
-//! commit costs a handful of round trips however many sagas it carries.
+//! Writing a whole batch of transitions at once: the conditional saga updates, the new sagas,
+//! attempts, outbox commands and history rows of every saga in the batch.
 //!
-//! Both SQLite (3.33+) and PostgreSQL accept `UPDATE ... FROM`, both name the columns of a
-//! `VALUES` list `column1`, `column2`, ..., and both accept the explicit casts PostgreSQL needs
-//! to type the parameters. Every value is a bound parameter.
+//! Each kind of row travels as one JSON parameter (`json_to_recordset` in PostgreSQL,
+//! `json_each` in SQLite), so a statement's text is the same for one row or five hundred and is
+//! prepared once per connection. On PostgreSQL the whole batch is then **one statement** (data-
+//! modifying `WITH` clauses, atomic on its own): one round trip per commit, where a statement per
+//! table cost seven, each waiting for a busy machine to schedule both ends. SQLite has no
+//! data-modifying `WITH`; it runs the same parts as statements in one transaction.
+//!
+//! Either way the saga updates decide: rows of a saga whose version moved on (a stale write)
+//! are left out, and the caller learns which sagas were written.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
+use sea_orm::sea_query::ColumnType;
+use sea_orm::{
+    ActiveModelTrait, ActiveValue, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend,
+    EntityName, EntityTrait, IdenStatic, Iterable, Statement, TransactionTrait, Value,
+};
+use serde_json::{Map, Value as Json, json};
 
 use crate::EngineError;
 
-/// Rows per statement: at 11 parameters a row, well under both databases' limits.
-const ROWS_PER_STATEMENT: usize = 500;
+/// The SQL type a JSON field is read as.
+#[derive(Clone, Copy)]
+enum SqlType {
+    Text,
+    Integer,
+    BigInt,
+}
 
-/// `(CAST($1 AS TEXT), CAST($2 AS BIGINT)), (...)` for `rows` rows of `casts`.
-fn values_list(backend: DbBackend, rows: usize, casts: &[&str]) -> String {
-    let mut n = 0;
-    let mut out = String::new();
-    for row in 0..rows {
-        if row > 0 {
-            out.push_str(", ");
+impl SqlType {
+    fn name(self) -> &'static str {
+        match self {
+            SqlType::Text => "text",
+            SqlType::Integer => "integer",
+            SqlType::BigInt => "bigint",
         }
-        out.push('(');
-        for (i, cast) in casts.iter().enumerate() {
-            if i > 0 {
-                out.push_str(", ");
-            }
-            n += 1;
-            match backend {
-                DbBackend::Postgres => out.push_str(&format!("CAST(${n} AS {cast})")),
-                _ => out.push_str(&format!("CAST(? AS {cast})")),
-            }
-        }
-        out.push(')');
     }
-    out
+}
+
+/// A `FROM` item named `v` whose rows are the JSON array in parameter `param` (1-based), with
+/// one column per `(name, type)`.
+fn json_rows(backend: DbBackend, param: usize, columns: &[(&str, SqlType)]) -> String {
+    match backend {
+        DbBackend::Postgres => {
+            let fields: Vec<String> = columns
+                .iter()
+                .map(|(name, ty)| format!("{name} {}", ty.name()))
+                .collect();
+            format!(
+                "json_to_recordset(CAST(${param} AS json)) AS v({})",
+                fields.join(", ")
+            )
+        }
+        _ => {
+            // json_extract gives integers as INTEGER, strings as TEXT and null as NULL.
+            let fields: Vec<String> = columns
+                .iter()
+                .map(|(name, _)| format!("json_extract(value, '$.{name}') AS {name}"))
+                .collect();
+            format!("(SELECT {} FROM json_each(?)) AS v", fields.join(", "))
+        }
+    }
+}
+
+/// Rows for one table, as JSON objects keyed by column name.
+pub(super) struct Rows {
+    table: &'static str,
+    columns: Vec<(&'static str, SqlType)>,
+    rows: Vec<Json>,
+}
+
+impl Rows {
+    /// The rows of `models` (every column set).
+    pub fn of<A: ActiveModelTrait>(models: &[A]) -> Result<Rows, EngineError> {
+        let all: Vec<_> = <A::Entity as EntityTrait>::Column::iter().collect();
+        let mut columns = Vec::with_capacity(all.len());
+        for column in &all {
+            let ty = match column.def().get_column_type() {
+                ColumnType::Integer | ColumnType::SmallInteger => SqlType::Integer,
+                ColumnType::BigInteger => SqlType::BigInt,
+                ColumnType::String(_) | ColumnType::Text | ColumnType::Char(_) => SqlType::Text,
+                other => {
+                    return Err(unsupported(format!(
+                        "column `{}` has type {other:?}",
+                        column.as_str()
+                    )));
+                }
+            };
+            columns.push((column.as_str(), ty));
+        }
+        let mut rows = Vec::with_capacity(models.len());
+        for model in models {
+            let mut object = Map::new();
+            for column in &all {
+                let value = match model.get(*column) {
+                    ActiveValue::Set(value) | ActiveValue::Unchanged(value) => to_json(value)?,
+                    ActiveValue::NotSet => Json::Null,
+                };
+                object.insert(column.as_str().to_string(), value);
+            }
+            rows.push(Json::Object(object));
+        }
+        Ok(Rows {
+            table: <A::Entity as Default>::default().table_name(),
+            columns,
+            rows,
+        })
+    }
+
+    /// `INSERT INTO table (...) SELECT ... FROM <parameter param>`, keeping only rows of the
+    /// sagas `committed` names (a subquery), if given.
+    fn insert_sql(&self, backend: DbBackend, param: usize, committed: Option<&str>) -> String {
+        let names: Vec<&str> = self.columns.iter().map(|(name, _)| *name).collect();
+        let names = names.join(", ");
+        let filter = committed
+            .map(|ids| format!(" WHERE v.saga_id IN ({ids})"))
+            .unwrap_or_default();
+        format!(
+            "INSERT INTO {} ({names}) SELECT {names} FROM {}{filter}",
+            self.table,
+            json_rows(backend, param, &self.columns)
+        )
+    }
+
+    fn retain_sagas(&mut self, committed: &HashSet<String>) {
+        self.rows.retain(|row| {
+            row.get("saga_id")
+                .and_then(Json::as_str)
+                .is_some_and(|id| committed.contains(id))
+        });
+    }
+}
+
+fn unsupported(detail: String) -> EngineError {
+    EngineError::Corrupt {
+        saga_id: String::new(),
+        detail: format!("the batch writer cannot store this: {detail}"),
+    }
+}
+
+/// The JSON form of a column value the store writes (text and integers).
+fn to_json(value: Value) -> Result<Json, EngineError> {
+    Ok(match value {
+        Value::String(s) => s.map_or(Json::Null, Json::String),
+        Value::Int(n) => n.map_or(Json::Null, Json::from),
+        Value::BigInt(n) => n.map_or(Json::Null, Json::from),
+        other => return Err(unsupported(format!("value {other:?}"))),
+    })
+}
+
+/// The JSON array parameter for `rows`.
+fn parameter(rows: &[Json]) -> Value {
+    Value::from(Json::Array(rows.to_vec()).to_string())
 }
 
 /// One saga row's new values, written only if its version is still `expected`.
@@ -54,55 +171,49 @@ pub(super) struct SagaUpdate {
     pub expected: i64,
 }
 
-/// Applies the updates whose version still matches and returns the ids that were written.
-pub(super) async fn update_sagas(
-    db: &impl ConnectionTrait,
-    updates: &[SagaUpdate],
-) -> Result<HashSet<String>, EngineError> {
-    const CASTS: [&str; 11] = [
-        "TEXT", "TEXT", "TEXT", "TEXT", "TEXT", "TEXT", "BIGINT", "BIGINT", "BIGINT", "BIGINT",
-        "BIGINT",
-    ];
-    let backend = db.get_database_backend();
-    let mut written = HashSet::new();
-    for chunk in updates.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "UPDATE sagas SET status = v.column2, current_step = v.column3, outputs = v.column4, \
-             progress = v.column5, last_error = v.column6, wake_at = v.column7, \
-             row_version = v.column8, history_seq = v.column9, updated_at = v.column10 \
-             FROM (VALUES {}) AS v \
-             WHERE sagas.id = v.column1 AND sagas.row_version = v.column11 \
-             RETURNING sagas.id",
-            values_list(backend, chunk.len(), &CASTS)
-        );
-        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * CASTS.len());
-        for u in chunk {
-            values.extend([
-                u.id.clone().into(),
-                u.status.clone().into(),
-                u.current_step.clone().into(),
-                u.outputs.clone().into(),
-                u.progress.clone().into(),
-                u.last_error.clone().into(),
-                u.wake_at.into(),
-                u.row_version.into(),
-                u.history_seq.into(),
-                u.updated_at.into(),
-                u.expected.into(),
-            ]);
-        }
-        let rows = db
-            .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
-            .await
-            .map_err(EngineError::db("updating sagas"))?;
-        for row in rows {
-            let id: String = row
-                .try_get_by_index(0)
-                .map_err(EngineError::db("reading updated saga ids"))?;
-            written.insert(id);
-        }
-    }
-    Ok(written)
+const SAGA_UPDATE_COLUMNS: [(&str, SqlType); 11] = [
+    ("id", SqlType::Text),
+    ("status", SqlType::Text),
+    ("current_step", SqlType::Text),
+    ("outputs", SqlType::Text),
+    ("progress", SqlType::Text),
+    ("last_error", SqlType::Text),
+    ("wake_at", SqlType::BigInt),
+    ("row_version", SqlType::BigInt),
+    ("history_seq", SqlType::BigInt),
+    ("updated_at", SqlType::BigInt),
+    ("expected", SqlType::BigInt),
+];
+
+fn update_sagas_sql(backend: DbBackend, param: usize) -> String {
+    format!(
+        "UPDATE sagas SET status = v.status, current_step = v.current_step, outputs = v.outputs, \
+         progress = v.progress, last_error = v.last_error, wake_at = v.wake_at, \
+         row_version = v.row_version, history_seq = v.history_seq, updated_at = v.updated_at \
+         FROM {} WHERE sagas.id = v.id AND sagas.row_version = v.expected RETURNING sagas.id",
+        json_rows(backend, param, &SAGA_UPDATE_COLUMNS)
+    )
+}
+
+fn saga_update_rows(updates: &[SagaUpdate]) -> Vec<Json> {
+    updates
+        .iter()
+        .map(|u| {
+            json!({
+                "id": u.id,
+                "status": u.status,
+                "current_step": u.current_step,
+                "outputs": u.outputs,
+                "progress": u.progress,
+                "last_error": u.last_error,
+                "wake_at": u.wake_at,
+                "row_version": u.row_version,
+                "history_seq": u.history_seq,
+                "updated_at": u.updated_at,
+                "expected": u.expected,
+            })
+        })
+        .collect()
 }
 
 /// A change to an attempt row that already exists.
@@ -117,45 +228,213 @@ pub(super) struct AttemptUpdate {
     pub error: Option<String>,
 }
 
-/// Applies attempt updates; for one attempt, the last update wins.
-pub(super) async fn update_attempts(
-    db: &impl ConnectionTrait,
-    updates: Vec<AttemptUpdate>,
-) -> Result<(), EngineError> {
-    const CASTS: [&str; 7] = [
-        "TEXT", "INTEGER", "TEXT", "INTEGER", "TEXT", "BIGINT", "TEXT",
-    ];
-    // PostgreSQL uses an arbitrary one of several VALUES rows matching one target row.
-    let mut last: std::collections::HashMap<(String, i32, &str, i32), AttemptUpdate> =
-        std::collections::HashMap::new();
-    for u in updates {
-        last.insert((u.saga_id.clone(), u.step, u.direction, u.attempt), u);
+impl AttemptUpdate {
+    /// The attempt row it changes.
+    pub fn key(&self) -> (String, i32, String, i32) {
+        (
+            self.saga_id.clone(),
+            self.step,
+            self.direction.to_string(),
+            self.attempt,
+        )
     }
-    let updates: Vec<AttemptUpdate> = last.into_values().collect();
-    let backend = db.get_database_backend();
-    for chunk in updates.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "UPDATE step_attempts SET status = v.column5, finished_at = v.column6, error = v.column7 \
-             FROM (VALUES {}) AS v \
-             WHERE step_attempts.saga_id = v.column1 AND step_attempts.step = v.column2 \
-             AND step_attempts.direction = v.column3 AND step_attempts.attempt = v.column4",
-            values_list(backend, chunk.len(), &CASTS)
-        );
-        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * CASTS.len());
-        for u in chunk {
-            values.extend([
-                u.saga_id.clone().into(),
-                u.step.into(),
-                u.direction.into(),
-                u.attempt.into(),
-                u.status.into(),
-                u.finished_at.into(),
-                u.error.clone().into(),
-            ]);
+}
+
+const ATTEMPT_UPDATE_COLUMNS: [(&str, SqlType); 7] = [
+    ("saga_id", SqlType::Text),
+    ("step", SqlType::Integer),
+    ("direction", SqlType::Text),
+    ("attempt", SqlType::Integer),
+    ("status", SqlType::Text),
+    ("finished_at", SqlType::BigInt),
+    ("error", SqlType::Text),
+];
+
+fn update_attempts_sql(backend: DbBackend, param: usize, committed: Option<&str>) -> String {
+    let filter = committed
+        .map(|ids| format!(" AND v.saga_id IN ({ids})"))
+        .unwrap_or_default();
+    format!(
+        "UPDATE step_attempts SET status = v.status, finished_at = v.finished_at, error = v.error \
+         FROM {} WHERE step_attempts.saga_id = v.saga_id AND step_attempts.step = v.step \
+         AND step_attempts.direction = v.direction AND step_attempts.attempt = v.attempt{filter}",
+        json_rows(backend, param, &ATTEMPT_UPDATE_COLUMNS)
+    )
+}
+
+/// One JSON row per attempt; for one attempt, the last update wins (PostgreSQL would use an
+/// arbitrary one of several rows matching one target row).
+fn attempt_update_rows(
+    updates: &[AttemptUpdate],
+    committed: Option<&HashSet<String>>,
+) -> Vec<Json> {
+    let mut last: HashMap<(String, i32, String, i32), &AttemptUpdate> = HashMap::new();
+    for update in updates {
+        if committed.is_none_or(|ids| ids.contains(&update.saga_id)) {
+            last.insert(update.key(), update);
         }
-        db.execute_raw(Statement::from_sql_and_values(backend, sql, values))
-            .await
-            .map_err(EngineError::db("updating attempts"))?;
     }
-    Ok(())
+    last.into_values()
+        .map(|u| {
+            json!({
+                "saga_id": u.saga_id,
+                "step": u.step,
+                "direction": u.direction,
+                "attempt": u.attempt,
+                "status": u.status,
+                "finished_at": u.finished_at,
+                "error": u.error,
+            })
+        })
+        .collect()
+}
+
+/// Everything one batch writes, assuming every saga update succeeds.
+pub(super) struct BatchWrite {
+    pub saga_updates: Vec<SagaUpdate>,
+    pub new_sagas: Rows,
+    pub new_attempts: Rows,
+    /// Changes to attempts that exist before this batch (an attempt inserted by the batch
+    /// already carries its final values).
+    pub attempt_updates: Vec<AttemptUpdate>,
+    pub outbox: Rows,
+    pub history: Rows,
+}
+
+/// Writes the batch atomically; returns the ids of the existing sagas whose update was
+/// written. New sagas are always written; if one cannot be (a start key taken meanwhile),
+/// nothing is.
+pub(super) async fn write(
+    db: &DatabaseConnection,
+    batch: BatchWrite,
+) -> Result<HashSet<String>, EngineError> {
+    match db.get_database_backend() {
+        DbBackend::Postgres => write_in_one_statement(db, batch).await,
+        backend => write_in_one_transaction(db, backend, batch).await,
+    }
+}
+
+async fn write_in_one_statement(
+    db: &DatabaseConnection,
+    batch: BatchWrite,
+) -> Result<HashSet<String>, EngineError> {
+    let backend = DbBackend::Postgres;
+    let committed = Some("SELECT id FROM committed");
+    let sql = format!(
+        "WITH updated AS ({}), \
+         inserted AS ({} RETURNING id), \
+         committed AS (SELECT id FROM updated UNION ALL SELECT id FROM inserted), \
+         new_attempts AS ({}), \
+         finished_attempts AS ({}), \
+         new_commands AS ({}), \
+         new_history AS ({}) \
+         SELECT id FROM updated",
+        update_sagas_sql(backend, 1),
+        batch.new_sagas.insert_sql(backend, 2, None),
+        batch.new_attempts.insert_sql(backend, 3, committed),
+        update_attempts_sql(backend, 4, committed),
+        batch.outbox.insert_sql(backend, 5, committed),
+        batch.history.insert_sql(backend, 6, committed),
+    );
+    let values = vec![
+        parameter(&saga_update_rows(&batch.saga_updates)),
+        parameter(&batch.new_sagas.rows),
+        parameter(&batch.new_attempts.rows),
+        parameter(&attempt_update_rows(&batch.attempt_updates, None)),
+        parameter(&batch.outbox.rows),
+        parameter(&batch.history.rows),
+    ];
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
+        .await
+        .map_err(EngineError::db("committing a batch of transitions"))?;
+    rows.into_iter()
+        .map(|row| {
+            row.try_get_by_index::<String>(0)
+                .map_err(EngineError::db("reading updated saga ids"))
+        })
+        .collect()
+}
+
+async fn write_in_one_transaction(
+    db: &DatabaseConnection,
+    backend: DbBackend,
+    mut batch: BatchWrite,
+) -> Result<HashSet<String>, EngineError> {
+    let txn = db
+        .begin()
+        .await
+        .map_err(EngineError::db("beginning a transaction"))?;
+    let mut updated = HashSet::new();
+    if !batch.saga_updates.is_empty() {
+        let rows = txn
+            .query_all_raw(Statement::from_sql_and_values(
+                backend,
+                update_sagas_sql(backend, 1),
+                [parameter(&saga_update_rows(&batch.saga_updates))],
+            ))
+            .await
+            .map_err(EngineError::db("updating sagas"))?;
+        for row in rows {
+            updated.insert(
+                row.try_get_by_index::<String>(0)
+                    .map_err(EngineError::db("reading updated saga ids"))?,
+            );
+        }
+    }
+    let mut committed = updated.clone();
+    committed.extend(
+        batch
+            .new_sagas
+            .rows
+            .iter()
+            .filter_map(|row| row.get("id").and_then(Json::as_str).map(str::to_string)),
+    );
+    batch.new_attempts.retain_sagas(&committed);
+    batch.outbox.retain_sagas(&committed);
+    batch.history.retain_sagas(&committed);
+    let attempt_updates = attempt_update_rows(&batch.attempt_updates, Some(&committed));
+    let statements = [
+        (
+            batch.new_sagas.insert_sql(backend, 1, None),
+            &batch.new_sagas.rows,
+            "inserting new sagas",
+        ),
+        (
+            batch.new_attempts.insert_sql(backend, 1, None),
+            &batch.new_attempts.rows,
+            "recording attempts",
+        ),
+        (
+            update_attempts_sql(backend, 1, None),
+            &attempt_updates,
+            "updating attempts",
+        ),
+        (
+            batch.outbox.insert_sql(backend, 1, None),
+            &batch.outbox.rows,
+            "writing step commands to the outbox",
+        ),
+        (
+            batch.history.insert_sql(backend, 1, None),
+            &batch.history.rows,
+            "appending history",
+        ),
+    ];
+    for (sql, rows, doing) in statements {
+        if rows.is_empty() {
+            continue;
+        }
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql,
+            [parameter(rows)],
+        ))
+        .await
+        .map_err(EngineError::db(doing))?;
+    }
+    txn.commit()
+        .await
+        .map_err(EngineError::db("committing a transition"))?;
+    Ok(updated)
 }

@@ -10,7 +10,7 @@ mod batch;
 mod definitions;
 mod entities;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use sagaflow_migrations::{Migrator, MigratorTrait};
@@ -20,7 +20,7 @@ use sagaflow_sdk::{RetryPolicy, SagaSpec, Timestamp};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectOptions, Database, DatabaseConnection, DbBackend,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 use serde_json::Value;
 use tracing::warn;
@@ -113,7 +113,7 @@ impl Store {
     /// SQLite runs in WAL mode with `synchronous=FULL`, so a committed transition survives a
     /// killed process or a power cut.
     pub async fn connect(url: &str) -> Result<Self, EngineError> {
-        let url = normalize_url(url);
+        let url = sagaflow_sdk::database_url(url);
         let mut options = ConnectOptions::new(url.clone());
         options
             .sqlx_logging(false)
@@ -449,49 +449,19 @@ impl Store {
     /// dropped whole: a saga whose row changed since it was read comes back
     /// [`WriteOutcome::Stale`] and nothing of it is written; the others commit.
     pub async fn commit(&self, writes: &[SagaWrite<'_>]) -> Result<Vec<WriteOutcome>, EngineError> {
-        let columns: Vec<SagaColumns> = writes
-            .iter()
-            .map(|w| SagaColumns::of(w.state))
-            .collect::<Result<_, _>>()?;
-        let txn = self
-            .db
-            .begin()
-            .await
-            .map_err(EngineError::db("beginning a transaction"))?;
-
-        // Conditional updates first: they decide which sagas of the batch commit at all.
-        let updates: Vec<batch::SagaUpdate> = writes
-            .iter()
-            .zip(&columns)
-            .filter_map(|(write, c)| {
-                let base = write.base?;
-                Some(batch::SagaUpdate {
-                    id: write.state.saga_id.to_string(),
-                    status: c.status.clone(),
-                    current_step: c.current_step.clone(),
-                    outputs: c.outputs.clone(),
-                    progress: c.progress.clone(),
-                    last_error: c.last_error.clone(),
-                    wake_at: c.wake_at,
-                    row_version: base.row_version + 1,
-                    history_seq: base.history_seq + write.records.len() as i64,
-                    updated_at: write.now.as_millis(),
-                    expected: base.row_version,
-                })
-            })
-            .collect();
-        let updated = batch::update_sagas(&txn, &updates).await?;
-
+        let mut saga_updates = Vec::new();
         let mut new_sagas = Vec::new();
-        let mut outcomes = Vec::with_capacity(writes.len());
         let mut history_rows = Vec::new();
         let mut new_attempts = Vec::new();
         let mut attempt_updates = Vec::new();
         let mut outbox_rows = Vec::new();
-        for (write, c) in writes.iter().zip(columns) {
+        // Every saga's rows are built as if its update succeeds; the batch writer leaves out
+        // those of sagas whose version moved on.
+        for write in writes {
+            let c = SagaColumns::of(write.state)?;
             let saga_id = write.state.saga_id.to_string();
             let now = write.now.as_millis();
-            let (row_version, first_seq) = match write.base {
+            let first_seq = match write.base {
                 None => {
                     new_sagas.push(saga::ActiveModel {
                         id: Set(saga_id.clone()),
@@ -510,14 +480,23 @@ impl Store {
                         created_at: Set(write.state.created_at.as_millis()),
                         updated_at: Set(now),
                     });
-                    (1, 1)
+                    1
                 }
-                Some(base) if updated.contains(&saga_id) => {
-                    (base.row_version + 1, base.history_seq + 1)
-                }
-                Some(_) => {
-                    outcomes.push(WriteOutcome::Stale);
-                    continue;
+                Some(base) => {
+                    saga_updates.push(batch::SagaUpdate {
+                        id: saga_id.clone(),
+                        status: c.status,
+                        current_step: c.current_step,
+                        outputs: c.outputs,
+                        progress: c.progress,
+                        last_error: c.last_error,
+                        wake_at: c.wake_at,
+                        row_version: base.row_version + 1,
+                        history_seq: base.history_seq + write.records.len() as i64,
+                        updated_at: now,
+                        expected: base.row_version,
+                    });
+                    base.history_seq + 1
                 }
             };
             for (offset, record) in write.records.iter().enumerate() {
@@ -540,41 +519,80 @@ impl Store {
             for command in write.dispatches {
                 outbox_rows.push(outbox_row(command, now)?);
             }
-            outcomes.push(WriteOutcome::Committed {
-                row_version,
-                history_seq: first_seq + write.records.len() as i64 - 1,
-            });
         }
-        for chunk in new_sagas.chunks(INSERT_CHUNK / 4) {
-            saga::Entity::insert_many(chunk.to_vec())
-                .exec_without_returning(&txn)
-                .await
-                .map_err(EngineError::db("inserting new sagas"))?;
+        let attempt_updates = fold_into_new_attempts(&mut new_attempts, attempt_updates);
+        let updated = batch::write(
+            &self.db,
+            batch::BatchWrite {
+                saga_updates,
+                new_sagas: batch::Rows::of(&new_sagas)?,
+                new_attempts: batch::Rows::of(&new_attempts)?,
+                attempt_updates,
+                outbox: batch::Rows::of(&outbox_rows)?,
+                history: batch::Rows::of(&history_rows)?,
+            },
+        )
+        .await?;
+        Ok(writes
+            .iter()
+            .map(|write| {
+                let last_seq = |base_seq: i64| base_seq + write.records.len() as i64;
+                match write.base {
+                    None => WriteOutcome::Committed {
+                        row_version: 1,
+                        history_seq: last_seq(0),
+                    },
+                    Some(base) if updated.contains(&write.state.saga_id.to_string()) => {
+                        WriteOutcome::Committed {
+                            row_version: base.row_version + 1,
+                            history_seq: last_seq(base.history_seq),
+                        }
+                    }
+                    Some(_) => WriteOutcome::Stale,
+                }
+            })
+            .collect())
+    }
+}
+
+/// An attempt dispatched and finished within one batch is inserted with its final values; the
+/// updates left are for attempts that existed before.
+fn fold_into_new_attempts(
+    new_attempts: &mut [attempt::ActiveModel],
+    updates: Vec<batch::AttemptUpdate>,
+) -> Vec<batch::AttemptUpdate> {
+    let mut index: HashMap<(String, i32, String, i32), usize> = HashMap::new();
+    for (i, row) in new_attempts.iter().enumerate() {
+        let key = (
+            active(&row.saga_id).cloned().unwrap_or_default(),
+            active(&row.step).copied().unwrap_or_default(),
+            active(&row.direction).cloned().unwrap_or_default(),
+            active(&row.attempt).copied().unwrap_or_default(),
+        );
+        index.insert(key, i);
+    }
+    let mut rest = Vec::new();
+    for update in updates {
+        match index
+            .get(&update.key())
+            .and_then(|&i| new_attempts.get_mut(i))
+        {
+            Some(row) => {
+                row.status = Set(update.status.to_string());
+                row.finished_at = Set(Some(update.finished_at));
+                row.error = Set(update.error);
+            }
+            None => rest.push(update),
         }
-        for chunk in new_attempts.chunks(INSERT_CHUNK) {
-            attempt::Entity::insert_many(chunk.to_vec())
-                .exec_without_returning(&txn)
-                .await
-                .map_err(EngineError::db("recording attempts"))?;
-        }
-        // After the inserts: an attempt dispatched and answered in one batch is updated too.
-        batch::update_attempts(&txn, attempt_updates).await?;
-        for chunk in outbox_rows.chunks(INSERT_CHUNK) {
-            outbox::Entity::insert_many(chunk.to_vec())
-                .exec_without_returning(&txn)
-                .await
-                .map_err(EngineError::db("writing step commands to the outbox"))?;
-        }
-        for chunk in history_rows.chunks(INSERT_CHUNK) {
-            history::Entity::insert_many(chunk.to_vec())
-                .exec_without_returning(&txn)
-                .await
-                .map_err(EngineError::db("appending history"))?;
-        }
-        txn.commit()
-            .await
-            .map_err(EngineError::db("committing a transition"))?;
-        Ok(outcomes)
+    }
+    rest
+}
+
+/// The value of a field that was set.
+fn active<T: Into<sea_orm::Value>>(value: &sea_orm::ActiveValue<T>) -> Option<&T> {
+    match value {
+        sea_orm::ActiveValue::Set(v) | sea_orm::ActiveValue::Unchanged(v) => Some(v),
+        sea_orm::ActiveValue::NotSet => None,
     }
 }
 
@@ -776,23 +794,6 @@ fn connect_policy() -> RetryPolicy {
         .unwrap_or_default()
 }
 
-/// Accepts `sqlite:PATH`, `sqlite://PATH` or a bare `*.db` path; SQLite files are created when
-/// missing.
-fn normalize_url(url: &str) -> String {
-    let sqlite_path = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .or_else(|| (!url.contains("://")).then_some(url));
-    match sqlite_path {
-        Some(path) if !path.contains("mode=") => {
-            let sep = if path.contains('?') { '&' } else { '?' };
-            format!("sqlite://{path}{sep}mode=rwc")
-        }
-        Some(path) => format!("sqlite://{path}"),
-        None => url.to_string(),
-    }
-}
-
 /// Hides a password in a database URL.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.find('@')) {
@@ -812,17 +813,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sqlite_urls_get_create_mode_and_passwords_are_hidden() {
-        assert_eq!(normalize_url("demo.db"), "sqlite://demo.db?mode=rwc");
-        assert_eq!(
-            normalize_url("sqlite:///tmp/x.db"),
-            "sqlite:///tmp/x.db?mode=rwc"
-        );
-        assert_eq!(
-            normalize_url("sqlite://x.db?mode=ro"),
-            "sqlite://x.db?mode=ro"
-        );
-        assert_eq!(normalize_url("postgres://u@h/db"), "postgres://u@h/db");
+    fn passwords_are_hidden() {
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
     }

@@ -50,12 +50,7 @@ pub struct ResultStore {
 impl ResultStore {
     /// Opens the database at `url` (a SQLite file is created if missing) and creates the table.
     pub async fn open(url: &str) -> Result<Self, WorkerError> {
-        let url = if url.starts_with("sqlite:") && !url.contains("mode=") {
-            let sep = if url.contains('?') { '&' } else { '?' };
-            format!("{url}{sep}mode=rwc")
-        } else {
-            url.to_string()
-        };
+        let url = crate::database_url(url);
         let mut options = ConnectOptions::new(url.clone());
         options.sqlx_logging(false);
         if url.starts_with("sqlite:") {

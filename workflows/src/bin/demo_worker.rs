@@ -57,11 +57,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let url = if args.database_url.starts_with("sqlite:") && !args.database_url.contains("mode=") {
-        format!("{}?mode=rwc", args.database_url)
-    } else {
-        args.database_url.clone()
-    };
+    let url = sagaflow_sdk::database_url(&args.database_url);
     let db = Database::connect(&url)
         .await
         .with_context(|| format!("cannot open {}", args.database_url))?;
