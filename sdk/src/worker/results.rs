@@ -6,16 +6,26 @@
 //! atomic insert-if-absent, survives broker restarts, and can sit next to the data the handlers
 //! change. (The NATS server this project targets, 2.9, also lacks per-key TTLs, and its
 //! key-value API does not work with the client version in use.)
+//!
+//! Lookups and records from concurrent attempts are grouped: while one group is in the
+//! database the next gathers, so a busy worker reads and writes many keys per statement and
+//! shares one commit among them, instead of a commit per step.
+
+use std::collections::HashMap;
 
 use sea_orm::entity::prelude::*;
 use sea_orm::{
     ActiveValue::Set, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend,
     DbErr, Schema, TransactionTrait,
 };
+use tokio::sync::{mpsc, oneshot};
 
 use super::WorkerError;
 use crate::Timestamp;
 use crate::protocol::StepOutcome;
+
+/// The most keys one statement reads or writes.
+const MAX_GROUP: usize = 256;
 
 /// The PostgreSQL advisory lock key that serializes creating `worker_results`.
 const CREATE_LOCK: i64 = 7_036_815_064;
@@ -45,6 +55,23 @@ pub mod entity {
 #[derive(Debug, Clone)]
 pub struct ResultStore {
     db: DatabaseConnection,
+    lookups: mpsc::UnboundedSender<Lookup>,
+    records: mpsc::UnboundedSender<Recording>,
+}
+
+/// A lookup waiting for its group.
+#[derive(Debug)]
+struct Lookup {
+    key: String,
+    answer: oneshot::Sender<Result<Option<StepOutcome>, String>>,
+}
+
+/// A record waiting for its group.
+#[derive(Debug)]
+struct Recording {
+    row: entity::ActiveModel,
+    outcome: StepOutcome,
+    answer: oneshot::Sender<Result<StepOutcome, String>>,
 }
 
 impl ResultStore {
@@ -87,20 +114,32 @@ impl ResultStore {
         } else {
             db.execute(&create).await.map_err(failed)?;
         }
-        Ok(ResultStore { db })
+        let (lookups, pending_lookups) = mpsc::unbounded_channel();
+        let (records, pending_records) = mpsc::unbounded_channel();
+        // Both tasks end when the last clone of the store is dropped.
+        tokio::spawn(serve_lookups(db.clone(), pending_lookups));
+        tokio::spawn(serve_records(db.clone(), pending_records));
+        Ok(ResultStore {
+            db,
+            lookups,
+            records,
+        })
     }
 
     /// The recorded outcome for `key`, if it succeeded.
     pub async fn lookup(&self, key: &str) -> Result<Option<StepOutcome>, WorkerError> {
-        let row = entity::Entity::find_by_id(key.to_string())
-            .one(&self.db)
+        let (answer, answered) = oneshot::channel();
+        let lookup = Lookup {
+            key: key.to_string(),
+            answer,
+        };
+        if self.lookups.send(lookup).is_err() {
+            return Err(stopped());
+        }
+        answered
             .await
-            .map_err(|e| WorkerError::Database(format!("cannot read worker_results: {e}")))?;
-        row.map(|r| {
-            serde_json::from_str(&r.outcome)
-                .map_err(|e| WorkerError::Database(format!("corrupt outcome for `{key}`: {e}")))
-        })
-        .transpose()
+            .map_err(|_| stopped())?
+            .map_err(WorkerError::Database)
     }
 
     /// Records `outcome` for `key` unless one is there already, and returns the one that stands
@@ -113,20 +152,24 @@ impl ResultStore {
     ) -> Result<StepOutcome, WorkerError> {
         let text = serde_json::to_string(outcome)
             .map_err(|e| WorkerError::Database(format!("cannot serialize an outcome: {e}")))?;
-        let inserted = entity::Entity::insert(entity::ActiveModel {
-            idempotency_key: Set(key.to_string()),
-            command_id: Set(command_id.to_string()),
-            outcome: Set(text),
-            recorded_at: Set(Timestamp::now().as_millis()),
-        })
-        .on_conflict_do_nothing()
-        .exec_without_returning(&self.db)
-        .await
-        .map_err(|e| WorkerError::Database(format!("cannot write worker_results: {e}")))?;
-        if matches!(inserted, sea_orm::TryInsertResult::Inserted(1)) {
-            return Ok(outcome.clone());
+        let (answer, answered) = oneshot::channel();
+        let recording = Recording {
+            row: entity::ActiveModel {
+                idempotency_key: Set(key.to_string()),
+                command_id: Set(command_id.to_string()),
+                outcome: Set(text),
+                recorded_at: Set(Timestamp::now().as_millis()),
+            },
+            outcome: outcome.clone(),
+            answer,
+        };
+        if self.records.send(recording).is_err() {
+            return Err(stopped());
         }
-        Ok(self.lookup(key).await?.unwrap_or_else(|| outcome.clone()))
+        answered
+            .await
+            .map_err(|_| stopped())?
+            .map_err(WorkerError::Database)
     }
 
     /// How many keys have a recorded outcome.
@@ -135,5 +178,165 @@ impl ResultStore {
             .count(&self.db)
             .await
             .map_err(|e| WorkerError::Database(format!("cannot count worker_results: {e}")))
+    }
+}
+
+fn stopped() -> WorkerError {
+    WorkerError::Database("the idempotency store stopped".into())
+}
+
+/// Takes what is waiting on `pending` (at least one, at most `MAX_GROUP`).
+async fn next_group<T>(pending: &mut mpsc::UnboundedReceiver<T>) -> Option<Vec<T>> {
+    let first = pending.recv().await?;
+    let mut group = vec![first];
+    while group.len() < MAX_GROUP {
+        match pending.try_recv() {
+            Ok(next) => group.push(next),
+            Err(_) => break,
+        }
+    }
+    Some(group)
+}
+
+/// The recorded outcomes of `keys` (those that have one).
+async fn recorded(
+    db: &DatabaseConnection,
+    keys: Vec<String>,
+) -> Result<HashMap<String, StepOutcome>, String> {
+    let rows = entity::Entity::find()
+        .filter(entity::Column::IdempotencyKey.is_in(keys))
+        .all(db)
+        .await
+        .map_err(|e| format!("cannot read worker_results: {e}"))?;
+    rows.into_iter()
+        .map(|row| {
+            let outcome = serde_json::from_str(&row.outcome)
+                .map_err(|e| format!("corrupt outcome for `{}`: {e}", row.idempotency_key))?;
+            Ok((row.idempotency_key, outcome))
+        })
+        .collect()
+}
+
+async fn serve_lookups(db: DatabaseConnection, mut pending: mpsc::UnboundedReceiver<Lookup>) {
+    while let Some(group) = next_group(&mut pending).await {
+        let keys = group.iter().map(|l| l.key.clone()).collect();
+        match recorded(&db, keys).await {
+            Ok(found) => {
+                for lookup in group {
+                    let _ = lookup.answer.send(Ok(found.get(&lookup.key).cloned()));
+                }
+            }
+            Err(error) => {
+                for lookup in group {
+                    let _ = lookup.answer.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn serve_records(db: DatabaseConnection, mut pending: mpsc::UnboundedReceiver<Recording>) {
+    while let Some(group) = next_group(&mut pending).await {
+        match record_group(&db, &group).await {
+            Ok(standing) => {
+                for (recording, outcome) in group.into_iter().zip(standing) {
+                    let _ = recording.answer.send(Ok(outcome));
+                }
+            }
+            Err(error) => {
+                for recording in group {
+                    let _ = recording.answer.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Inserts the group's rows where their key is new (one statement, one commit) and returns the
+/// outcome that stands for each.
+async fn record_group(
+    db: &DatabaseConnection,
+    group: &[Recording],
+) -> Result<Vec<StepOutcome>, String> {
+    let inserted = entity::Entity::insert_many(group.iter().map(|r| r.row.clone()))
+        .on_conflict_do_nothing()
+        .exec_without_returning(db)
+        .await
+        .map_err(|e| format!("cannot write worker_results: {e}"))?;
+    let all_new =
+        matches!(inserted, sea_orm::TryInsertResult::Inserted(n) if n as usize == group.len());
+    if all_new {
+        return Ok(group.iter().map(|r| r.outcome.clone()).collect());
+    }
+    // Some keys were recorded before (or twice in this group): the earlier outcome stands.
+    let keys = group
+        .iter()
+        .filter_map(|r| match &r.row.idempotency_key {
+            sea_orm::ActiveValue::Set(key) => Some(key.clone()),
+            _ => None,
+        })
+        .collect();
+    let standing = recorded(db, keys).await?;
+    Ok(group
+        .iter()
+        .map(|r| {
+            match &r.row.idempotency_key {
+                sea_orm::ActiveValue::Set(key) => standing.get(key).cloned(),
+                _ => None,
+            }
+            .unwrap_or_else(|| r.outcome.clone())
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn succeeded(n: i64) -> StepOutcome {
+        StepOutcome::Succeeded { output: json!(n) }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_records_are_grouped_and_the_first_outcome_stands() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = format!("sqlite://{}", dir.path().join("results.db").display());
+        let store = ResultStore::open(&url).await.expect("open");
+
+        // Many attempts at once, and two deliveries of key 7 racing with different outcomes.
+        let mut tasks = Vec::new();
+        for n in 0..100i64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let key = format!("key-{}", if n == 100 - 1 { 7 } else { n });
+                store.record(&key, &format!("cmd-{n}"), &succeeded(n)).await
+            }));
+        }
+        let mut standing = Vec::new();
+        for task in tasks {
+            standing.push(task.await.expect("task").expect("recorded"));
+        }
+        assert_eq!(store.count().await.expect("count"), 99);
+        for (n, outcome) in standing.iter().enumerate().take(99) {
+            if n != 7 {
+                assert_eq!(outcome, &succeeded(n as i64), "key-{n}");
+            }
+        }
+        // Both deliveries of key 7 are told the one outcome that was recorded.
+        let (seven, unknown) = tokio::join!(store.lookup("key-7"), store.lookup("key-x"));
+        let seven = seven.expect("lookup").expect("key 7 recorded");
+        assert!(seven == succeeded(7) || seven == succeeded(99), "{seven:?}");
+        assert_eq!(standing[7], seven);
+        assert_eq!(standing[99], seven);
+        assert_eq!(unknown.expect("lookup"), None);
+
+        // A later delivery finds the record.
+        let again = store
+            .record("key-7", "cmd-late", &succeeded(-1))
+            .await
+            .expect("recorded");
+        assert_eq!(again, seven);
     }
 }
