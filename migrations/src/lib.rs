@@ -16,6 +16,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261126_000001_core_tables;
 mod m20261126_000002_outbox;
 mod m20261126_000003_audit_indexes;
+mod m20261126_000004_outbox_unsent_partial;
 
 /// Applies the schema: `Migrator::up(&db, None).await`.
 pub struct Migrator;
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000001_core_tables::Migration),
             Box::new(m20261126_000002_outbox::Migration),
             Box::new(m20261126_000003_audit_indexes::Migration),
+            Box::new(m20261126_000004_outbox_unsent_partial::Migration),
         ]
     }
 }
