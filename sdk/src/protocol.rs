@@ -194,6 +194,9 @@ pub mod names {
     pub const ENGINE_QUEUE: &str = "sagaflow-engine";
     /// The largest message either stream accepts, in bytes.
     pub const MAX_MESSAGE_BYTES: i32 = 1024 * 1024;
+    /// The largest output one step may return, as compact JSON: every later command carries
+    /// it, so a few of them must fit in one message.
+    pub const MAX_OUTPUT_BYTES: usize = 256 * 1024;
 
     /// Where the command for a step of a saga is published.
     pub fn command_subject(saga: &str, step: &str) -> String {

@@ -228,7 +228,25 @@ impl Saga {
         let outcome = match self.spec.steps.get(command.step_index) {
             Some(spec) if spec.name == command.step => {
                 match tokio::spawn(self.run(request)).await {
-                    Ok(Ok(output)) => StepOutcome::Succeeded { output },
+                    Ok(Ok(output)) => match output.to_string().len() {
+                        // Retryable, not permanent: the step may have taken effect, so when
+                        // the retries give up it is compensated (by its forward key).
+                        size if size > crate::protocol::names::MAX_OUTPUT_BYTES => {
+                            StepOutcome::Failed {
+                                error: StepError::retryable(
+                                    "output_too_large",
+                                    format!(
+                                        "step `{}` returned {size} bytes of output, over the \
+                                         {} byte limit (every later command carries it); \
+                                         return a reference to the data instead",
+                                        command.step,
+                                        crate::protocol::names::MAX_OUTPUT_BYTES
+                                    ),
+                                ),
+                            }
+                        }
+                        _ => StepOutcome::Succeeded { output },
+                    },
                     Ok(Err(error)) => StepOutcome::Failed { error },
                     Err(join_error) => StepOutcome::Failed {
                         error: StepError::retryable(
@@ -356,5 +374,70 @@ impl<H: Compensate> ErasedStep for WithCompensation<H> {
 
     fn check_output(&self, output: &Value, step: &str) -> Result<(), SdkError> {
         check::<H::Output>(output, "output", step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::Value;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::protocol::{PROTOCOL_VERSION, StepCommand, StepOutcome, names};
+    use crate::{Direction, ErrorClass};
+
+    /// Returns a string of the length it is given.
+    struct Echo;
+
+    impl StepHandler for Echo {
+        type Input = usize;
+        type Output = String;
+
+        async fn execute(&self, _ctx: &StepContext, length: usize) -> Result<String, StepError> {
+            Ok("x".repeat(length))
+        }
+    }
+
+    fn command(length: usize) -> StepCommand {
+        StepCommand {
+            v: PROTOCOL_VERSION,
+            command_id: "c".into(),
+            saga_id: Uuid::from_u128(7),
+            saga: "echo".into(),
+            saga_version: 1,
+            step_index: 0,
+            step: "echo".into(),
+            direction: Direction::Forward,
+            attempt: 1,
+            idempotency_key: "k".into(),
+            forward_key: "k".into(),
+            deadline: None,
+            input: Value::from(length),
+            outputs: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_output_over_the_limit_is_a_retryable_failure() {
+        let saga = Saga::builder("echo", 1)
+            .step(Step::pivot("echo", Echo))
+            .build()
+            .expect("valid saga");
+        // The JSON string adds its two quotes.
+        let fits = saga
+            .handle(&command(names::MAX_OUTPUT_BYTES - 2), "w1")
+            .await;
+        assert!(matches!(fits.outcome, StepOutcome::Succeeded { .. }));
+        let over = saga
+            .handle(&command(names::MAX_OUTPUT_BYTES - 1), "w1")
+            .await;
+        let StepOutcome::Failed { error } = over.outcome else {
+            panic!("an output over the limit succeeded");
+        };
+        assert_eq!(error.code, "output_too_large");
+        assert_eq!(error.class, ErrorClass::Retryable);
+        assert!(error.message.contains("262145 bytes"), "{}", error.message);
     }
 }

@@ -4,6 +4,7 @@ mod act;
 mod crash;
 mod distributed;
 mod embedded;
+mod limits;
 mod ops;
 mod python_worker;
 mod scenarios;

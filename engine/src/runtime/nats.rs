@@ -14,7 +14,7 @@ use sagaflow_sdk::protocol::{
 use sagaflow_sdk::worker::{durable_consumer, ensure_streams};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use super::Starter;
@@ -298,6 +298,20 @@ impl Transport for JetStreamTransport {
                         continue;
                     }
                 };
+                if payload.len() > names::MAX_MESSAGE_BYTES as usize {
+                    // No broker takes it, now or later: counted as handled so the outbox sweep
+                    // does not try forever. The attempt times out and its retry policy decides
+                    // (a compensation that cannot be sent leaves the saga stuck, with a reason).
+                    error!(
+                        command = %command.command_id,
+                        size = payload.len(),
+                        limit = names::MAX_MESSAGE_BYTES,
+                        "a step command is too large to publish (the saga's input and outputs \
+                         outgrew one message); the attempt will time out"
+                    );
+                    pending.push((command.command_id.clone(), None));
+                    continue;
+                }
                 let publish = jetstream::message::PublishMessage::build()
                     .payload(payload.into())
                     .message_id(&command.command_id);
@@ -309,12 +323,16 @@ impl Transport for JetStreamTransport {
                     )
                     .await
                 {
-                    Ok(ack) => pending.push((command.command_id.clone(), ack)),
+                    Ok(ack) => pending.push((command.command_id.clone(), Some(ack))),
                     Err(e) => warn!(command = %command.command_id, error = %e, "publish failed"),
                 }
             }
             let mut accepted = Vec::with_capacity(pending.len());
             for (id, ack) in pending {
+                let Some(ack) = ack else {
+                    accepted.push(id);
+                    continue;
+                };
                 match ack.await {
                     Ok(_) => accepted.push(id),
                     Err(e) => warn!(command = %id, error = %e, "publish not acknowledged"),
