@@ -17,6 +17,7 @@ mod m20261126_000001_core_tables;
 mod m20261126_000002_outbox;
 mod m20261126_000003_audit_indexes;
 mod m20261126_000004_outbox_unsent_partial;
+mod m20261126_000005_updated_created_index;
 
 /// Applies the schema: `Migrator::up(&db, None).await`.
 pub struct Migrator;
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000002_outbox::Migration),
             Box::new(m20261126_000003_audit_indexes::Migration),
             Box::new(m20261126_000004_outbox_unsent_partial::Migration),
+            Box::new(m20261126_000005_updated_created_index::Migration),
         ]
     }
 }

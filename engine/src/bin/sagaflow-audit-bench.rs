@@ -173,6 +173,14 @@ async fn main() -> Result<()> {
             },
         ),
         (
+            // One saga in a hundred matches, and no other filter narrows.
+            "list --error exhausted",
+            ListFilter {
+                error_contains: Some("exhausted".into()),
+                ..ListFilter::default()
+            },
+        ),
+        (
             "list --updated-since 24h",
             ListFilter {
                 updated: TimeRange {

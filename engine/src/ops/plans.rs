@@ -143,7 +143,7 @@ async fn every_list_filter_reads_an_index_in_page_order() {
             "sqlite_autoindex_sagas",
         ),
         (
-            // A substring has no index; it is checked on the rows walked in page order.
+            // A substring has no index: `list` checks it on the rows walked in page order.
             "error text",
             ListFilter {
                 error_contains: Some("declined".into()),

@@ -354,6 +354,52 @@ pub(crate) fn like_pattern(prefix: &str, text: &str, suffix: &str) -> LikeExpr {
     LikeExpr::new(format!("{prefix}{escaped}{suffix}")).escape('!')
 }
 
+/// Rows read per query while matching error text.
+const TEXT_SCAN_CHUNK: u64 = 500;
+
+/// Up to this many sagas updated in a range, [`list`] first looks up the earliest creation time
+/// among them.
+const FEW_UPDATED: u64 = 50_000;
+
+/// For a lower-bounded `updated` range matching few sagas: the earliest creation time among
+/// them. Listing walks creation order, and the sagas updated recently are mostly created
+/// recently, at the far end of that walk: without the bound, "updated in the last day" read
+/// nearly every saga (0.46 s at a million). With more matches than `FEW_UPDATED` they are
+/// dense enough that the walk finds a page soon.
+async fn earliest_created_among_updated(
+    store: &Store,
+    updated: &TimeRange,
+) -> Result<Option<i64>, EngineError> {
+    if updated.from.is_none() {
+        return Ok(None);
+    }
+    let in_range = || {
+        saga::Entity::find()
+            .select_only()
+            .filter(updated.condition(saga::Column::UpdatedAt))
+    };
+    let matches = in_range()
+        .column(saga::Column::CreatedAt)
+        .limit(FEW_UPDATED + 1)
+        .count(store.connection())
+        .await
+        .map_err(EngineError::db("counting recently updated sagas"))?;
+    if matches > FEW_UPDATED {
+        return Ok(None);
+    }
+    let earliest: Option<Option<i64>> = in_range()
+        // `+ 0`: a plain MIN(created_at) is planned as a walk of the creation index, the very
+        // walk this spares.
+        .expr(Func::min(Expr::col(saga::Column::CreatedAt).add(0)))
+        .into_tuple()
+        .one(store.connection())
+        .await
+        .map_err(EngineError::db(
+            "finding the earliest recently updated saga",
+        ))?;
+    Ok(earliest.flatten())
+}
+
 /// The query [`list`] runs: filters, keyset position, order and limit (one row more than the
 /// page, which tells whether there is a next page without counting).
 pub(crate) fn list_select(
@@ -384,16 +430,6 @@ pub(crate) fn list_select(
     query = query
         .filter(filter.created.condition(saga::Column::CreatedAt))
         .filter(filter.updated.condition(saga::Column::UpdatedAt));
-    if let Some(text) = &filter.error_contains {
-        // LOWER on both sides: SQLite's LIKE ignores ASCII case, PostgreSQL's does not.
-        query = query.filter(
-            Expr::expr(Func::lower(saga::Column::LastError.into_expr())).like(like_pattern(
-                "%",
-                &text.to_ascii_lowercase(),
-                "%",
-            )),
-        );
-    }
     if let Some(key) = &filter.start_key {
         query = query.filter(saga::Column::StartKey.eq(key.as_str()));
     }
@@ -424,13 +460,66 @@ pub async fn list(
     page: &Page,
 ) -> Result<ListPage, EngineError> {
     let definitions = Definitions::load(store).await?;
-    let query = list_select(filter, page, &definitions)?;
-    let mut rows = query
-        .into_model::<SummaryRow>()
-        .all(store.connection())
-        .await
-        .map_err(EngineError::db("listing sagas"))?;
-    let more = rows.len() as u64 > page.limit;
+    let earliest = earliest_created_among_updated(store, &filter.updated).await?;
+    let read = |page: Page| {
+        let definitions = &definitions;
+        async move {
+            let mut query = list_select(filter, &page, definitions)?;
+            if let Some(earliest) = earliest {
+                // Exact, so the answer is the same: it spares walking the sagas created before.
+                query = query.filter(saga::Column::CreatedAt.gte(earliest));
+            }
+            query
+                .into_model::<SummaryRow>()
+                .all(store.connection())
+                .await
+                .map_err(EngineError::db("listing sagas"))
+        }
+    };
+    let (mut rows, more) = match &filter.error_contains {
+        None => {
+            let mut rows = read(page.clone()).await?;
+            let more = rows.len() as u64 > page.limit;
+            rows.truncate(page.limit as usize);
+            (rows, more)
+        }
+        Some(text) => {
+            // Error text has no index, and PostgreSQL cannot tell how rare a substring is: it
+            // guessed a handful of matches and read the whole table (0.45 s at a million
+            // sagas). So the other filters walk the listing order a chunk at a time, through
+            // their index, and the text is matched here.
+            let needle = text.to_ascii_lowercase();
+            let mut matched = Vec::new();
+            let mut after = page.after.clone();
+            loop {
+                let chunk = read(Page {
+                    limit: TEXT_SCAN_CHUNK,
+                    after: after.clone(),
+                })
+                .await?;
+                let exhausted = chunk.len() as u64 <= TEXT_SCAN_CHUNK;
+                for row in chunk.into_iter().take(TEXT_SCAN_CHUNK as usize) {
+                    after = Some(Cursor::for_list(row.created_at, &row.id));
+                    let hit = row
+                        .last_error
+                        .as_deref()
+                        .is_some_and(|e| e.to_ascii_lowercase().contains(&needle));
+                    if hit {
+                        matched.push(row);
+                        if matched.len() as u64 > page.limit {
+                            break;
+                        }
+                    }
+                }
+                if exhausted || matched.len() as u64 > page.limit {
+                    break;
+                }
+            }
+            let more = matched.len() as u64 > page.limit;
+            matched.truncate(page.limit as usize);
+            (matched, more)
+        }
+    };
     rows.truncate(page.limit as usize);
     let next = match (more, rows.last()) {
         (true, Some(last)) => Some(Cursor::for_list(last.created_at, &last.id)),

@@ -26,6 +26,11 @@ const SWEEP_EVERY: Duration = Duration::from_millis(500);
 const KEEP_SENT: Duration = Duration::from_secs(3_600);
 /// The most commands one publish call carries.
 const MAX_BATCH: usize = 1_024;
+/// Published commands are marked sent in one statement at most this often (or once this many
+/// wait): marking is a write of its own, and a command published twice (after a crash before
+/// its mark) is dropped by the broker's de-duplication and the workers' idempotency.
+const MARK_EVERY: Duration = Duration::from_millis(100);
+const MARK_AT_MOST: usize = 4_096;
 
 /// Commands for the relay to publish.
 pub(crate) struct Outgoing {
@@ -41,11 +46,17 @@ pub(crate) async fn run(
     mut committed: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    let mut mark = tokio::time::interval(MARK_EVERY);
     let mut sweeps: u64 = 0;
+    let mut published: Vec<String> = Vec::new();
     loop {
         tokio::select! {
             batch = committed.recv() => {
-                let Some(first) = batch else { return };
+                let Some(first) = batch else {
+                    // The driver has ended: mark what went out before ending too.
+                    mark_sent(&store, &mut published).await;
+                    return;
+                };
                 let in_outbox = first.in_outbox;
                 let mut commands = first.commands;
                 while commands.len() < MAX_BATCH {
@@ -54,15 +65,23 @@ pub(crate) async fn run(
                         Err(_) => break,
                     }
                 }
-                publish(&store, transport.as_ref(), &commands, in_outbox).await;
+                let accepted = publish(transport.as_ref(), &commands).await;
+                if in_outbox {
+                    published.extend(accepted);
+                    if published.len() >= MARK_AT_MOST {
+                        mark_sent(&store, &mut published).await;
+                    }
+                }
             }
+            _ = mark.tick() => mark_sent(&store, &mut published).await,
             _ = sweep.tick() => {
                 sweeps += 1;
                 let now = Timestamp::now();
                 let written_by = Timestamp(now.as_millis() - SWEEP_GRACE.as_millis() as i64);
                 match store.unsent(written_by, MAX_BATCH as u64).await {
                     Ok(commands) if !commands.is_empty() => {
-                        publish(&store, transport.as_ref(), &commands, true).await;
+                        let mut accepted = publish(transport.as_ref(), &commands).await;
+                        mark_sent(&store, &mut accepted).await;
                     }
                     Ok(_) => {}
                     Err(error) => warn!(%error, "cannot read the outbox; trying again"),
@@ -79,12 +98,8 @@ pub(crate) async fn run(
     }
 }
 
-async fn publish(
-    store: &Store,
-    transport: &dyn Transport,
-    commands: &[StepCommand],
-    in_outbox: bool,
-) {
+/// Publishes `commands`; returns the ids the broker accepted.
+async fn publish(transport: &dyn Transport, commands: &[StepCommand]) -> Vec<String> {
     let accepted = transport.publish(commands).await;
     if accepted.len() < commands.len() {
         warn!(
@@ -92,11 +107,17 @@ async fn publish(
             "some step commands were not accepted; the outbox sweep tries them again"
         );
     }
-    if !in_outbox {
+    accepted
+}
+
+/// Marks `published` sent and empties it.
+async fn mark_sent(store: &Store, published: &mut Vec<String>) {
+    if published.is_empty() {
         return;
     }
-    if let Err(error) = store.mark_sent(&accepted, Timestamp::now()).await {
+    if let Err(error) = store.mark_sent(published, Timestamp::now()).await {
         // They stay unsent and will be published again: duplicates are absorbed downstream.
         warn!(%error, "cannot mark outbox commands sent");
     }
+    published.clear();
 }

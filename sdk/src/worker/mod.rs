@@ -230,7 +230,8 @@ impl Worker {
         };
         match self.publish(&command.saga, &reply).await {
             Ok(()) => {
-                if let Err(e) = message.double_ack().await {
+                // A lost ack means one more delivery, answered from the record.
+                if let Err(e) = message.ack().await {
                     warn!(command = %command.command_id, error = %e, "ack failed; the command will be redelivered and answered from the record");
                 }
             }
