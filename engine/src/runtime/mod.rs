@@ -210,6 +210,7 @@ impl Engine {
         }
         for spec in &specs {
             store.register_definition(spec).await?;
+            nats::warn_untimed_steps(spec);
         }
         let broker = nats::Broker::connect(nats_url).await?;
         let (inbox, inbox_rx) = mpsc::unbounded_channel();

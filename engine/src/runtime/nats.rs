@@ -180,6 +180,7 @@ impl Broker {
                             match store.register_definition(&spec).await {
                                 Ok(()) => {
                                     info!(saga = %spec.name, version = spec.version, "definition registered by a worker");
+                                    warn_untimed_steps(&spec);
                                     catalog.add_spec(spec);
                                 }
                                 Err(e) => {
@@ -340,5 +341,21 @@ impl Transport for JetStreamTransport {
             }
             accepted
         })
+    }
+}
+
+/// Over a broker, the attempt timeout is what recovers a command or reply the broker lost; a
+/// step without one waits forever if that happens. Allowed (some steps take unbounded time),
+/// but said once per registration.
+pub(crate) fn warn_untimed_steps(spec: &sagaflow_sdk::SagaSpec) {
+    for step in spec.steps.iter().filter(|s| s.timeout.is_none()) {
+        warn!(
+            saga = %spec.name,
+            version = spec.version,
+            step = %step.name,
+            "step has no attempt timeout: if the broker loses its command or reply, the saga \
+             waits until an operator acts (`sagaflow skip-step` or `cancel`); give it a \
+             timeout unless it may really run without bound"
+        );
     }
 }
