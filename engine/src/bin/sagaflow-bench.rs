@@ -66,8 +66,14 @@ struct Args {
 /// Per-saga timing shared by the no-op handlers.
 #[derive(Default)]
 struct Probe {
+    /// Per saga in flight (removed when it settles), so the probe's memory stays small.
     last_reply: Mutex<HashMap<Uuid, Instant>>,
-    overheads: Mutex<Vec<Duration>>,
+    /// Microseconds: 4 bytes a step.
+    overheads: Mutex<Vec<u32>>,
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 #[derive(Clone)]
@@ -88,7 +94,7 @@ impl StepHandler for NoOp {
             .ok()
             .and_then(|mut m| m.remove(&ctx.saga_id));
         if let (Some(previous), Ok(mut overheads)) = (previous, self.probe.overheads.lock()) {
-            overheads.push(now - previous);
+            overheads.push(micros(now - previous));
         }
         if let Ok(mut m) = self.probe.last_reply.lock() {
             m.insert(ctx.saga_id, Instant::now());
@@ -141,6 +147,11 @@ struct Report {
     step_overhead_ms_p50: f64,
     step_overhead_ms_p99: f64,
     peak_memory_mib: f64,
+    /// Resident memory when a tenth of the sagas had started, and at the end: the difference
+    /// is what finished sagas left behind (the load generator keeps 4 bytes per saga and per
+    /// step for its percentiles).
+    memory_at_tenth_mib: f64,
+    memory_at_end_mib: f64,
     completed: usize,
 }
 
@@ -178,21 +189,32 @@ impl Waiters {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+/// Milliseconds at percentile `p` of sorted microseconds.
+fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)].as_secs_f64() * 1_000.0
+    f64::from(sorted[index.min(sorted.len() - 1)]) / 1_000.0
 }
 
+/// The process's peak resident memory.
 fn peak_memory_mib() -> f64 {
+    memory_mib("VmHWM:")
+}
+
+/// The process's resident memory now.
+fn resident_memory_mib() -> f64 {
+    memory_mib("VmRSS:")
+}
+
+fn memory_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
             status
                 .lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
@@ -283,27 +305,42 @@ async fn main() -> anyhow::Result<()> {
 
     let engine = Arc::new(engine);
     let next = Arc::new(AtomicUsize::new(0));
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.sagas)));
+    let latencies = Arc::new(Mutex::new(Vec::<u32>::with_capacity(args.sagas)));
+    let at_tenth = Arc::new(Mutex::new(None::<f64>));
     let began = Instant::now();
     let mut generators = Vec::new();
     for _ in 0..args.in_flight {
-        let (engine, next, latencies, waiters, name) = (
+        let (engine, next, latencies, waiters, name, probe, at_tenth) = (
             engine.clone(),
             next.clone(),
             latencies.clone(),
             waiters.clone(),
             name.clone(),
+            probe.clone(),
+            at_tenth.clone(),
         );
         let total = args.sagas;
         generators.push(tokio::spawn(async move {
-            while next.fetch_add(1, Ordering::Relaxed) < total {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    break;
+                }
+                if n == total / 10
+                    && let Ok(mut at) = at_tenth.lock()
+                {
+                    *at = Some(resident_memory_mib());
+                }
                 let started = Instant::now();
                 let id = engine.start(&name, json!({}), None).await?;
                 if let Some(wait) = waiters.wait(id) {
                     let _ = tokio::time::timeout(Duration::from_secs(120), wait).await;
                 }
                 if let Ok(mut l) = latencies.lock() {
-                    l.push(started.elapsed());
+                    l.push(micros(started.elapsed()));
+                }
+                if let Ok(mut m) = probe.last_reply.lock() {
+                    m.remove(&id);
                 }
             }
             Ok::<_, sagaflow_engine::EngineError>(())
@@ -314,6 +351,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let seconds = began.elapsed().as_secs_f64();
     let peak = peak_memory_mib();
+    let at_end = resident_memory_mib();
+    let at_tenth = at_tenth.lock().ok().and_then(|at| *at).unwrap_or(0.0);
     listener.abort();
 
     let counts = engine.store().status_counts().await?;
@@ -338,6 +377,8 @@ async fn main() -> anyhow::Result<()> {
         step_overhead_ms_p50: percentile(&overheads, 0.50),
         step_overhead_ms_p99: percentile(&overheads, 0.99),
         peak_memory_mib: peak,
+        memory_at_tenth_mib: at_tenth,
+        memory_at_end_mib: at_end,
         completed: counts.get("completed").copied().unwrap_or(0) as usize,
     };
     if let Ok(engine) = Arc::try_unwrap(engine) {
@@ -369,6 +410,10 @@ async fn main() -> anyhow::Result<()> {
             report.step_overhead_ms_p50, report.step_overhead_ms_p99
         );
         println!("peak memory           {:.1} MiB", report.peak_memory_mib);
+        println!(
+            "resident at 10%/end   {:.1} / {:.1} MiB",
+            report.memory_at_tenth_mib, report.memory_at_end_mib
+        );
         println!("completed             {}", report.completed);
     }
     println!("{}", serde_json::to_string(&report)?);
