@@ -11,6 +11,10 @@
 //! cargo run --release -p sagaflow-engine --bin sagaflow-bench -- --mode distributed \
 //!     --database-url postgres://postgres@127.0.0.1:5432/sagaflow_bench --sagas 20000
 //! ```
+//!
+//! To measure the engine's memory apart from the worker's, run the worker in a process of its
+//! own (`--worker-only`) and the engine without one (`--worker-elsewhere`), with the same
+//! `--saga-name`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,6 +62,17 @@ struct Args {
     /// NATS with JetStream, for the distributed mode.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// The benchmark saga's name (default: a fresh one per run, which keeps runs on a reused
+    /// database apart). Give the same name to `--worker-only` and `--worker-elsewhere`.
+    #[arg(long)]
+    saga_name: Option<String>,
+    /// Distributed mode: serve the steps only (no engine, no load), until interrupted.
+    #[arg(long, conflicts_with = "worker_elsewhere")]
+    worker_only: bool,
+    /// Distributed mode: run the engine and the load without a worker (one runs elsewhere with
+    /// `--worker-only`). Step overheads are then measured by that worker, not reported here.
+    #[arg(long)]
+    worker_elsewhere: bool,
     /// Print only the JSON line.
     #[arg(long)]
     json: bool,
@@ -234,9 +249,15 @@ async fn main() -> anyhow::Result<()> {
     if args.steps == 0 || args.sagas == 0 || args.in_flight == 0 {
         bail!("--sagas, --steps and --in-flight must be at least 1");
     }
+    if matches!(args.mode, Mode::Embedded) && (args.worker_only || args.worker_elsewhere) {
+        bail!("--worker-only and --worker-elsewhere are for the distributed mode");
+    }
     let probe = Arc::new(Probe::default());
     // A fresh saga name per run keeps runs on a reused database apart.
-    let name = format!("bench_{}", Uuid::now_v7().simple());
+    let name = args
+        .saga_name
+        .clone()
+        .unwrap_or_else(|| format!("bench_{}", Uuid::now_v7().simple()));
     let saga = bench_saga(&name, args.steps, &probe)?;
     let temp = std::env::temp_dir().join(format!("{name}.db"));
     let (engine, worker_task) = match args.mode {
@@ -257,6 +278,22 @@ async fn main() -> anyhow::Result<()> {
                 .database_url
                 .clone()
                 .context("--database-url is required in distributed mode (PostgreSQL)")?;
+            if args.worker_only {
+                let results = ResultStore::open(&url).await?;
+                let options = WorkerOptions {
+                    id: "bench-worker".into(),
+                    concurrency: args.in_flight.max(1),
+                    ..WorkerOptions::default()
+                };
+                let worker = Worker::connect(&args.nats_url, results, vec![saga], options).await?;
+                eprintln!("serving `{name}` until interrupted");
+                worker
+                    .run(async {
+                        let _ = tokio::signal::ctrl_c().await;
+                    })
+                    .await?;
+                return Ok(());
+            }
             let store = Store::connect(&url).await?;
             let spec = saga.spec().clone();
             let engine = Engine::launch_distributed(
@@ -266,23 +303,27 @@ async fn main() -> anyhow::Result<()> {
                 EngineOptions::default(),
             )
             .await?;
-            // The worker keeps its idempotency records in the same PostgreSQL database.
-            let results = ResultStore::open(&url).await?;
-            let options = WorkerOptions {
-                id: "bench-worker".into(),
-                concurrency: args.in_flight.max(1),
-                ..WorkerOptions::default()
-            };
-            let worker = Worker::connect(&args.nats_url, results, vec![saga], options).await?;
-            let (stop, stopped) = oneshot::channel::<()>();
-            let task = tokio::spawn(async move {
-                let _ = worker
-                    .run(async {
-                        let _ = stopped.await;
-                    })
-                    .await;
-            });
-            (engine, Some((stop, task)))
+            if args.worker_elsewhere {
+                (engine, None)
+            } else {
+                // The worker keeps its idempotency records in the same PostgreSQL database.
+                let results = ResultStore::open(&url).await?;
+                let options = WorkerOptions {
+                    id: "bench-worker".into(),
+                    concurrency: args.in_flight.max(1),
+                    ..WorkerOptions::default()
+                };
+                let worker = Worker::connect(&args.nats_url, results, vec![saga], options).await?;
+                let (stop, stopped) = oneshot::channel::<()>();
+                let task = tokio::spawn(async move {
+                    let _ = worker
+                        .run(async {
+                            let _ = stopped.await;
+                        })
+                        .await;
+                });
+                (engine, Some((stop, task)))
+            }
         }
     };
 
