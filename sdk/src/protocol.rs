@@ -16,6 +16,25 @@ use crate::{Direction, StepContext, StepError, Timestamp};
 /// The schema version this library writes and reads.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The length of `value` as compact JSON (what the size limits count), measured without
+/// building the text.
+pub fn json_len(value: &Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Infallible: a `Value` always serializes, and the counter never fails a write.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
+}
+
 /// "Run this attempt": everything a worker needs, and nothing it must look up.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepCommand {
@@ -140,6 +159,12 @@ impl StepReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_len_counts_the_compact_text() {
+        let value = serde_json::json!({"a": [1, 2.5, null], "b": "quote \" and é", "c": {}});
+        assert_eq!(json_len(&value), value.to_string().len());
+    }
 
     #[test]
     fn reply_json_is_flat_and_round_trips() {

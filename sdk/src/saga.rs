@@ -228,7 +228,7 @@ impl Saga {
         let outcome = match self.spec.steps.get(command.step_index) {
             Some(spec) if spec.name == command.step => {
                 match tokio::spawn(self.run(request)).await {
-                    Ok(Ok(output)) => match output.to_string().len() {
+                    Ok(Ok(output)) => match crate::protocol::json_len(&output) {
                         // Retryable, not permanent: the step may have taken effect, so when
                         // the retries give up it is compensated (by its forward key).
                         size if size > crate::protocol::names::MAX_OUTPUT_BYTES => {

@@ -100,6 +100,11 @@ async fn outputs_and_commands_too_large_to_carry_end_cleanly() {
     // Outputs under the limit each, that together outgrow one message: the command for the
     // fifth step (and its compensation) cannot be published.
     let part = MAX_OUTPUT_BYTES - 1024;
+    let input_bytes = 200 * 1024;
+    assert!(
+        part * 4 + input_bytes > MAX_MESSAGE_BYTES as usize,
+        "the premise of this case"
+    );
     let parts: Vec<Bulky> = (0..4).map(|_| Bulky::new(part)).collect();
     let mut builder = Saga::builder("outgrown", 1);
     for (i, bulky) in parts.iter().enumerate() {
@@ -177,7 +182,7 @@ async fn outputs_and_commands_too_large_to_carry_end_cleanly() {
         history.entries
     );
 
-    let input = json!({"blob": "y".repeat(200 * 1024)});
+    let input = json!({"blob": "y".repeat(input_bytes)});
     let second = engine.start("outgrown", input, None).await.expect("start");
     assert_eq!(settle(&engine, second).await, SagaStatus::Stuck);
     let detail = ops::show(&store, second).await.expect("show");
@@ -207,7 +212,6 @@ async fn outputs_and_commands_too_large_to_carry_end_cleanly() {
     for bulky in &parts {
         assert_eq!(bulky.compensations.load(Ordering::SeqCst), 0);
     }
-    assert!(MAX_OUTPUT_BYTES * 4 + 200 * 1024 > MAX_MESSAGE_BYTES as usize);
 
     // The engine and the worker still serve.
     let third = engine.start("small", json!({}), None).await.expect("start");

@@ -27,9 +27,9 @@ use crate::machine::{
     Command, Event, Inputs, MachineError, OperatorAction, OperatorCommand, RecordKind, SagaStatus,
     Transition, decide,
 };
-use crate::runtime::MAX_INPUT_BYTES;
 use crate::runtime::commands::command_for;
 use crate::store::{SagaWrite, Store, StoredSaga, WriteOutcome};
+use sagaflow_sdk::protocol::names::MAX_OUTPUT_BYTES;
 
 /// How an action is checked and when it happens.
 #[derive(Debug, Clone, Copy, Default)]
@@ -241,12 +241,12 @@ fn plan_loaded(
         _ => None,
     };
     if let Some((step, Some(output))) = &skipped_output {
-        let size = output.to_string().len();
-        if size > MAX_INPUT_BYTES {
+        let size = sagaflow_sdk::protocol::json_len(output);
+        if size > MAX_OUTPUT_BYTES {
             return Err(EngineError::TooLarge {
                 what: format!("the output given for step `{step}`"),
                 size,
-                limit: MAX_INPUT_BYTES,
+                limit: MAX_OUTPUT_BYTES,
             });
         }
         let compensating = spec.step_index(step).is_some_and(|index| {

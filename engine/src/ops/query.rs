@@ -476,7 +476,7 @@ pub async fn list(
                 .map_err(EngineError::db("listing sagas"))
         }
     };
-    let (mut rows, more) = match &filter.error_contains {
+    let (rows, more) = match &filter.error_contains {
         None => {
             let mut rows = read(page.clone()).await?;
             let more = rows.len() as u64 > page.limit;
@@ -520,7 +520,6 @@ pub async fn list(
             (matched, more)
         }
     };
-    rows.truncate(page.limit as usize);
     let next = match (more, rows.last()) {
         (true, Some(last)) => Some(Cursor::for_list(last.created_at, &last.id)),
         _ => None,

@@ -118,7 +118,7 @@ impl Starter {
                 self.catalog.spec(name, version)?
             }
         };
-        let size = input.to_string().len();
+        let size = sagaflow_sdk::protocol::json_len(&input);
         if size > MAX_INPUT_BYTES {
             return Err(EngineError::TooLarge {
                 what: format!("the input for saga `{name}`"),

@@ -69,6 +69,7 @@ struct Lookup {
 /// A record waiting for its group.
 #[derive(Debug)]
 struct Recording {
+    key: String,
     row: entity::ActiveModel,
     outcome: StepOutcome,
     answer: oneshot::Sender<Result<StepOutcome, String>>,
@@ -154,6 +155,7 @@ impl ResultStore {
             .map_err(|e| WorkerError::Database(format!("cannot serialize an outcome: {e}")))?;
         let (answer, answered) = oneshot::channel();
         let recording = Recording {
+            key: key.to_string(),
             row: entity::ActiveModel {
                 idempotency_key: Set(key.to_string()),
                 command_id: Set(command_id.to_string()),
@@ -269,22 +271,14 @@ async fn record_group(
         return Ok(group.iter().map(|r| r.outcome.clone()).collect());
     }
     // Some keys were recorded before (or twice in this group): the earlier outcome stands.
-    let keys = group
-        .iter()
-        .filter_map(|r| match &r.row.idempotency_key {
-            sea_orm::ActiveValue::Set(key) => Some(key.clone()),
-            _ => None,
-        })
-        .collect();
-    let standing = recorded(db, keys).await?;
+    let standing = recorded(db, group.iter().map(|r| r.key.clone()).collect()).await?;
     Ok(group
         .iter()
         .map(|r| {
-            match &r.row.idempotency_key {
-                sea_orm::ActiveValue::Set(key) => standing.get(key).cloned(),
-                _ => None,
-            }
-            .unwrap_or_else(|| r.outcome.clone())
+            standing
+                .get(&r.key)
+                .cloned()
+                .unwrap_or_else(|| r.outcome.clone())
         })
         .collect())
 }
