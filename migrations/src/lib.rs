@@ -19,6 +19,7 @@ mod m20261126_000003_audit_indexes;
 mod m20261126_000004_outbox_unsent_partial;
 mod m20261126_000005_updated_created_index;
 mod m20261126_000006_json_rows_function;
+mod m20261126_000007_lighter_transition_writes;
 
 /// Applies the schema: `Migrator::up(&db, None).await`.
 pub struct Migrator;
@@ -33,6 +34,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000004_outbox_unsent_partial::Migration),
             Box::new(m20261126_000005_updated_created_index::Migration),
             Box::new(m20261126_000006_json_rows_function::Migration),
+            Box::new(m20261126_000007_lighter_transition_writes::Migration),
         ]
     }
 }

@@ -131,7 +131,8 @@ fn indexes(backend: DbBackend) -> Vec<AuditIndex> {
     if backend == DbBackend::Postgres {
         // `audit --operators` (actor LIKE 'operator:%'): PostgreSQL uses a b-tree for a LIKE
         // prefix only under the C collation or with a pattern operator class. (SQLite compares
-        // text bytewise, so the query adds an exact range and `idx_history_actor_at` serves.)
+        // text bytewise, so the query adds an exact range and `idx_history_actor_at` serves.
+        // Migration 000007 drops `idx_history_actor_at` on PostgreSQL: this one serves both.)
         all.push(index(
             "idx_history_actor_prefix_at",
             SagaHistory::Table,

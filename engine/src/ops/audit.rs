@@ -2,8 +2,8 @@
 //! sagas.
 //!
 //! The history is append-only: nothing here changes a record. [`retention`] is the only way
-//! anything leaves, and it removes whole finished sagas (their history and attempts go with
-//! them through `ON DELETE CASCADE`), never part of a history.
+//! anything leaves, and it removes whole finished sagas with their history, attempts and
+//! outbox rows in one transaction, never part of a history.
 
 use std::io::Write;
 
@@ -11,7 +11,7 @@ use sagaflow_sdk::{Direction, Timestamp};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ColumnTrait, DbBackend, EntityTrait, FromQueryResult, JoinType, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect, Select,
+    QueryOrder, QuerySelect, Select, TransactionTrait,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -21,7 +21,7 @@ use super::cursor::Cursor;
 use super::query::{MAX_PAGE, Page, TimeRange, like_pattern};
 use crate::EngineError;
 use crate::machine::{RecordKind, SagaStatus};
-use crate::store::{Store, history, saga};
+use crate::store::{Store, attempt, history, outbox, saga};
 
 /// Whose records an audit query selects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -375,6 +375,50 @@ pub struct RetentionReport {
     pub sagas: u64,
 }
 
+/// Removes the sagas of `ids` that still meet `condition`, with their history, attempts and
+/// outbox rows, in one transaction. (On PostgreSQL those rows have no foreign key to cascade
+/// through: the engine writes them with their saga, and only this removes them.)
+async fn remove_sagas(
+    db: &sea_orm::DatabaseConnection,
+    ids: Vec<String>,
+    condition: sea_orm::Condition,
+) -> Result<u64, EngineError> {
+    let txn = db
+        .begin()
+        .await
+        .map_err(EngineError::db("beginning a retention batch"))?;
+    // The condition is checked again in the DELETE itself, so a saga that changed since it was
+    // selected (it cannot leave a finished status, but belt and braces) stays.
+    let removed: Vec<String> = saga::Entity::delete_many()
+        .filter(saga::Column::Id.is_in(ids))
+        .filter(condition)
+        .exec_with_returning(&txn)
+        .await
+        .map_err(EngineError::db("removing finished sagas"))?
+        .into_iter()
+        .map(|row| row.id)
+        .collect();
+    history::Entity::delete_many()
+        .filter(history::Column::SagaId.is_in(removed.iter().cloned()))
+        .exec(&txn)
+        .await
+        .map_err(EngineError::db("removing finished sagas' history"))?;
+    attempt::Entity::delete_many()
+        .filter(attempt::Column::SagaId.is_in(removed.iter().cloned()))
+        .exec(&txn)
+        .await
+        .map_err(EngineError::db("removing finished sagas' attempts"))?;
+    outbox::Entity::delete_many()
+        .filter(outbox::Column::SagaId.is_in(removed.iter().cloned()))
+        .exec(&txn)
+        .await
+        .map_err(EngineError::db("removing finished sagas' commands"))?;
+    txn.commit()
+        .await
+        .map_err(EngineError::db("committing a retention batch"))?;
+    Ok(removed.len() as u64)
+}
+
 /// Sagas removed per statement: each batch is one short transaction, so the engine's writes
 /// are not held up behind one long delete, and a run that stops midway leaves whole sagas.
 const RETENTION_BATCH: u64 = 500;
@@ -422,18 +466,11 @@ pub async fn retention(
         if ids.is_empty() {
             break;
         }
-        // The condition is checked again in the DELETE itself, so a saga that changed since it
-        // was selected (it cannot leave a finished status, but belt and braces) stays.
-        let result = saga::Entity::delete_many()
-            .filter(saga::Column::Id.is_in(ids))
-            .filter(finished())
-            .exec(db)
-            .await
-            .map_err(EngineError::db("removing finished sagas"))?;
-        if result.rows_affected == 0 {
+        let deleted = remove_sagas(db, ids, finished()).await?;
+        if deleted == 0 {
             break;
         }
-        removed += result.rows_affected;
+        removed += deleted;
     }
     Ok(RetentionReport {
         cutoff,
