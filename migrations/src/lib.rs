@@ -9,7 +9,8 @@
 //! - `sagas`: one row per instance, written only conditionally on `row_version`.
 //! - `step_attempts`: one row per dispatched attempt of a step in one direction.
 //! - `saga_history`: the append-only audit trail, `(saga_id, seq)` ordered.
-//! - `outbox`: step commands committed with their transition, until a relay has sent them.
+//! - `outbox`: step commands committed with their transition, until a relay has published them
+//!   (then deleted).
 
 pub use sea_orm_migration::prelude::*;
 
@@ -20,6 +21,7 @@ mod m20261126_000004_outbox_unsent_partial;
 mod m20261126_000005_updated_created_index;
 mod m20261126_000006_json_rows_function;
 mod m20261126_000007_lighter_transition_writes;
+mod m20261126_000008_outbox_holds_unsent_only;
 
 /// Applies the schema: `Migrator::up(&db, None).await`.
 pub struct Migrator;
@@ -35,6 +37,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000005_updated_created_index::Migration),
             Box::new(m20261126_000006_json_rows_function::Migration),
             Box::new(m20261126_000007_lighter_transition_writes::Migration),
+            Box::new(m20261126_000008_outbox_holds_unsent_only::Migration),
         ]
     }
 }

@@ -28,7 +28,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sagaflow_engine::machine::SagaStatus;
 use sagaflow_engine::store::{HistoryEntry, Store};
-use sagaflow_sdk::protocol::{EngineAnswer, PROTOCOL_VERSION, StartRequest, StepCommand, names};
+use sagaflow_sdk::protocol::{EngineAnswer, PROTOCOL_VERSION, StartRequest, names};
 use sagaflow_tests::{Backend, NatsServer, TestDb};
 use sagaflow_workflows::{
     OrderMix, PLACE_ORDER, PlaceOrder, STEP_TIMEOUT, SagaOutcomes, check_invariants,
@@ -1009,40 +1009,64 @@ async fn nats_server_restarted_mid_run_loses_nothing() {
     settle_and_verify(&mut cluster, &started).await;
 }
 
-/// Republishes copies of sent commands, taken from the engine's outbox, under new message ids
-/// (so JetStream does not drop them as duplicates), until `stop`; returns how many.
+/// Watches the commands the engine publishes and, every 250 ms until `stop`, republishes
+/// copies of eight of those seen so far, picked at random (new and long-answered ones alike),
+/// under new message ids (so JetStream does not drop them as duplicates); returns how many.
 async fn duplicate_commands(
-    store: Store,
+    client: async_nats::Client,
     js: jetstream::Context,
     mut stop: watch::Receiver<bool>,
 ) -> usize {
-    let mut copies = 0;
-    loop {
-        for row in rows(
-            store.connection(),
-            "SELECT payload FROM outbox WHERE sent_at IS NOT NULL ORDER BY random() LIMIT 8",
-        )
+    let mut commands = client
+        .subscribe("sagaflow.cmd.>")
         .await
-        {
-            let payload: String = row.try_get("", "payload").expect("payload");
-            let command: StepCommand = serde_json::from_str(&payload).expect("a command");
-            let ack = js
-                .send_publish(
-                    names::command_subject(&command.saga, &command.step),
-                    jetstream::message::PublishMessage::build()
-                        .payload(payload.into_bytes().into())
-                        .message_id(format!("test-copy-{}", Uuid::new_v4())),
-                )
-                .await
-                .expect("publish a command copy");
-            ack.await.expect("JetStream stores the command copy");
-            copies += 1;
-        }
+        .expect("watch the commands");
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut seen: Vec<async_nats::Message> = Vec::new();
+    let mut copies = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            message = commands.next() => {
+                let Some(message) = message else { return copies };
+                if !is_test_copy(&message) {
+                    seen.push(message);
+                }
+            }
+            _ = tick.tick() => {
+                for _ in 0..seen.len().min(8) {
+                    let original = &seen[rng.gen_range(0..seen.len())];
+                    publish_copy(&js, original).await;
+                    copies += 1;
+                }
+            }
             _ = stop.changed() => return copies,
         }
     }
+}
+
+/// Publishes a copy of `original` on its subject, under a new message id (so JetStream does
+/// not drop it as a duplicate).
+async fn publish_copy(js: &jetstream::Context, original: &async_nats::Message) {
+    let ack = js
+        .send_publish(
+            original.subject.clone(),
+            jetstream::message::PublishMessage::build()
+                .payload(original.payload.clone())
+                .message_id(format!("test-copy-{}", Uuid::new_v4())),
+        )
+        .await
+        .expect("publish a copy");
+    ack.await.expect("JetStream stores the copy");
+}
+
+/// Whether a test copier published `message`.
+fn is_test_copy(message: &async_nats::Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Msg-Id"))
+        .is_some_and(|id| id.as_str().starts_with("test-copy-"))
 }
 
 /// Watches the replies workers publish and republishes a copy of every third one under a new
@@ -1067,12 +1091,7 @@ async fn duplicate_replies(
             },
             _ = stop.changed() => break,
         };
-        let is_copy = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .is_some_and(|id| id.as_str().starts_with("test-copy-"));
-        if is_copy {
+        if is_test_copy(&message) {
             continue;
         }
         seen += 1;
@@ -1080,18 +1099,9 @@ async fn duplicate_replies(
             continue;
         }
         let js = js.clone();
-        copies.push(tokio::spawn(async move {
-            let ack = js
-                .send_publish(
-                    message.subject.clone(),
-                    jetstream::message::PublishMessage::build()
-                        .payload(message.payload.clone())
-                        .message_id(format!("test-copy-{}", Uuid::new_v4())),
-                )
-                .await
-                .expect("publish a reply copy");
-            ack.await.expect("JetStream stores the reply copy");
-        }));
+        copies.push(tokio::spawn(
+            async move { publish_copy(&js, &message).await },
+        ));
     }
     let n = copies.len();
     for copy in copies {
@@ -1106,7 +1116,7 @@ async fn commands_and_replies_delivered_twice_apply_once() {
     let mut cluster = Cluster::new("duplicates", 1, 10).await;
     let (stop, stopped) = watch::channel(false);
     let commands = tokio::spawn(duplicate_commands(
-        cluster.store.clone(),
+        cluster.client.clone(),
         cluster.js.clone(),
         stopped.clone(),
     ));
@@ -1238,11 +1248,7 @@ async fn sigterm_stops_the_engine_gracefully_and_loses_nothing() {
     );
     cluster.engine = None;
     // The transitions it had taken in are committed and their commands published.
-    let unsent = count(
-        cluster.store.connection(),
-        "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL",
-    )
-    .await;
+    let unsent = count(cluster.store.connection(), "SELECT COUNT(*) FROM outbox").await;
     assert_eq!(unsent, 0, "graceful: the engine left commands unpublished");
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.start_engine();

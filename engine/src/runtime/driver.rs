@@ -110,8 +110,8 @@ impl Driver {
     /// mode the worker pool died with the process, so those commands are gone. The same attempt
     /// and idempotency key go out again; the handlers' idempotency absorbs any duplicate.
     pub async fn recover(&mut self) -> Result<usize, EngineError> {
-        // Every unsent outbox command is an in-flight attempt re-sent below (or a stale one).
-        self.store.mark_all_sent(Timestamp::now()).await?;
+        // Every outbox command is an in-flight attempt re-sent below (or a stale one).
+        self.store.clear_outbox().await?;
         let ids = self.store.active().await?;
         let mut resent = 0;
         for chunk in ids.chunks(500) {

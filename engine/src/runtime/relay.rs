@@ -1,4 +1,5 @@
-//! The outbox relay: publishes committed step commands and marks them sent.
+//! The outbox relay: publishes committed step commands and deletes them from the outbox once
+//! the broker has them.
 //!
 //! The driver hands every batch of committed commands straight to the relay (the fast path).
 //! A sweep also picks up commands left unsent: those another process committed (an operator's
@@ -22,20 +23,19 @@ use crate::store::Store;
 const SWEEP_GRACE: Duration = Duration::from_millis(1_000);
 /// How often the sweep looks.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
-/// Sent commands are kept this long, then purged.
-const KEEP_SENT: Duration = Duration::from_secs(3_600);
 /// The most commands one publish call carries.
 const MAX_BATCH: usize = 1_024;
-/// Published commands are marked sent in one statement at most this often (or once this many
-/// wait): marking is a write of its own, and a command published twice (after a crash before
-/// its mark) is dropped by the broker's de-duplication and the workers' idempotency.
-const MARK_EVERY: Duration = Duration::from_millis(100);
-const MARK_AT_MOST: usize = 4_096;
+/// Published commands are deleted from the outbox in one statement at most this often (or once
+/// this many wait): the delete is a write of its own, and a command published twice (after a
+/// crash before its delete) is dropped by the broker's de-duplication and the workers'
+/// idempotency.
+const FORGET_EVERY: Duration = Duration::from_millis(100);
+const FORGET_AT_MOST: usize = 4_096;
 
 /// Commands for the relay to publish.
 pub(crate) struct Outgoing {
     pub commands: Vec<StepCommand>,
-    /// Whether they are rows in the outbox, to be marked sent. The embedded engine does not
+    /// Whether they are rows in the outbox, to be deleted once published. The embedded engine does not
     /// write its own commands there: on a restart it re-sends every attempt in flight anyway.
     pub in_outbox: bool,
 }
@@ -46,15 +46,14 @@ pub(crate) async fn run(
     mut committed: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
-    let mut mark = tokio::time::interval(MARK_EVERY);
-    let mut sweeps: u64 = 0;
+    let mut forget = tokio::time::interval(FORGET_EVERY);
     let mut published: Vec<String> = Vec::new();
     loop {
         tokio::select! {
             batch = committed.recv() => {
                 let Some(first) = batch else {
-                    // The driver has ended: mark what went out before ending too.
-                    mark_sent(&store, &mut published).await;
+                    // The driver has ended: forget what went out before ending too.
+                    forget_sent(&store, &mut published).await;
                     return;
                 };
                 let in_outbox = first.in_outbox;
@@ -68,30 +67,22 @@ pub(crate) async fn run(
                 let accepted = publish(transport.as_ref(), &commands).await;
                 if in_outbox {
                     published.extend(accepted);
-                    if published.len() >= MARK_AT_MOST {
-                        mark_sent(&store, &mut published).await;
+                    if published.len() >= FORGET_AT_MOST {
+                        forget_sent(&store, &mut published).await;
                     }
                 }
             }
-            _ = mark.tick() => mark_sent(&store, &mut published).await,
+            _ = forget.tick() => forget_sent(&store, &mut published).await,
             _ = sweep.tick() => {
-                sweeps += 1;
                 let now = Timestamp::now();
                 let written_by = Timestamp(now.as_millis() - SWEEP_GRACE.as_millis() as i64);
                 match store.unsent(written_by, MAX_BATCH as u64).await {
                     Ok(commands) if !commands.is_empty() => {
                         let mut accepted = publish(transport.as_ref(), &commands).await;
-                        mark_sent(&store, &mut accepted).await;
+                        forget_sent(&store, &mut accepted).await;
                     }
                     Ok(_) => {}
                     Err(error) => warn!(%error, "cannot read the outbox; trying again"),
-                }
-                // Purging is housekeeping: once a minute is plenty.
-                if sweeps.is_multiple_of(120) {
-                    let before = Timestamp(now.as_millis() - KEEP_SENT.as_millis() as i64);
-                    if let Err(error) = store.purge_sent(before).await {
-                        warn!(%error, "cannot purge sent outbox commands");
-                    }
                 }
             }
         }
@@ -110,14 +101,14 @@ async fn publish(transport: &dyn Transport, commands: &[StepCommand]) -> Vec<Str
     accepted
 }
 
-/// Marks `published` sent and empties it.
-async fn mark_sent(store: &Store, published: &mut Vec<String>) {
+/// Deletes `published` from the outbox and empties it.
+async fn forget_sent(store: &Store, published: &mut Vec<String>) {
     if published.is_empty() {
         return;
     }
-    if let Err(error) = store.mark_sent(published, Timestamp::now()).await {
-        // They stay unsent and will be published again: duplicates are absorbed downstream.
-        warn!(%error, "cannot mark outbox commands sent");
+    if let Err(error) = store.forget_sent(published).await {
+        // They stay and will be published again: duplicates are absorbed downstream.
+        warn!(%error, "cannot delete published outbox commands");
     }
     published.clear();
 }

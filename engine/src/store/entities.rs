@@ -117,7 +117,7 @@ pub mod history {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-/// `outbox`: step commands committed with their transition, until sent.
+/// `outbox`: step commands committed with their transition, deleted once published.
 pub mod outbox {
     use sea_orm::entity::prelude::*;
 
@@ -130,7 +130,6 @@ pub mod outbox {
         #[sea_orm(column_type = "Text")]
         pub payload: String,
         pub created_at: i64,
-        pub sent_at: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -17,7 +17,6 @@ use sagaflow_migrations::{Migrator, MigratorTrait};
 use sagaflow_sdk::backoff::retry_infrastructure;
 use sagaflow_sdk::protocol::StepCommand;
 use sagaflow_sdk::{RetryPolicy, SagaSpec, Timestamp};
-use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectOptions, Database, DatabaseConnection, DbBackend,
     EntityTrait, QueryFilter, QueryOrder, QuerySelect,
@@ -400,14 +399,14 @@ impl Store {
             .collect())
     }
 
-    /// Commands in the outbox not yet sent, written at or before `written_by`, oldest first.
+    /// Commands in the outbox (all of them unpublished), written at or before `written_by`,
+    /// oldest first.
     pub async fn unsent(
         &self,
         written_by: Timestamp,
         limit: u64,
     ) -> Result<Vec<StepCommand>, EngineError> {
         let rows = outbox::Entity::find()
-            .filter(outbox::Column::SentAt.is_null())
             .filter(outbox::Column::CreatedAt.lte(written_by.as_millis()))
             .order_by_asc(outbox::Column::CreatedAt)
             .limit(limit)
@@ -424,43 +423,25 @@ impl Store {
             .collect()
     }
 
-    /// Marks outbox commands as sent.
-    pub async fn mark_sent(
-        &self,
-        command_ids: &[String],
-        at: Timestamp,
-    ) -> Result<(), EngineError> {
+    /// Deletes published commands from the outbox.
+    pub async fn forget_sent(&self, command_ids: &[String]) -> Result<(), EngineError> {
         for chunk in command_ids.chunks(INSERT_CHUNK) {
-            outbox::Entity::update_many()
-                .col_expr(outbox::Column::SentAt, Expr::value(at.as_millis()))
+            outbox::Entity::delete_many()
                 .filter(outbox::Column::Id.is_in(chunk.iter().cloned()))
-                .filter(outbox::Column::SentAt.is_null())
                 .exec(&self.db)
                 .await
-                .map_err(EngineError::db("marking outbox commands sent"))?;
+                .map_err(EngineError::db("deleting published outbox commands"))?;
         }
         Ok(())
     }
 
-    /// Marks every unsent command as sent: the embedded engine re-sends in-flight attempts from
-    /// the sagas' states when it starts, which covers them.
-    pub async fn mark_all_sent(&self, at: Timestamp) -> Result<u64, EngineError> {
-        let result = outbox::Entity::update_many()
-            .col_expr(outbox::Column::SentAt, Expr::value(at.as_millis()))
-            .filter(outbox::Column::SentAt.is_null())
-            .exec(&self.db)
-            .await
-            .map_err(EngineError::db("marking outbox commands sent"))?;
-        Ok(result.rows_affected)
-    }
-
-    /// Deletes outbox rows sent before `before`; they only matter until delivered.
-    pub async fn purge_sent(&self, before: Timestamp) -> Result<u64, EngineError> {
+    /// Empties the outbox: the embedded engine re-sends in-flight attempts from the sagas'
+    /// states when it starts, which covers every command there.
+    pub async fn clear_outbox(&self) -> Result<u64, EngineError> {
         let result = outbox::Entity::delete_many()
-            .filter(outbox::Column::SentAt.lt(before.as_millis()))
             .exec(&self.db)
             .await
-            .map_err(EngineError::db("purging sent outbox commands"))?;
+            .map_err(EngineError::db("clearing the outbox"))?;
         Ok(result.rows_affected)
     }
 
@@ -694,7 +675,6 @@ fn outbox_row(command: &StepCommand, now: i64) -> Result<outbox::ActiveModel, En
         saga_id: Set(command.saga_id.to_string()),
         payload: Set(payload),
         created_at: Set(now),
-        sent_at: Set(None),
     })
 }
 
