@@ -10,6 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use sagaflow_sdk::Timestamp;
 use sagaflow_sdk::protocol::StepCommand;
 use tokio::sync::mpsc;
@@ -25,6 +27,9 @@ const SWEEP_GRACE: Duration = Duration::from_millis(1_000);
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 /// The most commands one publish call carries.
 const MAX_BATCH: usize = 1_024;
+/// Publish calls whose acknowledgements may be awaited at once. Beyond that (a slow or absent
+/// broker), committed commands wait in the channel and go out in larger batches.
+const PUBLISHES_IN_FLIGHT: usize = 8;
 /// Published commands are deleted from the outbox in one statement at most this often (or once
 /// this many wait): the delete is a write of its own, and a command published twice (after a
 /// crash before its delete) is dropped by the broker's de-duplication and the workers'
@@ -35,8 +40,9 @@ const FORGET_AT_MOST: usize = 4_096;
 /// Commands for the relay to publish.
 pub(crate) struct Outgoing {
     pub commands: Vec<StepCommand>,
-    /// Whether they are rows in the outbox, to be deleted once published. The embedded engine does not
-    /// write its own commands there: on a restart it re-sends every attempt in flight anyway.
+    /// Whether they are rows in the outbox, to be deleted once published. The embedded engine
+    /// does not write its own commands there: on a restart it re-sends every attempt in flight
+    /// anyway.
     pub in_outbox: bool,
 }
 
@@ -45,16 +51,21 @@ pub(crate) async fn run(
     transport: Arc<dyn Transport>,
     mut committed: mpsc::UnboundedReceiver<Outgoing>,
 ) {
+    // Deleting published commands is a database write: it runs beside the publishing, so a
+    // slow delete never holds up the next batch's commands.
+    let (published, to_forget) = mpsc::unbounded_channel();
+    let forgetter = tokio::spawn(forget_published(store.clone(), to_forget));
+    // Publishes whose acknowledgements are awaited, while the next batch goes out.
+    let mut in_flight = FuturesUnordered::new();
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
-    let mut forget = tokio::time::interval(FORGET_EVERY);
-    let mut published: Vec<String> = Vec::new();
-    loop {
+    let mut open = true;
+    while open || !in_flight.is_empty() {
         tokio::select! {
-            batch = committed.recv() => {
+            batch = committed.recv(), if open && in_flight.len() < PUBLISHES_IN_FLIGHT => {
                 let Some(first) = batch else {
-                    // The driver has ended: forget what went out before ending too.
-                    forget_sent(&store, &mut published).await;
-                    return;
+                    // The driver has ended: finish what is in flight, then end too.
+                    open = false;
+                    continue;
                 };
                 let in_outbox = first.in_outbox;
                 let mut commands = first.commands;
@@ -64,27 +75,54 @@ pub(crate) async fn run(
                         Err(_) => break,
                     }
                 }
-                let accepted = publish(transport.as_ref(), &commands).await;
+                let transport = transport.clone();
+                in_flight.push(async move {
+                    let accepted = publish(transport.as_ref(), &commands).await;
+                    (accepted, in_outbox)
+                });
+            }
+            Some((accepted, in_outbox)) = in_flight.next(), if !in_flight.is_empty() => {
                 if in_outbox {
-                    published.extend(accepted);
-                    if published.len() >= FORGET_AT_MOST {
-                        forget_sent(&store, &mut published).await;
-                    }
+                    let _ = published.send(accepted);
                 }
             }
-            _ = forget.tick() => forget_sent(&store, &mut published).await,
-            _ = sweep.tick() => {
+            _ = sweep.tick(), if open => {
                 let now = Timestamp::now();
                 let written_by = Timestamp(now.as_millis() - SWEEP_GRACE.as_millis() as i64);
                 match store.unsent(written_by, MAX_BATCH as u64).await {
                     Ok(commands) if !commands.is_empty() => {
-                        let mut accepted = publish(transport.as_ref(), &commands).await;
-                        forget_sent(&store, &mut accepted).await;
+                        let _ = published.send(publish(transport.as_ref(), &commands).await);
                     }
                     Ok(_) => {}
                     Err(error) => warn!(%error, "cannot read the outbox; trying again"),
                 }
             }
+        }
+    }
+    drop(published);
+    let _ = forgetter.await;
+}
+
+/// Deletes published commands from the outbox, in one statement at most every
+/// [`FORGET_EVERY`] (or once [`FORGET_AT_MOST`] wait), until `to_forget` closes.
+async fn forget_published(store: Store, mut to_forget: mpsc::UnboundedReceiver<Vec<String>>) {
+    let mut waiting: Vec<String> = Vec::new();
+    let mut tick = tokio::time::interval(FORGET_EVERY);
+    loop {
+        tokio::select! {
+            ids = to_forget.recv() => match ids {
+                Some(ids) => {
+                    waiting.extend(ids);
+                    if waiting.len() >= FORGET_AT_MOST {
+                        forget(&store, &mut waiting).await;
+                    }
+                }
+                None => {
+                    forget(&store, &mut waiting).await;
+                    return;
+                }
+            },
+            _ = tick.tick() => forget(&store, &mut waiting).await,
         }
     }
 }
@@ -102,7 +140,7 @@ async fn publish(transport: &dyn Transport, commands: &[StepCommand]) -> Vec<Str
 }
 
 /// Deletes `published` from the outbox and empties it.
-async fn forget_sent(store: &Store, published: &mut Vec<String>) {
+async fn forget(store: &Store, published: &mut Vec<String>) {
     if published.is_empty() {
         return;
     }
