@@ -9,14 +9,16 @@
 //!
 //! Lookups and records from concurrent attempts are grouped: while one group is in the
 //! database the next gathers, so a busy worker reads and writes many keys per statement and
-//! shares one commit among them, instead of a commit per step.
+//! shares one commit among them, instead of a commit per step. Statements have a few fixed texts
+//! whatever the group's size (rows to record travel as one JSON parameter, lookups are padded),
+//! so the database parses and plans each once per connection, not once per size.
 
 use std::collections::HashMap;
 
 use sea_orm::entity::prelude::*;
 use sea_orm::{
-    ActiveValue::Set, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend,
-    DbErr, Schema, TransactionTrait,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Schema,
+    Statement, TransactionTrait,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -69,8 +71,9 @@ struct Lookup {
 /// A record waiting for its group.
 #[derive(Debug)]
 struct Recording {
+    /// The row to insert, keyed by column name.
+    row: serde_json::Value,
     key: String,
-    row: entity::ActiveModel,
     outcome: StepOutcome,
     answer: oneshot::Sender<Result<StepOutcome, String>>,
 }
@@ -155,13 +158,13 @@ impl ResultStore {
             .map_err(|e| WorkerError::Database(format!("cannot serialize an outcome: {e}")))?;
         let (answer, answered) = oneshot::channel();
         let recording = Recording {
+            row: serde_json::json!({
+                "idempotency_key": key,
+                "command_id": command_id,
+                "outcome": text,
+                "recorded_at": Timestamp::now().as_millis(),
+            }),
             key: key.to_string(),
-            row: entity::ActiveModel {
-                idempotency_key: Set(key.to_string()),
-                command_id: Set(command_id.to_string()),
-                outcome: Set(text),
-                recorded_at: Set(Timestamp::now().as_millis()),
-            },
             outcome: outcome.clone(),
             answer,
         };
@@ -201,10 +204,17 @@ async fn next_group<T>(pending: &mut mpsc::UnboundedReceiver<T>) -> Option<Vec<T
 }
 
 /// The recorded outcomes of `keys` (those that have one).
+///
+/// The keys are listed in the statement (an index lookup each, which the planner sizes right),
+/// padded to a power of two by repeating the last: a group of any size then uses one of nine
+/// statement texts, each parsed and planned once per connection.
 async fn recorded(
     db: &DatabaseConnection,
-    keys: Vec<String>,
+    mut keys: Vec<String>,
 ) -> Result<HashMap<String, StepOutcome>, String> {
+    if let Some(last) = keys.last().cloned() {
+        keys.resize(keys.len().next_power_of_two(), last);
+    }
     let rows = entity::Entity::find()
         .filter(entity::Column::IdempotencyKey.is_in(keys))
         .all(db)
@@ -217,6 +227,13 @@ async fn recorded(
             Ok((row.idempotency_key, outcome))
         })
         .collect()
+}
+
+/// `values` as one JSON text parameter.
+fn json_parameter<T: serde::Serialize>(values: &T) -> Result<Value, String> {
+    serde_json::to_string(values)
+        .map(Value::from)
+        .map_err(|e| format!("cannot encode a statement parameter: {e}"))
 }
 
 async fn serve_lookups(db: DatabaseConnection, mut pending: mpsc::UnboundedReceiver<Lookup>) {
@@ -260,13 +277,32 @@ async fn record_group(
     db: &DatabaseConnection,
     group: &[Recording],
 ) -> Result<Vec<StepOutcome>, String> {
-    let inserted = entity::Entity::insert_many(group.iter().map(|r| r.row.clone()))
-        .on_conflict_do_nothing()
-        .exec_without_returning(db)
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => {
+            "INSERT INTO worker_results (idempotency_key, command_id, outcome, recorded_at) \
+             SELECT * FROM json_to_recordset(CAST($1 AS json)) \
+             AS v(idempotency_key text, command_id text, outcome text, recorded_at bigint) \
+             ON CONFLICT DO NOTHING"
+        }
+        // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT.
+        _ => {
+            "INSERT INTO worker_results (idempotency_key, command_id, outcome, recorded_at) \
+             SELECT json_extract(value, '$.idempotency_key'), json_extract(value, '$.command_id'), \
+             json_extract(value, '$.outcome'), json_extract(value, '$.recorded_at') \
+             FROM json_each(?) WHERE true ON CONFLICT DO NOTHING"
+        }
+    };
+    let rows: Vec<&serde_json::Value> = group.iter().map(|r| &r.row).collect();
+    let inserted = db
+        .execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql,
+            [json_parameter(&rows)?],
+        ))
         .await
         .map_err(|e| format!("cannot write worker_results: {e}"))?;
-    let all_new =
-        matches!(inserted, sea_orm::TryInsertResult::Inserted(n) if n as usize == group.len());
+    let all_new = inserted.rows_affected() as usize == group.len();
     if all_new {
         return Ok(group.iter().map(|r| r.outcome.clone()).collect());
     }
