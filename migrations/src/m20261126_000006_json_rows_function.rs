@@ -7,6 +7,10 @@
 //! declares 10 rows (PL/pgSQL, so it is not inlined and the estimate holds), which makes the
 //! lookups by primary key the plan from the first batch on. SQLite plans without row estimates
 //! and does not need it.
+//!
+//! Later the batch writer's connections were set to plan only index lookups, whatever the
+//! estimate, and the engine went back to `json_to_recordset` (one JSON parse per batch instead
+//! of two). The function stays for engines of the versions that call it.
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::DbBackend;

@@ -1,9 +1,9 @@
 //! Writing a whole batch of transitions at once: the conditional saga updates, the new sagas,
 //! attempts, outbox commands and history rows of every saga in the batch.
 //!
-//! Each kind of row travels as one JSON parameter (read with `json_to_record` over a row source
-//! the planner sizes right in PostgreSQL, with `json_each` in SQLite), so a statement's text is
-//! the same for one row or five hundred and is prepared once per connection. On PostgreSQL the whole batch is then **one statement** (data-
+//! Each kind of row travels as one JSON parameter (read with `json_to_recordset` in PostgreSQL,
+//! `json_each` in SQLite), so a statement's text is the same for one row or five hundred and is
+//! prepared once per connection. On PostgreSQL the whole batch is then **one statement** (data-
 //! modifying `WITH` clauses, atomic on its own): one round trip per commit, where a statement per
 //! table cost seven, each waiting for a busy machine to schedule both ends. SQLite has no
 //! data-modifying `WITH`; it runs the same parts as statements in one transaction.
@@ -49,10 +49,11 @@ fn json_rows(backend: DbBackend, param: usize, columns: &[(&str, SqlType)]) -> S
                 .iter()
                 .map(|(name, ty)| format!("{name} {}", ty.name()))
                 .collect();
-            // `sagaflow_json_rows` (a migration) is `json_array_elements` with a row estimate
-            // that keeps the planner on index lookups; `json_to_recordset` claims 100 rows.
+            // The batch writer's connections allow only index lookups for the joins (see
+            // `BATCH_WRITER_SETTINGS`), so the planner's guess at the row count cannot turn
+            // them into table scans.
             format!(
-                "sagaflow_json_rows(CAST(${param} AS json)) AS r(e), json_to_record(r.e) AS v({})",
+                "json_to_recordset(CAST(${param} AS json)) AS v({})",
                 fields.join(", ")
             )
         }

@@ -105,7 +105,7 @@ pub struct HistoryEntry {
 pub struct Store {
     db: DatabaseConnection,
     /// Where batches of transitions are committed: on PostgreSQL, connections of their own
-    /// with hash and merge joins turned off (see [`BATCH_WRITER_SETTINGS`]); on SQLite, `db`.
+    /// that plan only index lookups (see [`BATCH_WRITER_SETTINGS`]); on SQLite, `db`.
     writer: DatabaseConnection,
 }
 
@@ -116,11 +116,15 @@ pub struct Store {
 /// generic plan for a prepared statement, and a plan made while a table was small (a new
 /// database) or between two analyses can be a hash join that reads the whole `step_attempts`
 /// table on every commit, for as long as the plan stays cached: in one benchmark run that was
-/// 625 scans of 27,000 rows each, and a fifth of the throughput. With these joins off the
-/// planner has only the index lookup left. Only the batch writer's connections have them:
-/// operator and audit queries, which do join large sets, keep the planner's full choice.
-const BATCH_WRITER_SETTINGS: [(&str, &str); 2] =
-    [("enable_hashjoin", "off"), ("enable_mergejoin", "off")];
+/// 625 scans of 27,000 rows each, and a fifth of the throughput. With these joins and table
+/// scans off (a table scan stays possible where no index serves, at a prohibitive cost in the
+/// planner's eyes) the index lookup is the plan. Only the batch writer's connections have
+/// them: operator and audit queries, which do join large sets, keep the planner's full choice.
+const BATCH_WRITER_SETTINGS: [(&str, &str); 3] = [
+    ("enable_hashjoin", "off"),
+    ("enable_mergejoin", "off"),
+    ("enable_seqscan", "off"),
+];
 
 /// Connections of the batch writer pool: one commits at a time (the driver is single), one
 /// more covers a connection being replaced.
