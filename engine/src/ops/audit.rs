@@ -262,17 +262,30 @@ pub(crate) fn audit_select(
             query = query.filter(history::Column::Actor.eq(actor.as_str()));
         }
         Some(ActorFilter::Prefix(prefix)) => {
-            // LIKE says what matches; PostgreSQL reads it through the pattern index. SQLite
-            // only uses an index for LIKE under `case_sensitive_like`, but it compares text
-            // bytewise, so the same prefix as a range reads `idx_history_actor_at` (the range
-            // alone would be wrong under PostgreSQL's linguistic collations).
+            // LIKE says what matches; the same prefix as a range of bytes is what an index
+            // reads. SQLite only uses an index for LIKE under `case_sensitive_like`, but it
+            // compares text bytewise, so the plain range reads `idx_history_actor_at`.
+            // PostgreSQL derives that range from a LIKE prefix only when the pattern is a
+            // literal: the generic plan of a prepared statement (a parameter) walked the whole
+            // history in time order instead (115 ms on 10 million rows). Its pattern operators
+            // spell the range out bytewise whatever the collation (plain `>=`/`<` would follow
+            // a linguistic collation), which `idx_history_actor_prefix_at` serves.
             query = query.filter(history::Column::Actor.like(like_pattern("", prefix, "%")));
-            if backend == DbBackend::Sqlite
-                && let Some(end) = prefix_end(prefix)
-            {
-                query = query
-                    .filter(history::Column::Actor.gte(prefix.as_str()))
-                    .filter(history::Column::Actor.lt(end));
+            if let Some(end) = prefix_end(prefix) {
+                query = match backend {
+                    DbBackend::Postgres => query
+                        .filter(Expr::cust_with_values(
+                            "saga_history.actor ~>=~ $1",
+                            [prefix.as_str()],
+                        ))
+                        .filter(Expr::cust_with_values(
+                            "saga_history.actor ~<~ $1",
+                            [end.as_str()],
+                        )),
+                    _ => query
+                        .filter(history::Column::Actor.gte(prefix.as_str()))
+                        .filter(history::Column::Actor.lt(end)),
+                };
             }
         }
         None => {}
