@@ -87,6 +87,15 @@ struct Probe {
     overheads: Mutex<Vec<u32>>,
 }
 
+impl Probe {
+    /// The step overheads measured so far, in microseconds, smallest first.
+    fn sorted_overheads(&self) -> Vec<u32> {
+        let mut overheads = self.overheads.lock().map(|o| o.clone()).unwrap_or_default();
+        overheads.sort();
+        overheads
+    }
+}
+
 fn micros(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
@@ -292,6 +301,17 @@ async fn main() -> anyhow::Result<()> {
                         let _ = tokio::signal::ctrl_c().await;
                     })
                     .await?;
+                // The steps' overheads were seen here, not by the engine's process.
+                let overheads = probe.sorted_overheads();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "steps_measured": overheads.len(),
+                        "step_overhead_ms_p50": percentile(&overheads, 0.50),
+                        "step_overhead_ms_p99": percentile(&overheads, 0.99),
+                        "worker_peak_memory_mib": peak_memory_mib(),
+                    })
+                );
                 return Ok(());
             }
             let store = Store::connect(&url).await?;
@@ -399,12 +419,7 @@ async fn main() -> anyhow::Result<()> {
     let counts = engine.store().status_counts().await?;
     let mut latencies = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     latencies.sort();
-    let mut overheads = probe
-        .overheads
-        .lock()
-        .map(|o| o.clone())
-        .unwrap_or_default();
-    overheads.sort();
+    let overheads = probe.sorted_overheads();
     let report = Report {
         mode: args.mode,
         sagas: args.sagas,
