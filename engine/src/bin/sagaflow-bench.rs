@@ -222,6 +222,18 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[index.min(sorted.len() - 1)]) / 1_000.0
 }
 
+/// The benchmark's worker: as many attempts at once as sagas in flight, its idempotency records
+/// in the same PostgreSQL database as the engine's.
+async fn bench_worker(args: &Args, url: &str, saga: Saga) -> anyhow::Result<Worker> {
+    let results = ResultStore::open(url).await?;
+    let options = WorkerOptions {
+        id: "bench-worker".into(),
+        concurrency: args.in_flight.max(1),
+        ..WorkerOptions::default()
+    };
+    Ok(Worker::connect(&args.nats_url, results, vec![saga], options).await?)
+}
+
 /// The process's peak resident memory.
 fn peak_memory_mib() -> f64 {
     memory_mib("VmHWM:")
@@ -288,13 +300,7 @@ async fn main() -> anyhow::Result<()> {
                 .clone()
                 .context("--database-url is required in distributed mode (PostgreSQL)")?;
             if args.worker_only {
-                let results = ResultStore::open(&url).await?;
-                let options = WorkerOptions {
-                    id: "bench-worker".into(),
-                    concurrency: args.in_flight.max(1),
-                    ..WorkerOptions::default()
-                };
-                let worker = Worker::connect(&args.nats_url, results, vec![saga], options).await?;
+                let worker = bench_worker(&args, &url, saga).await?;
                 eprintln!("serving `{name}` until interrupted");
                 worker
                     .run(async {
@@ -326,14 +332,7 @@ async fn main() -> anyhow::Result<()> {
             if args.worker_elsewhere {
                 (engine, None)
             } else {
-                // The worker keeps its idempotency records in the same PostgreSQL database.
-                let results = ResultStore::open(&url).await?;
-                let options = WorkerOptions {
-                    id: "bench-worker".into(),
-                    concurrency: args.in_flight.max(1),
-                    ..WorkerOptions::default()
-                };
-                let worker = Worker::connect(&args.nats_url, results, vec![saga], options).await?;
+                let worker = bench_worker(&args, &url, saga).await?;
                 let (stop, stopped) = oneshot::channel::<()>();
                 let task = tokio::spawn(async move {
                     let _ = worker

@@ -229,13 +229,6 @@ async fn recorded(
         .collect()
 }
 
-/// `values` as one JSON text parameter.
-fn json_parameter<T: serde::Serialize>(values: &T) -> Result<Value, String> {
-    serde_json::to_string(values)
-        .map(Value::from)
-        .map_err(|e| format!("cannot encode a statement parameter: {e}"))
-}
-
 async fn serve_lookups(db: DatabaseConnection, mut pending: mpsc::UnboundedReceiver<Lookup>) {
     while let Some(group) = next_group(&mut pending).await {
         let keys = group.iter().map(|l| l.key.clone()).collect();
@@ -294,11 +287,13 @@ async fn record_group(
         }
     };
     let rows: Vec<&serde_json::Value> = group.iter().map(|r| &r.row).collect();
+    let rows = serde_json::to_string(&rows)
+        .map_err(|e| format!("cannot encode the rows to record: {e}"))?;
     let inserted = db
         .execute_raw(Statement::from_sql_and_values(
             backend,
             sql,
-            [json_parameter(&rows)?],
+            [Value::from(rows)],
         ))
         .await
         .map_err(|e| format!("cannot write worker_results: {e}"))?;
