@@ -1,10 +1,20 @@
 //! `sagaflow-bench`: throughput and latency of the engine, embedded or distributed.
 //!
 //! Starts N sagas of K no-op steps, keeping C in flight, and reports sagas/s, steps/s, p50/p99
-//! saga latency (start to settled), p50/p99 per-step overhead (from one step's reply leaving the
-//! handler to the next step's command reaching a handler) and the process's peak memory, as a
-//! table and as JSON. The load generator, the engine and the workers share this process (and
-//! the machine, with PostgreSQL and NATS).
+//! saga latency (start to settled), p50/p99 per-step overhead and the process's peak memory, as
+//! a table and as JSON. The per-step overhead is reported over two windows:
+//!
+//! - `step_overhead`: from one step's handler returning to the next step's handler starting.
+//!   In the distributed mode this holds every hop of a step: the worker recording the result,
+//!   the reply through JetStream, the engine's commit, the command through JetStream, the
+//!   worker's idempotency lookup.
+//! - `reply_to_dispatch` (distributed mode): from one step's reply passing through the broker to
+//!   the next step's command passing through it, seen by a plain subscription beside the
+//!   JetStream consumers: the engine's share (taking the reply, committing the transition,
+//!   publishing the command).
+//!
+//! The load generator, the engine and the workers share this process (and the machine, with
+//! PostgreSQL and NATS).
 //!
 //! ```text
 //! cargo run --release -p sagaflow-engine --bin sagaflow-bench -- --mode embedded --sagas 20000
@@ -23,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
+use futures::StreamExt;
 use sagaflow_engine::runtime::{Engine, EngineOptions};
 use sagaflow_engine::store::Store;
 use sagaflow_sdk::worker::{ResultStore, Worker, WorkerOptions};
@@ -93,6 +104,80 @@ impl Probe {
         let mut overheads = self.overheads.lock().map(|o| o.clone()).unwrap_or_default();
         overheads.sort();
         overheads
+    }
+}
+
+/// Times the engine's share of each step from the wire: a plain NATS subscription to the
+/// benchmark saga's commands and replies, keyed by the saga id that leads every `Nats-Msg-Id`.
+#[derive(Default)]
+struct WireProbe {
+    /// When each saga in flight last had a reply pass through the broker.
+    last_reply: Mutex<HashMap<Uuid, Instant>>,
+    /// Microseconds from a reply to the saga's next command.
+    gaps: Mutex<Vec<u32>>,
+}
+
+impl WireProbe {
+    /// Subscribes to the saga's commands and replies and times them until the client closes.
+    async fn watch(
+        self: Arc<Self>,
+        nats_url: &str,
+        saga_name: &str,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let client = async_nats::connect(nats_url).await?;
+        // One subscription for both subjects keeps them in the order the broker sent them.
+        let mut messages = client.subscribe("sagaflow.>").await?;
+        let (commands, replies) = (
+            format!("sagaflow.cmd.{saga_name}."),
+            format!("sagaflow.reply.{saga_name}"),
+        );
+        Ok(tokio::spawn(async move {
+            while let Some(message) = messages.next().await {
+                let now = Instant::now();
+                let subject = message.subject.as_str();
+                let is_reply = subject == replies;
+                if !is_reply && !subject.starts_with(&commands) {
+                    continue;
+                }
+                let Some(id) = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                else {
+                    continue;
+                };
+                // Commands are `<saga id>:<step>:...`, replies `reply:<saga id>:<step>:...`.
+                let id = id.as_str();
+                let id = id.strip_prefix("reply:").unwrap_or(id);
+                let Some(saga_id) = id.split(':').next().and_then(|s| s.parse::<Uuid>().ok())
+                else {
+                    continue;
+                };
+                let Ok(mut last) = self.last_reply.lock() else {
+                    continue;
+                };
+                if is_reply {
+                    last.insert(saga_id, now);
+                } else if let Some(reply) = last.remove(&saga_id)
+                    && let Ok(mut gaps) = self.gaps.lock()
+                {
+                    gaps.push(micros(now - reply));
+                }
+            }
+            drop(client);
+        }))
+    }
+
+    fn forget(&self, saga_id: Uuid) {
+        if let Ok(mut last) = self.last_reply.lock() {
+            last.remove(&saga_id);
+        }
+    }
+
+    fn sorted_gaps(&self) -> Vec<u32> {
+        let mut gaps = self.gaps.lock().map(|g| g.clone()).unwrap_or_default();
+        gaps.sort();
+        gaps
     }
 }
 
@@ -170,6 +255,9 @@ struct Report {
     saga_latency_ms_p99: f64,
     step_overhead_ms_p50: f64,
     step_overhead_ms_p99: f64,
+    /// Distributed mode only (zero otherwise): the engine's share of a step, as the broker sees it.
+    reply_to_dispatch_ms_p50: f64,
+    reply_to_dispatch_ms_p99: f64,
     peak_memory_mib: f64,
     /// Resident memory when a tenth of the sagas had started, and at the end: the difference
     /// is what finished sagas left behind (the load generator keeps 4 bytes per saga and per
@@ -346,6 +434,11 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
+    let wire = Arc::new(WireProbe::default());
+    let wire_task = match args.mode {
+        Mode::Distributed => Some(wire.clone().watch(&args.nats_url, &name).await?),
+        Mode::Embedded => None,
+    };
     let waiters = Arc::new(Waiters::default());
     let mut settled = engine.settled();
     let listener = {
@@ -370,13 +463,14 @@ async fn main() -> anyhow::Result<()> {
     let began = Instant::now();
     let mut generators = Vec::new();
     for _ in 0..args.in_flight {
-        let (engine, next, latencies, waiters, name, probe, at_tenth) = (
+        let (engine, next, latencies, waiters, name, probe, wire, at_tenth) = (
             engine.clone(),
             next.clone(),
             latencies.clone(),
             waiters.clone(),
             name.clone(),
             probe.clone(),
+            wire.clone(),
             at_tenth.clone(),
         );
         let total = args.sagas;
@@ -402,6 +496,7 @@ async fn main() -> anyhow::Result<()> {
                 if let Ok(mut m) = probe.last_reply.lock() {
                     m.remove(&id);
                 }
+                wire.forget(id);
             }
             Ok::<_, sagaflow_engine::EngineError>(())
         }));
@@ -419,6 +514,10 @@ async fn main() -> anyhow::Result<()> {
     let mut latencies = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     latencies.sort();
     let overheads = probe.sorted_overheads();
+    if let Some(task) = wire_task {
+        task.abort();
+    }
+    let gaps = wire.sorted_gaps();
     let report = Report {
         mode: args.mode,
         sagas: args.sagas,
@@ -431,6 +530,8 @@ async fn main() -> anyhow::Result<()> {
         saga_latency_ms_p99: percentile(&latencies, 0.99),
         step_overhead_ms_p50: percentile(&overheads, 0.50),
         step_overhead_ms_p99: percentile(&overheads, 0.99),
+        reply_to_dispatch_ms_p50: percentile(&gaps, 0.50),
+        reply_to_dispatch_ms_p99: percentile(&gaps, 0.99),
         peak_memory_mib: peak,
         memory_at_tenth_mib: at_tenth,
         memory_at_end_mib: at_end,
@@ -464,6 +565,12 @@ async fn main() -> anyhow::Result<()> {
             "step overhead p50/p99 {:.2} / {:.2} ms",
             report.step_overhead_ms_p50, report.step_overhead_ms_p99
         );
+        if matches!(report.mode, Mode::Distributed) {
+            println!(
+                "reply to dispatch     {:.2} / {:.2} ms (p50/p99)",
+                report.reply_to_dispatch_ms_p50, report.reply_to_dispatch_ms_p99
+            );
+        }
         println!("peak memory           {:.1} MiB", report.peak_memory_mib);
         println!(
             "resident at 10%/end   {:.1} / {:.1} MiB",
