@@ -28,7 +28,9 @@ use uuid::Uuid;
 pub use entities::{attempt, definition, history, outbox, saga};
 
 use crate::EngineError;
-use crate::machine::{Activity, AttemptOutcome, Record, RecordKind, SagaState};
+use crate::machine::{
+    Activity, AttemptOutcome, Record, RecordKind, SagaState, SagaStatus, StepState, Stuck,
+};
 
 /// Rows per multi-row INSERT: stays well under both databases' bound-parameter limits.
 const INSERT_CHUNK: usize = 500;
@@ -474,7 +476,9 @@ impl Store {
                         status: Set(c.status),
                         current_step: Set(c.current_step),
                         start_key: Set(write.start_key.map(str::to_string)),
-                        input: Set(c.input),
+                        // Only a new saga writes its input: it never changes afterwards.
+                        input: Set(serde_json::to_string(&write.state.input)
+                            .map_err(SagaColumns::corrupt(write.state))?),
                         outputs: Set(c.outputs),
                         progress: Set(c.progress),
                         last_error: Set(c.last_error),
@@ -600,11 +604,10 @@ fn active<T: Into<sea_orm::Value>>(value: &sea_orm::ActiveValue<T>) -> Option<&T
     }
 }
 
-/// The `sagas` columns derived from a state.
+/// The `sagas` columns of a state that change as it moves (the input is written once).
 struct SagaColumns {
     status: String,
     current_step: Option<String>,
-    input: String,
     outputs: String,
     progress: String,
     last_error: Option<String>,
@@ -613,16 +616,6 @@ struct SagaColumns {
 
 impl SagaColumns {
     fn of(state: &SagaState) -> Result<Self, EngineError> {
-        let corrupt = |e: serde_json::Error| EngineError::Corrupt {
-            saga_id: state.saga_id.to_string(),
-            detail: format!("cannot serialize state: {e}"),
-        };
-        let mut progress = serde_json::to_value(state).map_err(corrupt)?;
-        // Input and outputs have columns of their own; the rest is the progress document.
-        if let Some(map) = progress.as_object_mut() {
-            map.remove("input");
-            map.remove("outputs");
-        }
         let current_step = state
             .current_step()
             .and_then(|(step, _)| state.steps.get(step).map(|_| step))
@@ -635,12 +628,76 @@ impl SagaColumns {
         Ok(SagaColumns {
             status: state.status.as_str().to_string(),
             current_step,
-            input: serde_json::to_string(&state.input).map_err(corrupt)?,
-            outputs: serde_json::to_string(&state.outputs).map_err(corrupt)?,
-            progress: progress.to_string(),
+            outputs: serde_json::to_string(&state.outputs).map_err(Self::corrupt(state))?,
+            progress: serde_json::to_string(&ProgressDocument::of(state))
+                .map_err(Self::corrupt(state))?,
             last_error,
             wake_at: state.wake_at().map(Timestamp::as_millis),
         })
+    }
+
+    fn corrupt(state: &SagaState) -> impl Fn(serde_json::Error) -> EngineError + '_ {
+        |e| EngineError::Corrupt {
+            saga_id: state.saga_id.to_string(),
+            detail: format!("cannot serialize state: {e}"),
+        }
+    }
+}
+
+/// The `progress` column: the state without its input and outputs, which have columns of their
+/// own. Serialized from borrowed fields instead of through a JSON tree of the whole state (a
+/// copy of every value, input and outputs included): this runs for every saga of every batch,
+/// on the engine's one commit path. Readers parse the document, so its key order is free.
+#[derive(serde::Serialize)]
+struct ProgressDocument<'a> {
+    activity: &'a Activity,
+    compensation_queue: &'a [usize],
+    created_at: Timestamp,
+    deadline: Option<Timestamp>,
+    failure: &'a Option<String>,
+    name: &'a str,
+    past_pivot: bool,
+    saga_id: Uuid,
+    status: SagaStatus,
+    steps: &'a [StepState],
+    stuck: &'a Option<Stuck>,
+    version: u32,
+}
+
+impl<'a> ProgressDocument<'a> {
+    fn of(state: &'a SagaState) -> Self {
+        // Named exhaustively: a field added to the state fails to compile here until the
+        // document says whether it holds it.
+        let SagaState {
+            saga_id,
+            name,
+            version,
+            status,
+            input: _,
+            outputs: _,
+            steps,
+            activity,
+            compensation_queue,
+            past_pivot,
+            deadline,
+            failure,
+            stuck,
+            created_at,
+        } = state;
+        ProgressDocument {
+            activity,
+            compensation_queue,
+            created_at: *created_at,
+            deadline: *deadline,
+            failure,
+            name,
+            past_pivot: *past_pivot,
+            saga_id: *saga_id,
+            status: *status,
+            steps,
+            stuck,
+            version: *version,
+        }
     }
 }
 
@@ -832,6 +889,45 @@ fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The progress document is the state minus input and outputs (the document written through
+    /// a JSON tree before), and it reads back into the same state.
+    #[test]
+    fn progress_document_is_the_state_without_input_and_outputs() {
+        for scenario in crate::machine::scenarios::all() {
+            let state = crate::machine::scenarios::run(&scenario).final_state;
+            let mut tree = serde_json::to_value(&state).unwrap();
+            let map = tree.as_object_mut().unwrap();
+            map.remove("input");
+            map.remove("outputs");
+            let columns = SagaColumns::of(&state).unwrap();
+            let document: Value = serde_json::from_str(&columns.progress).unwrap();
+            assert_eq!(document, tree, "{}", scenario.name);
+            let row = saga::Model {
+                id: state.saga_id.to_string(),
+                name: state.name.clone(),
+                definition_version: state.version as i32,
+                status: columns.status,
+                current_step: columns.current_step,
+                start_key: None,
+                input: serde_json::to_string(&state.input).unwrap(),
+                outputs: columns.outputs,
+                progress: columns.progress,
+                last_error: columns.last_error,
+                wake_at: columns.wake_at,
+                row_version: 1,
+                history_seq: 0,
+                created_at: state.created_at.as_millis(),
+                updated_at: state.created_at.as_millis(),
+            };
+            assert_eq!(
+                stored_from_row(row).unwrap().state,
+                state,
+                "{}",
+                scenario.name
+            );
+        }
+    }
 
     #[test]
     fn passwords_are_hidden() {
