@@ -255,9 +255,10 @@ struct Report {
     saga_latency_ms_p99: f64,
     step_overhead_ms_p50: f64,
     step_overhead_ms_p99: f64,
-    /// Distributed mode only (zero otherwise): the engine's share of a step, as the broker sees it.
-    reply_to_dispatch_ms_p50: f64,
-    reply_to_dispatch_ms_p99: f64,
+    /// Distributed mode only (null otherwise): the engine's share of a step, as the broker
+    /// sees it.
+    reply_to_dispatch_ms_p50: Option<f64>,
+    reply_to_dispatch_ms_p99: Option<f64>,
     peak_memory_mib: f64,
     /// Resident memory when a tenth of the sagas had started, and at the end: the difference
     /// is what finished sagas left behind (the load generator keeps 4 bytes per saga and per
@@ -514,10 +515,10 @@ async fn main() -> anyhow::Result<()> {
     let mut latencies = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     latencies.sort();
     let overheads = probe.sorted_overheads();
-    if let Some(task) = wire_task {
+    let gaps = wire_task.map(|task| {
         task.abort();
-    }
-    let gaps = wire.sorted_gaps();
+        wire.sorted_gaps()
+    });
     let report = Report {
         mode: args.mode,
         sagas: args.sagas,
@@ -530,8 +531,8 @@ async fn main() -> anyhow::Result<()> {
         saga_latency_ms_p99: percentile(&latencies, 0.99),
         step_overhead_ms_p50: percentile(&overheads, 0.50),
         step_overhead_ms_p99: percentile(&overheads, 0.99),
-        reply_to_dispatch_ms_p50: percentile(&gaps, 0.50),
-        reply_to_dispatch_ms_p99: percentile(&gaps, 0.99),
+        reply_to_dispatch_ms_p50: gaps.as_deref().map(|g| percentile(g, 0.50)),
+        reply_to_dispatch_ms_p99: gaps.as_deref().map(|g| percentile(g, 0.99)),
         peak_memory_mib: peak,
         memory_at_tenth_mib: at_tenth,
         memory_at_end_mib: at_end,
@@ -565,11 +566,11 @@ async fn main() -> anyhow::Result<()> {
             "step overhead p50/p99 {:.2} / {:.2} ms",
             report.step_overhead_ms_p50, report.step_overhead_ms_p99
         );
-        if matches!(report.mode, Mode::Distributed) {
-            println!(
-                "reply to dispatch     {:.2} / {:.2} ms (p50/p99)",
-                report.reply_to_dispatch_ms_p50, report.reply_to_dispatch_ms_p99
-            );
+        if let (Some(p50), Some(p99)) = (
+            report.reply_to_dispatch_ms_p50,
+            report.reply_to_dispatch_ms_p99,
+        ) {
+            println!("reply to dispatch     {p50:.2} / {p99:.2} ms (p50/p99)");
         }
         println!("peak memory           {:.1} MiB", report.peak_memory_mib);
         println!(
