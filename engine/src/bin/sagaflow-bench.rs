@@ -89,105 +89,98 @@ struct Args {
     json: bool,
 }
 
-/// Per-saga timing shared by the no-op handlers.
+/// Gaps between two moments of each saga in flight: one moment opens a gap, the saga's next
+/// moment of the other kind closes it. The open gaps are kept per saga until they close or the
+/// saga settles, so memory stays small; closed gaps take 4 bytes each (microseconds).
 #[derive(Default)]
-struct Probe {
-    /// Per saga in flight (removed when it settles), so the probe's memory stays small.
-    last_reply: Mutex<HashMap<Uuid, Instant>>,
-    /// Microseconds: 4 bytes a step.
-    overheads: Mutex<Vec<u32>>,
+struct Gaps {
+    open: Mutex<HashMap<Uuid, Instant>>,
+    closed: Mutex<Vec<u32>>,
 }
 
-impl Probe {
-    /// The step overheads measured so far, in microseconds, smallest first.
-    fn sorted_overheads(&self) -> Vec<u32> {
-        let mut overheads = self.overheads.lock().map(|o| o.clone()).unwrap_or_default();
-        overheads.sort();
-        overheads
-    }
-}
-
-/// Times the engine's share of each step from the wire: a plain NATS subscription to the
-/// benchmark saga's commands and replies, keyed by the saga id that leads every `Nats-Msg-Id`.
-#[derive(Default)]
-struct WireProbe {
-    /// When each saga in flight last had a reply pass through the broker.
-    last_reply: Mutex<HashMap<Uuid, Instant>>,
-    /// Microseconds from a reply to the saga's next command.
-    gaps: Mutex<Vec<u32>>,
-}
-
-impl WireProbe {
-    /// Subscribes to the saga's commands and replies and times them until the client closes.
-    async fn watch(
-        self: Arc<Self>,
-        nats_url: &str,
-        saga_name: &str,
-    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-        let client = async_nats::connect(nats_url).await?;
-        // One subscription for both subjects keeps them in the order the broker sent them.
-        let mut messages = client.subscribe("sagaflow.>").await?;
-        let (commands, replies) = (
-            format!("sagaflow.cmd.{saga_name}."),
-            format!("sagaflow.reply.{saga_name}"),
-        );
-        Ok(tokio::spawn(async move {
-            while let Some(message) = messages.next().await {
-                let now = Instant::now();
-                let subject = message.subject.as_str();
-                let is_reply = subject == replies;
-                if !is_reply && !subject.starts_with(&commands) {
-                    continue;
-                }
-                let Some(id) = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-                else {
-                    continue;
-                };
-                // Commands are `<saga id>:<step>:...`, replies `reply:<saga id>:<step>:...`.
-                let id = id.as_str();
-                let id = id.strip_prefix("reply:").unwrap_or(id);
-                let Some(saga_id) = id.split(':').next().and_then(|s| s.parse::<Uuid>().ok())
-                else {
-                    continue;
-                };
-                let Ok(mut last) = self.last_reply.lock() else {
-                    continue;
-                };
-                if is_reply {
-                    last.insert(saga_id, now);
-                } else if let Some(reply) = last.remove(&saga_id)
-                    && let Ok(mut gaps) = self.gaps.lock()
-                {
-                    gaps.push(micros(now - reply));
-                }
-            }
-            drop(client);
-        }))
-    }
-
-    fn forget(&self, saga_id: Uuid) {
-        if let Ok(mut last) = self.last_reply.lock() {
-            last.remove(&saga_id);
+impl Gaps {
+    fn open(&self, saga_id: Uuid, at: Instant) {
+        if let Ok(mut open) = self.open.lock() {
+            open.insert(saga_id, at);
         }
     }
 
-    fn sorted_gaps(&self) -> Vec<u32> {
-        let mut gaps = self.gaps.lock().map(|g| g.clone()).unwrap_or_default();
-        gaps.sort();
-        gaps
+    /// Closes the saga's open gap, if it has one.
+    fn close(&self, saga_id: Uuid, at: Instant) {
+        let opened = self.open.lock().ok().and_then(|mut o| o.remove(&saga_id));
+        if let (Some(opened), Ok(mut closed)) = (opened, self.closed.lock()) {
+            closed.push(micros(at - opened));
+        }
     }
+
+    fn forget(&self, saga_id: Uuid) {
+        if let Ok(mut open) = self.open.lock() {
+            open.remove(&saga_id);
+        }
+    }
+
+    /// The closed gaps so far, in microseconds, smallest first.
+    fn sorted(&self) -> Vec<u32> {
+        let mut closed = self.closed.lock().map(|c| c.clone()).unwrap_or_default();
+        closed.sort();
+        closed
+    }
+}
+
+/// Times the engine's share of each step from the wire into `gaps`: a plain NATS subscription
+/// to the benchmark saga's commands and replies, keyed by the saga id that leads every
+/// `Nats-Msg-Id`. A reply opens a gap, the saga's next command closes it.
+async fn watch_wire(
+    gaps: Arc<Gaps>,
+    nats_url: &str,
+    saga_name: &str,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let client = async_nats::connect(nats_url).await?;
+    // One subscription for both subjects keeps them in the order the broker sent them.
+    let mut messages = client.subscribe("sagaflow.>").await?;
+    let (commands, replies) = (
+        format!("sagaflow.cmd.{saga_name}."),
+        format!("sagaflow.reply.{saga_name}"),
+    );
+    Ok(tokio::spawn(async move {
+        while let Some(message) = messages.next().await {
+            let now = Instant::now();
+            let subject = message.subject.as_str();
+            let is_reply = subject == replies;
+            if !is_reply && !subject.starts_with(&commands) {
+                continue;
+            }
+            let Some(id) = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            else {
+                continue;
+            };
+            // Commands are `<saga id>:<step>:...`, replies `reply:<saga id>:<step>:...`.
+            let id = id.as_str();
+            let id = id.strip_prefix("reply:").unwrap_or(id);
+            let Some(saga_id) = id.split(':').next().and_then(|s| s.parse::<Uuid>().ok()) else {
+                continue;
+            };
+            if is_reply {
+                gaps.open(saga_id, now);
+            } else {
+                gaps.close(saga_id, now);
+            }
+        }
+        drop(client);
+    }))
 }
 
 fn micros(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
+/// A step that does nothing but time the gap since the saga's previous step returned.
 #[derive(Clone)]
 struct NoOp {
-    probe: Arc<Probe>,
+    step_gaps: Arc<Gaps>,
 }
 
 impl StepHandler for NoOp {
@@ -195,19 +188,8 @@ impl StepHandler for NoOp {
     type Output = Value;
 
     async fn execute(&self, ctx: &StepContext, _input: Value) -> Result<Value, StepError> {
-        let now = Instant::now();
-        let previous = self
-            .probe
-            .last_reply
-            .lock()
-            .ok()
-            .and_then(|mut m| m.remove(&ctx.saga_id));
-        if let (Some(previous), Ok(mut overheads)) = (previous, self.probe.overheads.lock()) {
-            overheads.push(micros(now - previous));
-        }
-        if let Ok(mut m) = self.probe.last_reply.lock() {
-            m.insert(ctx.saga_id, Instant::now());
-        }
+        self.step_gaps.close(ctx.saga_id, Instant::now());
+        self.step_gaps.open(ctx.saga_id, Instant::now());
         Ok(Value::Null)
     }
 }
@@ -223,7 +205,7 @@ impl Compensate for NoOp {
     }
 }
 
-fn bench_saga(name: &str, steps: usize, probe: &Arc<Probe>) -> anyhow::Result<Saga> {
+fn bench_saga(name: &str, steps: usize, step_gaps: &Arc<Gaps>) -> anyhow::Result<Saga> {
     let policy = RetryPolicy::builder()
         .initial_interval(Duration::from_millis(50))
         .max_attempts(5)
@@ -231,7 +213,7 @@ fn bench_saga(name: &str, steps: usize, probe: &Arc<Probe>) -> anyhow::Result<Sa
     let mut builder = Saga::builder(name, 1);
     for i in 0..steps {
         let handler = NoOp {
-            probe: probe.clone(),
+            step_gaps: step_gaps.clone(),
         };
         builder = builder.step(
             Step::compensatable(format!("step{i}"), handler)
@@ -362,13 +344,14 @@ async fn main() -> anyhow::Result<()> {
     if matches!(args.mode, Mode::Embedded) && (args.worker_only || args.worker_elsewhere) {
         bail!("--worker-only and --worker-elsewhere are for the distributed mode");
     }
-    let probe = Arc::new(Probe::default());
+    // From one step's handler returning to the next one's starting.
+    let step_gaps = Arc::new(Gaps::default());
     // A fresh saga name per run keeps runs on a reused database apart.
     let name = args
         .saga_name
         .clone()
         .unwrap_or_else(|| format!("bench_{}", Uuid::now_v7().simple()));
-    let saga = bench_saga(&name, args.steps, &probe)?;
+    let saga = bench_saga(&name, args.steps, &step_gaps)?;
     let temp = std::env::temp_dir().join(format!("{name}.db"));
     let (engine, worker_task) = match args.mode {
         Mode::Embedded => {
@@ -397,7 +380,7 @@ async fn main() -> anyhow::Result<()> {
                     })
                     .await?;
                 // The steps' overheads were seen here, not by the engine's process.
-                let overheads = probe.sorted_overheads();
+                let overheads = step_gaps.sorted();
                 println!(
                     "{}",
                     serde_json::json!({
@@ -435,9 +418,10 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    let wire = Arc::new(WireProbe::default());
+    // From a step's reply to the next step's command, as the broker passes them on.
+    let wire_gaps = Arc::new(Gaps::default());
     let wire_task = match args.mode {
-        Mode::Distributed => Some(wire.clone().watch(&args.nats_url, &name).await?),
+        Mode::Distributed => Some(watch_wire(wire_gaps.clone(), &args.nats_url, &name).await?),
         Mode::Embedded => None,
     };
     let waiters = Arc::new(Waiters::default());
@@ -464,14 +448,14 @@ async fn main() -> anyhow::Result<()> {
     let began = Instant::now();
     let mut generators = Vec::new();
     for _ in 0..args.in_flight {
-        let (engine, next, latencies, waiters, name, probe, wire, at_tenth) = (
+        let (engine, next, latencies, waiters, name, step_gaps, wire_gaps, at_tenth) = (
             engine.clone(),
             next.clone(),
             latencies.clone(),
             waiters.clone(),
             name.clone(),
-            probe.clone(),
-            wire.clone(),
+            step_gaps.clone(),
+            wire_gaps.clone(),
             at_tenth.clone(),
         );
         let total = args.sagas;
@@ -494,10 +478,8 @@ async fn main() -> anyhow::Result<()> {
                 if let Ok(mut l) = latencies.lock() {
                     l.push(micros(started.elapsed()));
                 }
-                if let Ok(mut m) = probe.last_reply.lock() {
-                    m.remove(&id);
-                }
-                wire.forget(id);
+                step_gaps.forget(id);
+                wire_gaps.forget(id);
             }
             Ok::<_, sagaflow_engine::EngineError>(())
         }));
@@ -514,10 +496,10 @@ async fn main() -> anyhow::Result<()> {
     let counts = engine.store().status_counts().await?;
     let mut latencies = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     latencies.sort();
-    let overheads = probe.sorted_overheads();
+    let overheads = step_gaps.sorted();
     let gaps = wire_task.map(|task| {
         task.abort();
-        wire.sorted_gaps()
+        wire_gaps.sorted()
     });
     let report = Report {
         mode: args.mode,
