@@ -10,3 +10,4 @@ mod python_worker;
 mod scenarios;
 mod store;
 mod support;
+mod worker_results;
