@@ -1,12 +1,13 @@
 //! The worker's idempotency store on PostgreSQL: its lookups stay index lookups while the table
-//! grows from empty, whether the store opened its own pool or was handed the worker's.
+//! grows from empty, whether the store opened its own pool or was handed the worker's, and a
+//! store handed a pool keeps that pool's schema.
 
 use std::time::Duration;
 
 use sagaflow_sdk::protocol::StepOutcome;
 use sagaflow_sdk::worker::ResultStore;
 use sagaflow_tests::{Backend, TestDb};
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, Statement};
 use serde_json::json;
 
 fn succeeded(n: usize) -> StepOutcome {
@@ -50,14 +51,19 @@ async fn lookups_never_scan_the_whole_table_as_it_grows() {
             ResultStore::open(&db.url).await
         }
         .expect("open the store");
-        // While the table holds three rows, PostgreSQL settles on a cached plan for the lookups
-        // (sixteen at once, which the store reads in one statement, as on a busy worker).
+        // While the table holds three rows and has been analysed so (as autovacuum does to a
+        // new table early), PostgreSQL settles on a cached plan for the lookups (sixteen at
+        // once, which the store reads in one statement, as on a busy worker).
         for n in 0..3 {
             store
                 .record(&format!("key-{n}"), &format!("cmd-{n}"), &succeeded(n))
                 .await
                 .expect("record");
         }
+        handlers
+            .execute_unprepared("ANALYZE worker_results")
+            .await
+            .expect("analyse");
         let mut lookups = 0;
         for _ in 0..10 {
             let found = look_up(&store, (0..16).collect()).await;
@@ -91,14 +97,20 @@ async fn lookups_never_scan_the_whole_table_as_it_grows() {
         assert_eq!(store.lookup("key-absent").await.expect("lookup"), None);
         lookups += 1;
 
-        // Sessions report their statistics about a second after they go idle.
+        // A session reports its statistics when it ends (an idle one only up to ten seconds
+        // later): close the store's connections, then read what they reported.
+        store.close().await.expect("close the store");
         let mut seen = scans(&handlers).await;
+        let mut steady_since = std::time::Instant::now();
         for _ in 0..100 {
-            if seen.1 >= lookups {
+            if seen.1 >= lookups && steady_since.elapsed() >= Duration::from_secs(1) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-            seen = scans(&handlers).await;
+            let now = scans(&handlers).await;
+            if now != seen {
+                (seen, steady_since) = (now, std::time::Instant::now());
+            }
         }
         let (table_scans, index_scans) = seen;
         assert!(
@@ -106,10 +118,11 @@ async fn lookups_never_scan_the_whole_table_as_it_grows() {
             "{lookups} lookup statements at least, {index_scans} index scans reported \
              (shared pool: {shared_pool})"
         );
-        // Building the new table's primary key read the (empty) table once; nothing else did.
-        assert_eq!(
-            table_scans, 1,
-            "lookups scanned worker_results whole (shared pool: {shared_pool})"
+        // Building the new table's primary key read the (empty) table once; nothing else may.
+        assert!(
+            table_scans <= 1,
+            "lookups scanned worker_results whole: {table_scans} table scans \
+             (shared pool: {shared_pool})"
         );
 
         // The handlers' own connections keep the planner's full choice.
@@ -123,7 +136,55 @@ async fn lookups_never_scan_the_whole_table_as_it_grows() {
             .expect("one row");
         let setting: String = setting.try_get("", "setting").expect("setting");
         assert_eq!(setting, "on");
-        drop(store);
         let _ = handlers.close().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_handed_a_pool_keeps_its_schema() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let admin = Database::connect(&db.url).await.expect("connect");
+    admin
+        .execute_unprepared("CREATE SCHEMA worker_side")
+        .await
+        .expect("create the schema");
+    let mut options = ConnectOptions::new(db.url.clone());
+    options.set_schema_search_path("worker_side");
+    let handlers = Database::connect(options).await.expect("connect");
+
+    let store = ResultStore::with_connection(handlers.clone())
+        .await
+        .expect("open the store");
+    store
+        .record("key-1", "cmd-1", &succeeded(1))
+        .await
+        .expect("record");
+    assert_eq!(
+        store.lookup("key-1").await.expect("lookup"),
+        Some(succeeded(1))
+    );
+
+    let count = |table: &'static str| {
+        let admin = admin.clone();
+        async move {
+            admin
+                .query_one_raw(Statement::from_string(
+                    admin.get_database_backend(),
+                    format!(
+                        "SELECT count(*) AS n FROM pg_tables \
+                         WHERE schemaname || '.' || tablename = '{table}'"
+                    ),
+                ))
+                .await
+                .expect("read the catalog")
+                .expect("one row")
+                .try_get::<i64>("", "n")
+                .expect("n")
+        }
+    };
+    assert_eq!(count("worker_side.worker_results").await, 1);
+    assert_eq!(count("public.worker_results").await, 0);
+    drop(store);
+    let _ = handlers.close().await;
+    let _ = admin.close().await;
 }

@@ -37,17 +37,18 @@ const CREATE_LOCK: i64 = 7_036_815_064;
 
 /// Session settings of the store's own PostgreSQL connections.
 ///
-/// PostgreSQL caches a generic plan per prepared statement. One made while `worker_results` was
-/// nearly empty (a new worker database) is a scan of the whole table, and it stays cached while
-/// the table grows until an analysis of the table replaces it: in a benchmark on a new database
-/// that was a scan of up to 30,000 rows for every command's lookup, which made the lookups' p99
-/// 20-25 ms instead of 5-6 ms. With table scans off (still possible where no index serves, at a
-/// prohibitive cost in the planner's eyes) every lookup is an index lookup. The settings stay on
-/// the store's own connections, so a pool the worker shares with its handlers keeps its own.
+/// PostgreSQL caches a generic plan per prepared statement. One made after the table was
+/// analysed while small (autovacuum analyses a new table after its first fifty rows or so) is
+/// a scan of the whole table, and it stays cached while the table grows until the next analysis
+/// replaces it: in a benchmark on a new database that was a scan of up to 30,000 rows for every
+/// command's lookup, which made the lookups' p99 20-25 ms instead of 5-6 ms. With table scans
+/// off (still possible where no index serves, at a prohibitive cost in the planner's eyes) every
+/// lookup is an index lookup. The settings stay on the store's own connections, so a pool the
+/// worker shares with its handlers keeps its own.
 const POSTGRES_SETTINGS: [(&str, &str); 1] = [("enable_seqscan", "off")];
 
 /// Connections of the store's own PostgreSQL pool: one group of lookups and one of records at
-/// a time, and one more covers a connection being replaced.
+/// a time, and one for [`ResultStore::count`].
 const POSTGRES_CONNECTIONS: u32 = 3;
 
 /// `worker_results`: one row per idempotency key that succeeded.
@@ -75,6 +76,8 @@ pub mod entity {
 #[derive(Debug, Clone)]
 pub struct ResultStore {
     db: DatabaseConnection,
+    /// Whether `db` is the store's own pool (closed with the store) or the caller's.
+    owns_pool: bool,
     lookups: mpsc::UnboundedSender<Lookup>,
     records: mpsc::UnboundedSender<Recording>,
 }
@@ -118,29 +121,30 @@ impl ResultStore {
         let db = Database::connect(options)
             .await
             .map_err(|e| WorkerError::Database(format!("cannot open `{url}`: {e}")))?;
-        Self::on(db).await
+        Self::on(db, true).await
     }
 
     /// Keeps the records in the database of an open connection (for workers that keep their
     /// data in the same database).
     ///
     /// On SQLite the store shares the connection. On PostgreSQL it opens a small pool of its own
-    /// to the same database with the same credentials, because its sessions turn table scans
-    /// off (so a lookup stays an index lookup however much the table grew since its plan was
-    /// cached), a setting the caller's connections should not get.
+    /// (up to three more connections) to the same database, with the same credentials and set-up
+    /// (such as the schema search path), because its sessions turn table scans off (so a lookup
+    /// stays an index lookup however much the table grew since its plan was cached), a setting
+    /// the caller's connections should not get. That pool lives as long as the store; closing
+    /// `db` does not close it.
     pub async fn with_connection(db: DatabaseConnection) -> Result<Self, WorkerError> {
-        let db = match &db.inner {
+        match &db.inner {
             // This arm matched a PostgreSQL pool, so the pool's accessor cannot panic.
             DatabaseConnectionType::SqlxPostgresPoolConnection(_) => {
-                own_postgres_pool(db.get_postgres_connection_pool())
+                Self::on(own_postgres_pool(db.get_postgres_connection_pool()), true).await
             }
-            _ => db,
-        };
-        Self::on(db).await
+            _ => Self::on(db, false).await,
+        }
     }
 
     /// Creates the table if missing and starts serving lookups and records on `db`.
-    async fn on(db: DatabaseConnection) -> Result<Self, WorkerError> {
+    async fn on(db: DatabaseConnection, owns_pool: bool) -> Result<Self, WorkerError> {
         let backend = db.get_database_backend();
         let mut create = Schema::new(backend).create_table_from_entity(entity::Entity);
         create.if_not_exists();
@@ -165,6 +169,7 @@ impl ResultStore {
         tokio::spawn(serve_records(db.clone(), pending_records));
         Ok(ResultStore {
             db,
+            owns_pool,
             lookups,
             records,
         })
@@ -217,6 +222,19 @@ impl ResultStore {
             .map_err(WorkerError::Database)
     }
 
+    /// Closes the store's own connections, for a worker that has stopped: lookups and records
+    /// still waiting fail. A connection handed to [`ResultStore::with_connection`] on SQLite is
+    /// the caller's, and stays open.
+    pub async fn close(self) -> Result<(), WorkerError> {
+        if !self.owns_pool {
+            return Ok(());
+        }
+        self.db
+            .close()
+            .await
+            .map_err(|e| WorkerError::Database(format!("cannot close the connections: {e}")))
+    }
+
     /// How many keys have a recorded outcome.
     pub async fn count(&self) -> Result<u64, WorkerError> {
         entity::Entity::find()
@@ -226,14 +244,19 @@ impl ResultStore {
     }
 }
 
-/// A pool to the database of `shared`, whose sessions carry [`POSTGRES_SETTINGS`]. It connects
-/// on first use, so a server that is down shows up as the first statement's error.
+/// A pool to the database of `shared`, whose sessions carry [`POSTGRES_SETTINGS`]. It keeps
+/// the shared pool's own set-up (its hooks, such as the schema search path sea-orm sets on each
+/// new connection, and its timeouts) and connects on first use, so a server that is down shows
+/// up as the first statement's error.
 fn own_postgres_pool(shared: &sea_orm::sqlx::PgPool) -> DatabaseConnection {
     let options = (*shared.connect_options())
         .clone()
         .options(POSTGRES_SETTINGS);
-    let pool = sea_orm::sqlx::postgres::PgPoolOptions::new()
+    let pool = shared
+        .options()
+        .clone()
         .max_connections(POSTGRES_CONNECTIONS)
+        .min_connections(0)
         .connect_lazy_with(options);
     SqlxPostgresConnector::from_sqlx_postgres_pool(pool)
 }
