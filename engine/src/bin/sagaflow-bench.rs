@@ -36,6 +36,7 @@ use clap::{Parser, ValueEnum};
 use futures::StreamExt;
 use sagaflow_engine::runtime::{Engine, EngineOptions};
 use sagaflow_engine::store::Store;
+use sagaflow_sdk::protocol::names;
 use sagaflow_sdk::worker::{ResultStore, Worker, WorkerOptions};
 use sagaflow_sdk::{Compensate, RetryPolicy, Saga, Step, StepContext, StepError, StepHandler};
 use serde::Serialize;
@@ -138,10 +139,12 @@ async fn watch_wire(
     let client = async_nats::connect(nats_url).await?;
     // One subscription for both subjects keeps them in the order the broker sent them.
     let mut messages = client.subscribe("sagaflow.>").await?;
+    // Every step's command subject starts with the one for an empty step name.
     let (commands, replies) = (
-        format!("sagaflow.cmd.{saga_name}."),
-        format!("sagaflow.reply.{saga_name}"),
+        names::command_subject(saga_name, ""),
+        names::reply_subject(saga_name),
     );
+    let reply_id_prefix = names::reply_message_id("");
     Ok(tokio::spawn(async move {
         while let Some(message) = messages.next().await {
             let now = Instant::now();
@@ -157,9 +160,9 @@ async fn watch_wire(
             else {
                 continue;
             };
-            // Commands are `<saga id>:<step>:...`, replies `reply:<saga id>:<step>:...`.
+            // A command's id leads with its saga's id; a reply's is the command's, prefixed.
             let id = id.as_str();
-            let id = id.strip_prefix("reply:").unwrap_or(id);
+            let id = id.strip_prefix(reply_id_prefix.as_str()).unwrap_or(id);
             let Some(saga_id) = id.split(':').next().and_then(|s| s.parse::<Uuid>().ok()) else {
                 continue;
             };
