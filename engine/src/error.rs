@@ -1,5 +1,6 @@
 //! The engine's error type.
 
+use sagaflow_protocol::ProtocolError;
 use sagaflow_sdk::SdkError;
 use sea_orm::DbErr;
 use thiserror::Error;
@@ -46,7 +47,7 @@ pub enum EngineError {
 
     /// A definition breaks a rule of the saga model.
     #[error("definition refused: {0}")]
-    InvalidDefinition(#[source] SdkError),
+    InvalidDefinition(#[source] ProtocolError),
 
     /// A definition was registered again with different content under the same version.
     #[error(

@@ -3,20 +3,12 @@
 use thiserror::Error;
 
 /// What went wrong while declaring a saga or converting step data.
-#[derive(Debug, Error, Clone, PartialEq)]
+#[derive(Debug, Error)]
 pub enum SdkError {
-    /// A retry policy field is out of range.
-    #[error("invalid retry policy: {0}")]
-    InvalidRetryPolicy(String),
-
-    /// The saga definition breaks a rule of the saga model (see [`crate::SagaBuilder::build`]).
-    #[error("invalid saga definition `{saga}`: {reason}")]
-    InvalidDefinition {
-        /// The saga's name.
-        saga: String,
-        /// Which rule was broken and how to fix it.
-        reason: String,
-    },
+    /// The saga definition or a retry policy breaks a rule of the saga model (see
+    /// [`crate::SagaBuilder::build`]).
+    #[error(transparent)]
+    Definition(#[from] sagaflow_protocol::ProtocolError),
 
     /// JSON could not be turned into the Rust type a step expects.
     #[error("{what} does not match the type `{type_name}` expected by step `{step}`: {detail}")]

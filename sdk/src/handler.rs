@@ -9,75 +9,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{Direction, SdkError, Timestamp};
+use sagaflow_protocol::{Direction, StepCommand, StepError, Timestamp};
 
-/// Whether a failed attempt may be tried again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorClass {
-    /// Transient: the step's retry policy decides whether another attempt follows.
-    Retryable,
-    /// Final: no more attempts (a declined card, an invalid address).
-    Permanent,
-}
-
-/// A step handler's failure, classified so the engine knows whether to retry.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct StepError {
-    /// Retryable or permanent.
-    pub class: ErrorClass,
-    /// A short machine-readable code (`card_declined`, `timeout`); retry policies can list codes
-    /// that are never retried.
-    pub code: String,
-    /// What happened, for people reading the history.
-    pub message: String,
-}
-
-impl StepError {
-    /// A transient failure: retried by the step's policy.
-    ///
-    /// A retryable error promises nothing about the effect (the attempt may have applied it and
-    /// failed afterwards), so when the policy gives up, a compensatable step is compensated too,
-    /// with no output, and a pivot leaves the saga stuck for an operator to decide.
-    pub fn retryable(code: impl Into<String>, message: impl Into<String>) -> Self {
-        StepError {
-            class: ErrorClass::Retryable,
-            code: code.into(),
-            message: message.into(),
-        }
-    }
-
-    /// A final failure: the saga compensates (before the pivot) or becomes stuck (after it, or
-    /// in a compensation).
-    ///
-    /// A permanent error is a promise that nothing was applied under this step's idempotency
-    /// key, by this attempt or an earlier one (an idempotent handler that finds an earlier effect
-    /// reports it instead of failing), so the failed step itself is not compensated.
-    pub fn permanent(code: impl Into<String>, message: impl Into<String>) -> Self {
-        StepError {
-            class: ErrorClass::Permanent,
-            code: code.into(),
-            message: message.into(),
-        }
-    }
-
-    /// Whether the handler marked it retryable.
-    pub fn is_retryable(&self) -> bool {
-        self.class == ErrorClass::Retryable
-    }
-}
-
-impl std::fmt::Display for StepError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let class = match self.class {
-            ErrorClass::Retryable => "retryable",
-            ErrorClass::Permanent => "permanent",
-        };
-        write!(f, "{} ({class}): {}", self.code, self.message)
-    }
-}
-
-impl std::error::Error for StepError {}
+use crate::SdkError;
 
 impl From<SdkError> for StepError {
     /// Data that does not fit its type will not fit on a retry either: permanent.
@@ -134,7 +68,22 @@ impl StepContext {
 
     /// The key the idempotency key of `direction` would have for this step.
     pub fn key_for(saga_id: Uuid, step: &str, direction: Direction) -> String {
-        format!("{saga_id}:{step}:{direction}")
+        sagaflow_protocol::idempotency_key(saga_id, step, direction)
+    }
+
+    /// The handler's view of `command`.
+    pub fn for_command(command: &StepCommand) -> StepContext {
+        StepContext {
+            saga_id: command.saga_id,
+            saga_name: command.saga.clone(),
+            step: command.step.clone(),
+            direction: command.direction,
+            attempt: command.attempt,
+            idempotency_key: command.idempotency_key.clone(),
+            forward_key: command.forward_key.clone(),
+            deadline: command.deadline,
+            outputs: Arc::new(command.outputs.clone()),
+        }
     }
 }
 

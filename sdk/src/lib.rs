@@ -109,23 +109,21 @@
 //! The engine (`sagaflow-engine`) runs sagas declared this way, embedded in one process or with
 //! workers over NATS.
 
-pub mod backoff;
-mod database_url;
 mod error;
 mod handler;
 mod json;
-pub mod protocol;
-pub mod retry;
 mod saga;
-mod spec;
-mod time;
 #[cfg(feature = "worker")]
 pub mod worker;
 
-pub use database_url::database_url;
+/// The wire protocol between the engine and workers (`docs/protocol.md`), for runtimes and
+/// workers that speak it by hand.
+pub use sagaflow_protocol as protocol;
+
 pub use error::SdkError;
-pub use handler::{Compensate, ErrorClass, StepContext, StepError, StepHandler};
-pub use retry::{RetryPolicy, RetryPolicyBuilder};
+pub use handler::{Compensate, StepContext, StepHandler};
 pub use saga::{DEFAULT_STEP_TIMEOUT, Saga, SagaBuilder, Step, StepRequest};
-pub use spec::{Direction, SagaSpec, StepKind, StepSpec};
-pub use time::Timestamp;
+pub use sagaflow_protocol::{
+    Direction, ErrorClass, RetryPolicy, RetryPolicyBuilder, SagaSpec, StepError, StepKind,
+    StepSpec, Timestamp, database_url,
+};

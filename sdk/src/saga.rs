@@ -6,10 +6,10 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde_json::Value;
 
-use crate::handler::{Compensate, StepContext, StepError, StepHandler};
+use crate::handler::{Compensate, StepContext, StepHandler};
 use crate::json;
 use crate::protocol::{StepCommand, StepOutcome, StepReply};
-use crate::{Direction, RetryPolicy, SagaSpec, SdkError, StepKind, StepSpec};
+use crate::{Direction, RetryPolicy, SagaSpec, SdkError, StepError, StepKind, StepSpec};
 
 /// The attempt timeout a step gets unless it says otherwise.
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -221,7 +221,7 @@ impl Saga {
     pub async fn handle(&self, command: &StepCommand, worker: &str) -> StepReply {
         let request = StepRequest {
             step: command.step_index,
-            ctx: command.context(),
+            ctx: StepContext::for_command(command),
             input: command.input.clone(),
             output: command.outputs.get(&command.step).cloned(),
         };

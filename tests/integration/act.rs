@@ -21,7 +21,7 @@ use sagaflow_engine::ops::{
     self, ActOptions, BulkAction, BulkOutcome, BulkRequest, ListFilter, OutputCheck, render,
 };
 use sagaflow_engine::store::{HistoryEntry, SagaWrite, Store, StoredSaga, WriteOutcome};
-use sagaflow_sdk::backoff::ExactDelays;
+use sagaflow_protocol::backoff::ExactDelays;
 use sagaflow_sdk::{
     Compensate, Direction, RetryPolicy, Saga, Step, StepContext, StepError, StepHandler,
 };
@@ -815,7 +815,7 @@ async fn bulk_resume_dry_run_counts_and_execute_resumes_them_all() {
 // ----- the `sagaflow` binary -----
 
 fn sagaflow_binary() -> std::path::PathBuf {
-    build_binary("sagaflow-engine", "sagaflow")
+    build_binary("sagaflow-cli", "sagaflow")
 }
 
 struct Run {

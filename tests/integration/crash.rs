@@ -18,7 +18,7 @@ const KILLS: usize = 10;
 
 /// The `sagaflow` binary, built if it is not there yet.
 fn sagaflow_binary() -> PathBuf {
-    build_binary("sagaflow-engine", "sagaflow")
+    build_binary("sagaflow-cli", "sagaflow")
 }
 
 fn demo_command(binary: &PathBuf, url: &str, orders: usize, concurrency: usize) -> Command {

@@ -69,7 +69,7 @@ struct Binaries {
 fn binaries() -> &'static Binaries {
     static BUILT: OnceLock<Binaries> = OnceLock::new();
     BUILT.get_or_init(|| Binaries {
-        engine: build_binary("sagaflow-engine", "sagaflow"),
+        engine: build_binary("sagaflow-cli", "sagaflow"),
         worker: build_binary("sagaflow-workflows", "sagaflow-demo-worker"),
     })
 }

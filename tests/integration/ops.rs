@@ -17,7 +17,7 @@ use sagaflow_engine::ops::{
     TimeRange, render,
 };
 use sagaflow_engine::store::{SagaWrite, Store, WriteOutcome, attempt, history, saga};
-use sagaflow_sdk::backoff::ExactDelays;
+use sagaflow_protocol::backoff::ExactDelays;
 use sagaflow_sdk::{Direction, SagaSpec, Timestamp};
 use sagaflow_tests::{BACKENDS, Backend, TestDb};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};

@@ -3,7 +3,7 @@
 
 use sagaflow_engine::machine::{Event, Inputs, Reply, SagaState, decide};
 use sagaflow_engine::store::{SagaWrite, Store, WriteOutcome};
-use sagaflow_sdk::backoff::ExactDelays;
+use sagaflow_protocol::backoff::ExactDelays;
 use sagaflow_sdk::{Direction, Saga, Step, Timestamp};
 use sagaflow_tests::{BACKENDS, TestDb};
 use serde_json::json;

@@ -106,48 +106,48 @@ impl OrderServices {
 
 /// Forward retries: fast, for a demo (20 ms doubling to 500 ms, 5 attempts).
 pub fn forward_retry() -> Result<RetryPolicy, SdkError> {
-    RetryPolicy::builder()
+    Ok(RetryPolicy::builder()
         .initial_interval(Duration::from_millis(20))
         .multiplier(2.0)
         .max_interval(Duration::from_millis(500))
         .max_attempts(5)
         .jitter(0.2)
-        .build()
+        .build()?)
 }
 
 /// Compensation retries: like [`forward_retry`] with 8 attempts, since a compensation that
 /// gives up leaves the saga stuck.
 pub fn compensation_retry() -> Result<RetryPolicy, SdkError> {
-    RetryPolicy::builder()
+    Ok(RetryPolicy::builder()
         .initial_interval(Duration::from_millis(20))
         .multiplier(2.0)
         .max_interval(Duration::from_millis(500))
         .max_attempts(8)
         .jitter(0.2)
-        .build()
+        .build()?)
 }
 
 /// The pivot's retries: 10 attempts. Giving up on a pivot whose outcome is unknown leaves the
 /// saga stuck (its committed reservation cannot be released), so it gets more tries.
 fn pivot_retry() -> Result<RetryPolicy, SdkError> {
-    RetryPolicy::builder()
+    Ok(RetryPolicy::builder()
         .initial_interval(Duration::from_millis(20))
         .multiplier(2.0)
         .max_interval(Duration::from_millis(500))
         .max_attempts(10)
         .jitter(0.2)
-        .build()
+        .build()?)
 }
 
 /// After the pivot: retried until it succeeds (or an operator steps in).
 fn retriable_retry() -> Result<RetryPolicy, SdkError> {
-    RetryPolicy::builder()
+    Ok(RetryPolicy::builder()
         .initial_interval(Duration::from_millis(20))
         .multiplier(2.0)
         .max_interval(Duration::from_millis(500))
         .unlimited_attempts()
         .jitter(0.2)
-        .build()
+        .build()?)
 }
 
 /// The per-attempt timeout of every step.

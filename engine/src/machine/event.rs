@@ -1,6 +1,6 @@
 //! What can happen to a saga: the machine's inputs.
 
-use sagaflow_sdk::{Direction, StepError};
+use sagaflow_protocol::{Direction, StepError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

@@ -23,8 +23,8 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-use sagaflow_sdk::backoff::RetryDelays;
-use sagaflow_sdk::{Direction, SagaSpec, StepContext, StepError, StepKind, Timestamp};
+use sagaflow_protocol::backoff::RetryDelays;
+use sagaflow_protocol::{Direction, SagaSpec, StepError, StepKind, Timestamp};
 use serde_json::{Value, json};
 use thiserror::Error;
 
@@ -187,8 +187,10 @@ impl Machine<'_, '_> {
             deadline,
         };
         let name = self.step_name(step).to_string();
-        let idempotency_key = StepContext::key_for(self.state.saga_id, &name, direction);
-        let forward_key = StepContext::key_for(self.state.saga_id, &name, Direction::Forward);
+        let idempotency_key =
+            sagaflow_protocol::idempotency_key(self.state.saga_id, &name, direction);
+        let forward_key =
+            sagaflow_protocol::idempotency_key(self.state.saga_id, &name, Direction::Forward);
         self.history.push(
             Record::attempt(
                 RecordKind::AttemptDispatched,

@@ -1,7 +1,7 @@
 //! Operator actions: resume, retry now, skip a step, cancel. Each is refused with a reason when
 //! the saga's state does not allow it, and recorded with the operator and their reason.
 
-use sagaflow_sdk::{Direction, StepKind};
+use sagaflow_protocol::{Direction, StepKind};
 use serde_json::{Value, json};
 
 use super::{

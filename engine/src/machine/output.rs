@@ -1,6 +1,6 @@
 //! What the machine decides: the new state, commands for the shell, and history records.
 
-use sagaflow_sdk::{Direction, Timestamp};
+use sagaflow_protocol::{Direction, Timestamp};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

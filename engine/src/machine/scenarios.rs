@@ -18,8 +18,10 @@
 
 use std::time::Duration;
 
-use sagaflow_sdk::backoff::ExactDelays;
-use sagaflow_sdk::{Direction, RetryPolicy, SagaSpec, StepError, StepKind, StepSpec, Timestamp};
+use sagaflow_protocol::backoff::ExactDelays;
+use sagaflow_protocol::{
+    Direction, RetryPolicy, SagaSpec, StepError, StepKind, StepSpec, Timestamp,
+};
 use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use sagaflow_sdk::{Direction, StepError, Timestamp};
+use sagaflow_protocol::{Direction, StepError, Timestamp};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -235,7 +235,7 @@ impl SagaState {
     /// A saga that has been recorded but not started.
     pub fn new(
         saga_id: Uuid,
-        spec: &sagaflow_sdk::SagaSpec,
+        spec: &sagaflow_protocol::SagaSpec,
         input: Value,
         created_at: Timestamp,
     ) -> Self {

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sagaflow_sdk::backoff::{ExactDelays, RetryDelays};
-use sagaflow_sdk::{
-    Direction, RetryPolicy, SagaSpec, StepContext, StepError, StepKind, StepSpec, Timestamp,
+use sagaflow_protocol::backoff::{ExactDelays, RetryDelays};
+use sagaflow_protocol::{
+    Direction, RetryPolicy, SagaSpec, StepError, StepKind, StepSpec, Timestamp, idempotency_key,
 };
 use serde_json::{Value, json};
 
@@ -180,12 +180,12 @@ impl<'a> Checker<'a> {
                     assert_eq!(self.spec.steps[d.step].name, d.step_name, "{ctx}");
                     assert_eq!(
                         d.idempotency_key,
-                        StepContext::key_for(SAGA_ID, &d.step_name, d.direction),
+                        idempotency_key(SAGA_ID, &d.step_name, d.direction),
                         "{ctx}"
                     );
                     assert_eq!(
                         d.forward_key,
-                        StepContext::key_for(SAGA_ID, &d.step_name, Direction::Forward),
+                        idempotency_key(SAGA_ID, &d.step_name, Direction::Forward),
                         "{ctx}"
                     );
                     Some((d.step_name.clone(), d.direction, d.attempt))
@@ -825,7 +825,7 @@ fn an_unknown_outcome_is_compensated_without_an_output() {
     assert_eq!(undo.step_name, "authorize_payment");
     assert_eq!(
         undo.forward_key,
-        StepContext::key_for(SAGA_ID, "authorize_payment", Direction::Forward)
+        idempotency_key(SAGA_ID, "authorize_payment", Direction::Forward)
     );
 }
 

@@ -14,9 +14,10 @@
 
 use std::collections::HashMap;
 
-use sagaflow_sdk::backoff::RandomizedDelays;
-use sagaflow_sdk::protocol::StepCommand;
-use sagaflow_sdk::{Direction, Saga, SagaSpec, Timestamp};
+use sagaflow_protocol::StepCommand;
+use sagaflow_protocol::backoff::RandomizedDelays;
+use sagaflow_protocol::{Direction, SagaSpec, Timestamp};
+use sagaflow_sdk::Saga;
 use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
@@ -29,7 +30,7 @@ use crate::machine::{
 };
 use crate::runtime::commands::command_for;
 use crate::store::{SagaWrite, Store, StoredSaga, WriteOutcome};
-use sagaflow_sdk::protocol::names::MAX_OUTPUT_BYTES;
+use sagaflow_protocol::names::MAX_OUTPUT_BYTES;
 
 /// How an action is checked and when it happens.
 #[derive(Debug, Clone, Copy, Default)]
@@ -241,7 +242,7 @@ fn plan_loaded(
         _ => None,
     };
     if let Some((step, Some(output))) = &skipped_output {
-        let size = sagaflow_sdk::protocol::json_len(output);
+        let size = sagaflow_protocol::json_len(output);
         if size > MAX_OUTPUT_BYTES {
             return Err(EngineError::TooLarge {
                 what: format!("the output given for step `{step}`"),

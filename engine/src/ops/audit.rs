@@ -7,7 +7,7 @@
 
 use std::io::Write;
 
-use sagaflow_sdk::{Direction, Timestamp};
+use sagaflow_protocol::{Direction, Timestamp};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ColumnTrait, DbBackend, EntityTrait, FromQueryResult, JoinType, PaginatorTrait, QueryFilter,

@@ -1,7 +1,7 @@
 //! Inspecting one saga: [`show`] (where it is, step by step) and [`history`] (everything that
 //! happened to it, in order).
 
-use sagaflow_sdk::{Direction, SagaSpec, StepKind, Timestamp};
+use sagaflow_protocol::{Direction, SagaSpec, StepKind, Timestamp};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde::Serialize;
 use serde_json::Value;

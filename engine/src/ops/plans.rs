@@ -3,7 +3,7 @@
 //! same with ten rows or ten million: no table is scanned whole and no listing sorts all its
 //! matches. (PostgreSQL plans by statistics; see the EXPLAIN notes in the migration.)
 
-use sagaflow_sdk::{Direction, Timestamp};
+use sagaflow_protocol::{Direction, Timestamp};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QueryTrait,
     Statement,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sagaflow_sdk::Timestamp;
+use sagaflow_protocol::Timestamp;
 use serde_json::Value;
 
 use super::audit::{AuditPage, RetentionReport};

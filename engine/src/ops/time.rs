@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
-use sagaflow_sdk::Timestamp;
+use sagaflow_protocol::Timestamp;
 
 use crate::EngineError;
 
@@ -123,7 +123,7 @@ pub fn parse_instant(text: &str, now: Timestamp) -> Result<Timestamp, EngineErro
 
 /// Serde helpers: instants in JSON output are RFC3339 strings, like everywhere people read them.
 pub(crate) mod rfc3339 {
-    use sagaflow_sdk::Timestamp;
+    use sagaflow_protocol::Timestamp;
     use serde::Serializer;
 
     /// Serializes a [`Timestamp`] as RFC3339.
@@ -133,7 +133,7 @@ pub(crate) mod rfc3339 {
 
     /// The same for an optional instant (`null` when absent).
     pub mod option {
-        use sagaflow_sdk::Timestamp;
+        use sagaflow_protocol::Timestamp;
         use serde::Serializer;
 
         /// Serializes an optional [`Timestamp`] as RFC3339 or `null`.

@@ -6,7 +6,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
-use sagaflow_sdk::{Saga, SagaSpec};
+use sagaflow_protocol::SagaSpec;
+use sagaflow_sdk::Saga;
 
 use crate::EngineError;
 

@@ -1,7 +1,7 @@
 //! Step commands built from a saga's state: shared by the engine's driver and by the operator
 //! actions (`ops::act`), which commit the commands an action dispatches to the outbox.
 
-use sagaflow_sdk::protocol::{PROTOCOL_VERSION, StepCommand};
+use sagaflow_protocol::{PROTOCOL_VERSION, StepCommand};
 
 use crate::machine::{Dispatch, SagaState};
 

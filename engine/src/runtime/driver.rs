@@ -10,8 +10,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sagaflow_sdk::backoff::RandomizedDelays;
-use sagaflow_sdk::{SagaSpec, Timestamp};
+use sagaflow_protocol::backoff::RandomizedDelays;
+use sagaflow_protocol::{SagaSpec, Timestamp};
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, error, warn};
@@ -23,7 +23,7 @@ use crate::machine::{
     Activity, Command, Event, Inputs, OperatorCommand, Record, Reply, SagaState, Transition, decide,
 };
 use crate::store::{SagaWrite, Store, StoredSaga, WriteOutcome};
-use sagaflow_sdk::protocol::{StepCommand, StepReply};
+use sagaflow_protocol::{StepCommand, StepReply};
 
 use super::commands::command_for;
 use super::relay::Outgoing;
@@ -612,11 +612,11 @@ fn resend_command(state: &SagaState, spec: &SagaSpec) -> Option<StepCommand> {
     let name = spec.steps.get(step)?.name.clone();
     let dispatch = crate::machine::Dispatch {
         step,
-        idempotency_key: sagaflow_sdk::StepContext::key_for(state.saga_id, &name, direction),
-        forward_key: sagaflow_sdk::StepContext::key_for(
+        idempotency_key: sagaflow_protocol::idempotency_key(state.saga_id, &name, direction),
+        forward_key: sagaflow_protocol::idempotency_key(
             state.saga_id,
             &name,
-            sagaflow_sdk::Direction::Forward,
+            sagaflow_protocol::Direction::Forward,
         ),
         step_name: name,
         direction,

@@ -16,8 +16,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sagaflow_sdk::protocol::StepReply;
-use sagaflow_sdk::{Saga, SagaSpec};
+use sagaflow_protocol::SagaSpec;
+use sagaflow_protocol::StepReply;
+use sagaflow_sdk::Saga;
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -118,7 +119,7 @@ impl Starter {
                 self.catalog.spec(name, version)?
             }
         };
-        let size = sagaflow_sdk::protocol::json_len(&input);
+        let size = sagaflow_protocol::json_len(&input);
         if size > MAX_INPUT_BYTES {
             return Err(EngineError::TooLarge {
                 what: format!("the input for saga `{name}`"),

@@ -8,10 +8,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use sagaflow_sdk::protocol::{
+use sagaflow_protocol::{
     EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StartRequest, StepCommand, StepReply, names,
 };
-use sagaflow_sdk::worker::{durable_consumer, ensure_streams};
+use sagaflow_protocol::{durable_consumer, ensure_streams};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -347,7 +347,7 @@ impl Transport for JetStreamTransport {
 /// Over a broker, the attempt timeout is what recovers a command or reply the broker lost; a
 /// step without one waits forever if that happens. Allowed (some steps take unbounded time),
 /// but said once per registration.
-pub(crate) fn warn_untimed_steps(spec: &sagaflow_sdk::SagaSpec) {
+pub(crate) fn warn_untimed_steps(spec: &sagaflow_protocol::SagaSpec) {
     for step in spec.steps.iter().filter(|s| s.timeout.is_none()) {
         warn!(
             saga = %spec.name,

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use sagaflow_sdk::Timestamp;
-use sagaflow_sdk::protocol::StepCommand;
+use sagaflow_protocol::StepCommand;
+use sagaflow_protocol::Timestamp;
 use tokio::sync::mpsc;
 use tracing::warn;
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use sagaflow_sdk::Timestamp;
+use sagaflow_protocol::Timestamp;
 use tokio::sync::{Notify, mpsc};
 use tracing::warn;
 

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use sagaflow_sdk::protocol::{StepCommand, StepReply};
+use sagaflow_protocol::{StepCommand, StepReply};
 use tokio::sync::{Semaphore, mpsc};
 
 use super::catalog::Catalog;
@@ -72,8 +72,8 @@ pub async fn run_attempt(catalog: &Catalog, command: &StepCommand) -> StepReply 
         Ok(None) => StepReply::to(
             command,
             "embedded",
-            sagaflow_sdk::protocol::StepOutcome::Failed {
-                error: sagaflow_sdk::StepError::permanent(
+            sagaflow_protocol::StepOutcome::Failed {
+                error: sagaflow_protocol::StepError::permanent(
                     "no_handlers",
                     format!(
                         "no handlers for saga `{}` run in this process",
@@ -85,8 +85,8 @@ pub async fn run_attempt(catalog: &Catalog, command: &StepCommand) -> StepReply 
         Err(error) => StepReply::to(
             command,
             "embedded",
-            sagaflow_sdk::protocol::StepOutcome::Failed {
-                error: sagaflow_sdk::StepError::permanent("unknown_saga", error.to_string()),
+            sagaflow_protocol::StepOutcome::Failed {
+                error: sagaflow_protocol::StepError::permanent("unknown_saga", error.to_string()),
             },
         ),
     }

@@ -1,6 +1,6 @@
 //! Reading one registered definition back: the version a saga is pinned to.
 
-use sagaflow_sdk::SagaSpec;
+use sagaflow_protocol::SagaSpec;
 use sea_orm::EntityTrait;
 
 use super::{Store, definition};

@@ -14,9 +14,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use sagaflow_migrations::{Migrator, MigratorTrait};
-use sagaflow_sdk::backoff::retry_infrastructure;
-use sagaflow_sdk::protocol::StepCommand;
-use sagaflow_sdk::{RetryPolicy, SagaSpec, Timestamp};
+use sagaflow_protocol::StepCommand;
+use sagaflow_protocol::backoff::retry_infrastructure;
+use sagaflow_protocol::{RetryPolicy, SagaSpec, Timestamp};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectOptions, Database, DatabaseConnection, DbBackend,
     EntityTrait, QueryFilter, QueryOrder, QuerySelect,
@@ -138,7 +138,7 @@ impl Store {
     /// SQLite runs in WAL mode with `synchronous=FULL`, so a committed transition survives a
     /// killed process or a power cut.
     pub async fn connect(url: &str) -> Result<Self, EngineError> {
-        let url = sagaflow_sdk::database_url(url);
+        let url = sagaflow_protocol::database_url(url);
         let mut options = ConnectOptions::new(url.clone());
         options
             .sqlx_logging(false)

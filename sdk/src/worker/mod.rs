@@ -11,7 +11,6 @@
 //! when it names a saga (so the saga's history records it), and removed without redelivery.
 
 mod results;
-mod streams;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,10 +24,10 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 pub use results::ResultStore;
-pub use streams::{DUPLICATE_WINDOW, durable_consumer, ensure_streams};
 
 use crate::protocol::{
-    EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StepCommand, StepOutcome, StepReply, names,
+    EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StepCommand, StepOutcome, StepReply,
+    durable_consumer, ensure_streams, names,
 };
 use crate::{Saga, StepError};
 
@@ -38,6 +37,9 @@ pub enum WorkerError {
     /// The broker is unreachable or refused an operation.
     #[error("NATS: {0}; check that nats-server runs with JetStream (-js) at the given URL")]
     Broker(String),
+    /// The broker refused to create or open the protocol's streams or consumers.
+    #[error(transparent)]
+    Streams(#[from] sagaflow_protocol::ProtocolError),
     /// The worker's idempotency table is unreachable.
     #[error("worker database: {0}")]
     Database(String),

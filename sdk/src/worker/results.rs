@@ -102,7 +102,7 @@ struct Recording {
 impl ResultStore {
     /// Opens the database at `url` (a SQLite file is created if missing) and creates the table.
     pub async fn open(url: &str) -> Result<Self, WorkerError> {
-        let url = crate::database_url(url);
+        let url = sagaflow_protocol::database_url(url);
         let mut options = ConnectOptions::new(url.clone());
         options.sqlx_logging(false);
         if url.starts_with("postgres") {

@@ -2,7 +2,7 @@
 
 use sagaflow_engine::ops::{self, Cursor, Page, render};
 
-use super::common::{DatabaseArgs, OutputArgs, SagaFilterArgs, print_json};
+use crate::common::{DatabaseArgs, OutputArgs, SagaFilterArgs, print_json};
 
 /// Options of `sagaflow list`.
 #[derive(Debug, clap::Args)]

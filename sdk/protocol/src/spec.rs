@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{RetryPolicy, SdkError};
+use crate::{ProtocolError, RetryPolicy};
 
 /// Where a step stands in the classic saga model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -88,8 +88,8 @@ impl SagaSpec {
     /// of letters, digits, `_` and `-` (they appear in idempotency keys and NATS subjects), step
     /// names unique; steps ordered as compensatable steps, then at most one pivot, then
     /// retriable steps, which need a pivot before them.
-    pub fn validate(&self) -> Result<(), SdkError> {
-        let invalid = |reason: String| SdkError::InvalidDefinition {
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let invalid = |reason: String| ProtocolError::InvalidDefinition {
             saga: self.name.clone(),
             reason,
         };

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{Direction, StepContext, StepError, Timestamp};
+use crate::{Direction, SagaSpec, StepError, Timestamp};
 
 /// The schema version this library writes and reads.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -74,21 +74,12 @@ impl StepCommand {
     pub fn id_for(saga_id: Uuid, step: &str, direction: Direction, attempt: u32) -> String {
         format!("{saga_id}:{step}:{direction}:{attempt}")
     }
+}
 
-    /// The handler's view of this command.
-    pub fn context(&self) -> StepContext {
-        StepContext {
-            saga_id: self.saga_id,
-            saga_name: self.saga.clone(),
-            step: self.step.clone(),
-            direction: self.direction,
-            attempt: self.attempt,
-            idempotency_key: self.idempotency_key.clone(),
-            forward_key: self.forward_key.clone(),
-            deadline: self.deadline,
-            outputs: std::sync::Arc::new(self.outputs.clone()),
-        }
-    }
+/// The idempotency key of a step of a saga in one direction: the same for every attempt and
+/// redelivery, so the resource behind the step applies its effect at most once.
+pub fn idempotency_key(saga_id: Uuid, step: &str, direction: Direction) -> String {
+    format!("{saga_id}:{step}:{direction}")
 }
 
 /// How an attempt ended, as the worker saw it.
@@ -156,99 +147,6 @@ impl StepReply {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_len_counts_the_compact_text() {
-        let value = serde_json::json!({"a": [1, 2.5, null], "b": "quote \" and é", "c": {}});
-        assert_eq!(json_len(&value), value.to_string().len());
-    }
-
-    #[test]
-    fn reply_json_is_flat_and_round_trips() {
-        let command = StepCommand {
-            v: PROTOCOL_VERSION,
-            command_id: "c".into(),
-            saga_id: Uuid::from_u128(7),
-            saga: "s".into(),
-            saga_version: 1,
-            step_index: 0,
-            step: "a".into(),
-            direction: Direction::Forward,
-            attempt: 2,
-            idempotency_key: "k".into(),
-            forward_key: "k".into(),
-            deadline: Some(Timestamp(5)),
-            input: Value::Null,
-            outputs: BTreeMap::new(),
-        };
-        let failed = StepReply::to(
-            &command,
-            "w1",
-            StepOutcome::Failed {
-                error: StepError::permanent("card_declined", "no"),
-            },
-        );
-        let json = serde_json::to_value(&failed).unwrap();
-        assert_eq!(json["status"], "failed");
-        assert_eq!(json["error"]["class"], "permanent");
-        assert_eq!(json["attempt"], 2);
-        assert_eq!(serde_json::from_value::<StepReply>(json).unwrap(), failed);
-        let ok = StepReply::to(&command, "w1", StepOutcome::Succeeded { output: 3.into() });
-        let json = serde_json::to_value(&ok).unwrap();
-        assert_eq!(json["status"], "succeeded");
-        assert_eq!(json["output"], 3);
-    }
-}
-
-/// NATS subjects, streams and consumers of the protocol.
-pub mod names {
-    /// The JetStream stream that holds step commands.
-    pub const COMMAND_STREAM: &str = "SAGAFLOW_COMMANDS";
-    /// The JetStream stream that holds replies.
-    pub const REPLY_STREAM: &str = "SAGAFLOW_REPLIES";
-    /// The durable consumer the engine reads replies with.
-    pub const ENGINE_CONSUMER: &str = "sagaflow-engine";
-    /// Core NATS request subject to start a saga.
-    pub const START_SUBJECT: &str = "sagaflow.start";
-    /// Core NATS request subject a worker announces its saga definitions on.
-    pub const REGISTER_SUBJECT: &str = "sagaflow.register";
-    /// Queue group the engines answer start and register requests in.
-    pub const ENGINE_QUEUE: &str = "sagaflow-engine";
-    /// The largest message either stream accepts, in bytes.
-    pub const MAX_MESSAGE_BYTES: i32 = 1024 * 1024;
-    /// The largest output one step may return, as compact JSON: every later command carries
-    /// it, so a few of them must fit in one message.
-    pub const MAX_OUTPUT_BYTES: usize = 256 * 1024;
-
-    /// Where the command for a step of a saga is published.
-    pub fn command_subject(saga: &str, step: &str) -> String {
-        format!("sagaflow.cmd.{saga}.{step}")
-    }
-
-    /// What a worker serving every step of `saga` consumes.
-    pub fn command_filter(saga: &str) -> String {
-        format!("sagaflow.cmd.{saga}.>")
-    }
-
-    /// Where replies for `saga` are published.
-    pub fn reply_subject(saga: &str) -> String {
-        format!("sagaflow.reply.{saga}")
-    }
-
-    /// The durable consumer the workers of `saga` share.
-    pub fn worker_consumer(saga: &str) -> String {
-        format!("sagaflow-worker-{saga}")
-    }
-
-    /// The `Nats-Msg-Id` of the reply to a command.
-    pub fn reply_message_id(command_id: &str) -> String {
-        format!("reply:{command_id}")
-    }
-}
-
 /// A request to start a saga, sent on [`names::START_SUBJECT`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StartRequest {
@@ -296,5 +194,52 @@ pub struct RegisterRequest {
     /// Schema version, [`PROTOCOL_VERSION`].
     pub v: u32,
     /// The definitions.
-    pub sagas: Vec<crate::SagaSpec>,
+    pub sagas: Vec<SagaSpec>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_len_counts_the_compact_text() {
+        let value = serde_json::json!({"a": [1, 2.5, null], "b": "quote \" and é", "c": {}});
+        assert_eq!(json_len(&value), value.to_string().len());
+    }
+
+    #[test]
+    fn reply_json_is_flat_and_round_trips() {
+        let command = StepCommand {
+            v: PROTOCOL_VERSION,
+            command_id: "c".into(),
+            saga_id: Uuid::from_u128(7),
+            saga: "s".into(),
+            saga_version: 1,
+            step_index: 0,
+            step: "a".into(),
+            direction: Direction::Forward,
+            attempt: 2,
+            idempotency_key: "k".into(),
+            forward_key: "k".into(),
+            deadline: Some(Timestamp(5)),
+            input: Value::Null,
+            outputs: BTreeMap::new(),
+        };
+        let failed = StepReply::to(
+            &command,
+            "w1",
+            StepOutcome::Failed {
+                error: StepError::permanent("card_declined", "no"),
+            },
+        );
+        let json = serde_json::to_value(&failed).unwrap();
+        assert_eq!(json["status"], "failed");
+        assert_eq!(json["error"]["class"], "permanent");
+        assert_eq!(json["attempt"], 2);
+        assert_eq!(serde_json::from_value::<StepReply>(json).unwrap(), failed);
+        let ok = StepReply::to(&command, "w1", StepOutcome::Succeeded { output: 3.into() });
+        let json = serde_json::to_value(&ok).unwrap();
+        assert_eq!(json["status"], "succeeded");
+        assert_eq!(json["output"], 3);
+    }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use sagaflow_engine::ops::{self, StuckQuery, render};
 use sagaflow_sdk::Timestamp;
 
-use super::common::{DatabaseArgs, OutputArgs, duration, print_json};
+use crate::common::{DatabaseArgs, OutputArgs, duration, print_json};
 
 /// Options of `sagaflow stuck`.
 #[derive(Debug, clap::Args)]

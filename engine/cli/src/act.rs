@@ -17,7 +17,7 @@ use sagaflow_sdk::Saga;
 use sagaflow_workflows::{Faults, OrderServices, TripServices, book_trip_saga, place_order_saga};
 use uuid::Uuid;
 
-use super::common::{DatabaseArgs, OutputArgs, SagaFilterArgs, print_json};
+use crate::common::{DatabaseArgs, OutputArgs, SagaFilterArgs, print_json};
 
 /// Who acts and why: every action records both in the saga's history.
 #[derive(Debug, clap::Args)]

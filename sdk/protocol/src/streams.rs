@@ -4,14 +4,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 
-use super::WorkerError;
-use crate::protocol::names;
+use crate::{ProtocolError, names};
 
 /// How long JetStream remembers a `Nats-Msg-Id` to drop a duplicate publish.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// Creates the command and reply streams if they do not exist (both sides call this at start).
-pub async fn ensure_streams(js: &jetstream::Context) -> Result<(), WorkerError> {
+pub async fn ensure_streams(js: &jetstream::Context) -> Result<(), ProtocolError> {
     for (name, subjects) in [
         (names::COMMAND_STREAM, "sagaflow.cmd.>"),
         (names::REPLY_STREAM, "sagaflow.reply.>"),
@@ -27,7 +26,10 @@ pub async fn ensure_streams(js: &jetstream::Context) -> Result<(), WorkerError> 
             ..Default::default()
         })
         .await
-        .map_err(|e| WorkerError::Broker(format!("cannot create stream {name}: {e}")))?;
+        .map_err(|e| ProtocolError::Stream {
+            action: format!("create stream {name}"),
+            source: Box::new(e),
+        })?;
     }
     Ok(())
 }
@@ -40,11 +42,14 @@ pub async fn durable_consumer(
     filter: &str,
     ack_wait: Duration,
     max_deliver: i64,
-) -> Result<consumer::Consumer<consumer::pull::Config>, WorkerError> {
+) -> Result<consumer::Consumer<consumer::pull::Config>, ProtocolError> {
     let stream = js
         .get_stream(stream_name)
         .await
-        .map_err(|e| WorkerError::Broker(format!("cannot open stream {stream_name}: {e}")))?;
+        .map_err(|e| ProtocolError::Stream {
+            action: format!("open stream {stream_name}"),
+            source: Box::new(e),
+        })?;
     stream
         .get_or_create_consumer(
             durable,
@@ -58,5 +63,8 @@ pub async fn durable_consumer(
             },
         )
         .await
-        .map_err(|e| WorkerError::Broker(format!("cannot create consumer {durable}: {e}")))
+        .map_err(|e| ProtocolError::Stream {
+            action: format!("create consumer {durable}"),
+            source: Box::new(e),
+        })
 }

@@ -5,7 +5,7 @@ use sagaflow_engine::ops::time::{format_time, parse_instant};
 use sagaflow_engine::ops::{self, render};
 use sagaflow_sdk::Timestamp;
 
-use super::common::{DatabaseArgs, OutputArgs, print_json};
+use crate::common::{DatabaseArgs, OutputArgs, print_json};
 
 /// Options of `sagaflow retention`.
 #[derive(Debug, clap::Args)]

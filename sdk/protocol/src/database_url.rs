@@ -13,7 +13,7 @@
 /// - anything else: unchanged.
 ///
 /// ```
-/// use sagaflow_sdk::database_url;
+/// use sagaflow_protocol::database_url;
 ///
 /// assert_eq!(database_url("demo.db"), "sqlite://demo.db?mode=rwc");
 /// assert_eq!(

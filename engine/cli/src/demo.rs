@@ -17,7 +17,7 @@ use sagaflow_workflows::{
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::table;
+use crate::table;
 
 /// Options of `sagaflow demo`.
 #[derive(Debug, clap::Args)]

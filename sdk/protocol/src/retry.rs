@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::SdkError;
+use crate::ProtocolError;
 
 /// How a step (or its compensation) is retried after a failed attempt.
 ///
@@ -43,9 +43,9 @@ struct RetryPolicyFields {
 }
 
 impl TryFrom<RetryPolicyFields> for RetryPolicy {
-    type Error = SdkError;
+    type Error = ProtocolError;
 
-    fn try_from(fields: RetryPolicyFields) -> Result<Self, SdkError> {
+    fn try_from(fields: RetryPolicyFields) -> Result<Self, ProtocolError> {
         RetryPolicy {
             initial_interval: Duration::from_millis(fields.initial_interval_ms),
             multiplier: fields.multiplier,
@@ -142,8 +142,8 @@ impl RetryPolicy {
         !self.non_retryable.iter().any(|c| c == code)
     }
 
-    fn validated(self) -> Result<Self, SdkError> {
-        let fail = |msg: String| Err(SdkError::InvalidRetryPolicy(msg));
+    fn validated(self) -> Result<Self, ProtocolError> {
+        let fail = |msg: String| Err(ProtocolError::InvalidRetryPolicy(msg));
         if self.initial_interval.is_zero() {
             return fail("initial_interval must be above zero".into());
         }
@@ -222,7 +222,7 @@ impl RetryPolicyBuilder {
     }
 
     /// Checks every field and returns the policy, or says which field is wrong.
-    pub fn build(self) -> Result<RetryPolicy, SdkError> {
+    pub fn build(self) -> Result<RetryPolicy, ProtocolError> {
         self.policy.validated()
     }
 }
@@ -237,7 +237,7 @@ mod tests {
             .initial_interval(Duration::ZERO)
             .build();
         assert!(
-            matches!(zero, Err(SdkError::InvalidRetryPolicy(m)) if m.contains("initial_interval"))
+            matches!(zero, Err(ProtocolError::InvalidRetryPolicy(m)) if m.contains("initial_interval"))
         );
         let shrinking = RetryPolicy::builder().multiplier(0.5).build();
         assert!(shrinking.is_err());

@@ -3,7 +3,7 @@
 use sagaflow_engine::ops::{self, render};
 use uuid::Uuid;
 
-use super::common::{DatabaseArgs, OutputArgs, print_json};
+use crate::common::{DatabaseArgs, OutputArgs, print_json};
 
 /// Options of `sagaflow history`.
 #[derive(Debug, clap::Args)]

@@ -6,7 +6,7 @@ use sagaflow_engine::ops::{self, ActorFilter, AuditFilter, Cursor, Page, TimeRan
 use sagaflow_sdk::{Direction, Timestamp};
 use uuid::Uuid;
 
-use super::common::{DatabaseArgs, instant, print_json};
+use crate::common::{DatabaseArgs, instant, print_json};
 
 /// Options of `sagaflow audit`.
 #[derive(Debug, clap::Args)]

@@ -1,6 +1,17 @@
 //! `sagaflow`: the Sagaflow command line.
 
-mod cli;
+mod act;
+mod audit;
+mod common;
+mod demo;
+mod history;
+mod list;
+mod retention;
+mod serve;
+mod show;
+mod start;
+mod stuck;
+mod table;
 
 use clap::{Parser, Subcommand};
 
@@ -18,44 +29,44 @@ enum Commands {
     /// and transient failures, then print a summary, one compensated saga's history and an
     /// invariant check over the demo services. Safe to run again on the same database: starts
     /// are idempotent, so an interrupted run picks up where it stopped.
-    Demo(cli::demo::DemoArgs),
+    Demo(demo::DemoArgs),
     /// Find sagas: filter by status, definition name and version, current step, created or
     /// updated time, error text and start key; oldest first, a page at a time.
-    List(cli::list::ListArgs),
+    List(list::ListArgs),
     /// The sagas that need an operator: stuck ones, and running or compensating ones that have
     /// made no progress for longer than a threshold, each with the reason.
-    Stuck(cli::stuck::StuckArgs),
+    Stuck(stuck::StuckArgs),
     /// One saga in detail: status, pinned definition version, each step with its attempts,
     /// last error, output and idempotency keys, what it does now and when it wakes next.
-    Show(cli::show::ShowArgs),
+    Show(show::ShowArgs),
     /// One saga's complete history as a timeline: every transition, attempt, error, timer and
     /// operator action, in order, with time and actor.
-    History(cli::history::HistoryArgs),
+    History(history::HistoryArgs),
     /// Query the history of every saga: by saga, definition name, record kind, step,
     /// direction, actor and time; export as JSON lines.
-    Audit(cli::audit::AuditArgs),
+    Audit(audit::AuditArgs),
     /// Remove whole finished (completed or compensated) sagas older than a cutoff, with their
     /// history and attempts, and say how many; --dry-run only counts.
-    Retention(cli::retention::RetentionArgs),
+    Retention(retention::RetentionArgs),
     /// Run the engine in distributed mode: step commands and replies over NATS JetStream,
     /// workers in their own processes. SIGTERM stops it gracefully.
-    Serve(cli::serve::ServeArgs),
+    Serve(serve::ServeArgs),
     /// Start a saga through a running engine (over NATS) and print its id. Idempotent with
     /// --key.
-    Start(cli::start::StartArgs),
+    Start(start::StartArgs),
     /// Resume a stuck saga: its failed step or compensation is tried again now, with a fresh
     /// retry budget. With --all, every stuck saga a filter matches (a dry run unless
     /// --execute). Requires --reason; recorded with the actor in the history.
-    Resume(cli::act::ResumeArgs),
+    Resume(act::ResumeArgs),
     /// Retry the current step now instead of waiting out its backoff. Requires --reason.
-    RetryStep(cli::act::RetryStepArgs),
+    RetryStep(act::RetryStepArgs),
     /// Declare the current step done by hand: a forward action with the output later steps
     /// read (--output, checked against the step's type), or a stuck compensation. Requires
     /// --reason.
-    SkipStep(cli::act::SkipStepArgs),
+    SkipStep(act::SkipStepArgs),
     /// Cancel a saga moving forward before its pivot: it compensates what it completed. With
     /// --all, every saga a filter matches (a dry run unless --execute). Requires --reason.
-    Cancel(cli::act::CancelArgs),
+    Cancel(act::CancelArgs),
 }
 
 #[tokio::main]
@@ -69,18 +80,18 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     match args.command {
-        Commands::Demo(demo) => cli::demo::run(demo).await,
-        Commands::List(args) => cli::list::run(args).await,
-        Commands::Stuck(args) => cli::stuck::run(args).await,
-        Commands::Show(args) => cli::show::run(args).await,
-        Commands::History(args) => cli::history::run(args).await,
-        Commands::Audit(args) => cli::audit::run(args).await,
-        Commands::Retention(args) => cli::retention::run(args).await,
-        Commands::Serve(args) => cli::serve::run(args).await,
-        Commands::Start(args) => cli::start::run(args).await,
-        Commands::Resume(args) => cli::act::resume(args).await,
-        Commands::RetryStep(args) => cli::act::retry_step(args).await,
-        Commands::SkipStep(args) => cli::act::skip_step(args).await,
-        Commands::Cancel(args) => cli::act::cancel(args).await,
+        Commands::Demo(demo) => demo::run(demo).await,
+        Commands::List(args) => list::run(args).await,
+        Commands::Stuck(args) => stuck::run(args).await,
+        Commands::Show(args) => show::run(args).await,
+        Commands::History(args) => history::run(args).await,
+        Commands::Audit(args) => audit::run(args).await,
+        Commands::Retention(args) => retention::run(args).await,
+        Commands::Serve(args) => serve::run(args).await,
+        Commands::Start(args) => start::run(args).await,
+        Commands::Resume(args) => act::resume(args).await,
+        Commands::RetryStep(args) => act::retry_step(args).await,
+        Commands::SkipStep(args) => act::skip_step(args).await,
+        Commands::Cancel(args) => act::cancel(args).await,
     }
 }

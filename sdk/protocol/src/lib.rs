@@ -1,0 +1,42 @@
+//! # Sagaflow protocol
+//!
+//! What the engine (`sagaflow-engine`) and the SDK (`sagaflow-sdk`) share, and nothing else:
+//!
+//! - the data form of a saga definition ([`SagaSpec`], [`StepSpec`], [`StepKind`],
+//!   [`Direction`]) and its retry policy ([`RetryPolicy`]);
+//! - [`backoff`]: the delay before each retry, computed from a policy (the one module that uses
+//!   the `backoff` crate), and the retry loop of every infrastructure call;
+//! - [`Timestamp`], the protocol's unit of time;
+//! - the wire messages ([`StepCommand`], [`StepReply`], [`StartRequest`], [`RegisterRequest`],
+//!   [`EngineAnswer`]), their errors ([`StepError`]) and the NATS [`names`], as in
+//!   `docs/protocol.md`;
+//! - with the `jetstream` feature, creating the protocol's streams and consumers
+//!   (`ensure_streams`, `durable_consumer`);
+//! - [`database_url`]: how a database URL given by a user becomes the URL the driver opens.
+//!
+//! A workflow author depends on `sagaflow-sdk`, which re-exports what an author needs from here.
+
+pub mod backoff;
+mod database_url;
+mod error;
+mod messages;
+pub mod names;
+mod retry;
+mod spec;
+mod step_error;
+#[cfg(feature = "jetstream")]
+mod streams;
+mod time;
+
+pub use database_url::database_url;
+pub use error::ProtocolError;
+pub use messages::{
+    EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StartRequest, StepCommand, StepOutcome,
+    StepReply, idempotency_key, json_len,
+};
+pub use retry::{RetryPolicy, RetryPolicyBuilder};
+pub use spec::{Direction, SagaSpec, StepKind, StepSpec};
+pub use step_error::{ErrorClass, StepError};
+#[cfg(feature = "jetstream")]
+pub use streams::{DUPLICATE_WINDOW, durable_consumer, ensure_streams};
+pub use time::Timestamp;
