@@ -1,6 +1,7 @@
 //! Integration tests, one binary with a module per area (one link instead of many).
 
 mod act;
+mod cli;
 mod crash;
 mod distributed;
 mod embedded;

@@ -954,7 +954,11 @@ async fn jsonl_export_parses_line_by_line() {
         for (line, entry) in lines.iter().zip(&paged) {
             let parsed: Value = serde_json::from_str(line)
                 .unwrap_or_else(|e| panic!("{backend:?}: line {line:?} is not JSON: {e}"));
-            assert_eq!(parsed, serde_json::to_value(entry).unwrap());
+            assert_eq!(
+                parsed,
+                serde_json::to_value(ops::Versioned::new(entry)).unwrap()
+            );
+            assert_eq!(parsed["v"], ops::JSON_FORMAT_VERSION, "{line}");
             for field in ["saga_id", "saga_name", "seq", "at", "kind", "actor"] {
                 assert!(!parsed[field].is_null(), "{field} in {line}");
             }

@@ -6,7 +6,7 @@ use sagaflow_engine::ops::{self, ActorFilter, AuditFilter, Cursor, Page, TimeRan
 use sagaflow_sdk::{Direction, Timestamp};
 use uuid::Uuid;
 
-use crate::common::{DatabaseArgs, instant, print_json};
+use crate::common::{DatabaseArgs, instant, print_json, print_text};
 
 /// Options of `sagaflow audit`.
 #[derive(Debug, clap::Args)]
@@ -121,7 +121,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
     if args.json {
         print_json(&result)
     } else {
-        println!("{}", render::audit_table(&result));
+        print_text(render::audit_table(&result))?;
         Ok(())
     }
 }

@@ -1,12 +1,13 @@
 //! What the operator and audit commands share: where the database is, the output form, and
 //! how times and durations are read.
 
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::bail;
 use sagaflow_engine::machine::SagaStatus;
 use sagaflow_engine::ops::time::{parse_duration, parse_instant};
-use sagaflow_engine::ops::{ListFilter, TimeRange};
+use sagaflow_engine::ops::{ListFilter, TimeRange, Versioned};
 use sagaflow_engine::store::Store;
 use sagaflow_sdk::Timestamp;
 use serde::Serialize;
@@ -125,10 +126,27 @@ pub struct OutputArgs {
     pub json: bool,
 }
 
-/// Prints `value` as pretty JSON on stdout.
+/// Prints `value` as pretty JSON on stdout, after the format's version (`docs/cli-json.md`).
 pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    print_text(serde_json::to_string_pretty(&Versioned::new(value))?)
+}
+
+/// Prints `text` and a newline on stdout. Unlike `println!`, a closed stdout (the reader of a
+/// pipe went away) is an error to return, not a panic: `main` then exits quietly.
+pub fn print_text(text: impl std::fmt::Display) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()?;
     Ok(())
+}
+
+/// Whether `error` comes from writing to a pipe whose reader has gone away (`| head`).
+pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// For clap: an instant as RFC3339, a UTC date, or a duration meaning that long ago.

@@ -3,7 +3,7 @@
 use sagaflow_engine::ops::{self, render};
 use uuid::Uuid;
 
-use crate::common::{DatabaseArgs, OutputArgs, print_json};
+use crate::common::{DatabaseArgs, OutputArgs, print_json, print_text};
 
 /// Options of `sagaflow history`.
 #[derive(Debug, clap::Args)]
@@ -23,7 +23,7 @@ pub async fn run(args: HistoryArgs) -> anyhow::Result<()> {
     if args.output.json {
         print_json(&view)
     } else {
-        println!("{}", render::history_table(&view));
+        print_text(render::history_table(&view))?;
         Ok(())
     }
 }

@@ -2,7 +2,7 @@
 
 use sagaflow_engine::ops::{self, Cursor, Page, render};
 
-use crate::common::{DatabaseArgs, OutputArgs, SagaFilterArgs, print_json};
+use crate::common::{DatabaseArgs, OutputArgs, SagaFilterArgs, print_json, print_text};
 
 /// Options of `sagaflow list`.
 #[derive(Debug, clap::Args)]
@@ -37,7 +37,7 @@ pub async fn run(args: ListArgs) -> anyhow::Result<()> {
     if args.output.json {
         print_json(&result)
     } else {
-        println!("{}", render::list_table(&result));
+        print_text(render::list_table(&result))?;
         Ok(())
     }
 }

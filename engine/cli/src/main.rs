@@ -71,6 +71,15 @@ enum Commands {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    match run().await {
+        // The reader of our output went away (`sagaflow stuck --json | head`): nothing more
+        // can be said to it, and it is no failure of ours.
+        Err(error) if common::is_broken_pipe(&error) => std::process::exit(0),
+        result => result,
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -5,7 +5,7 @@ use sagaflow_engine::ops::time::{format_time, parse_instant};
 use sagaflow_engine::ops::{self, render};
 use sagaflow_sdk::Timestamp;
 
-use crate::common::{DatabaseArgs, OutputArgs, print_json};
+use crate::common::{DatabaseArgs, OutputArgs, print_json, print_text};
 
 /// Options of `sagaflow retention`.
 #[derive(Debug, clap::Args)]
@@ -41,7 +41,7 @@ pub async fn run(args: RetentionArgs) -> anyhow::Result<()> {
     if args.output.json {
         print_json(&report)
     } else {
-        println!("{}", render::retention_text(&report));
+        print_text(render::retention_text(&report))?;
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! `sagaflow start`: start a saga through the engine's NATS start subject.
 
+use crate::common::print_text;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -57,7 +58,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         EngineAnswer::Ok {
             saga_id: Some(id), ..
         } => {
-            println!("{id}");
+            print_text(id)?;
             Ok(())
         }
         EngineAnswer::Ok { saga_id: None, .. } => bail!("the engine answered without a saga id"),

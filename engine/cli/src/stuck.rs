@@ -5,7 +5,7 @@ use std::time::Duration;
 use sagaflow_engine::ops::{self, StuckQuery, render};
 use sagaflow_sdk::Timestamp;
 
-use crate::common::{DatabaseArgs, OutputArgs, duration, print_json};
+use crate::common::{DatabaseArgs, OutputArgs, duration, print_json, print_text};
 
 /// Options of `sagaflow stuck`.
 #[derive(Debug, clap::Args)]
@@ -40,7 +40,7 @@ pub async fn run(args: StuckArgs) -> anyhow::Result<()> {
     if args.output.json {
         print_json(&report)
     } else {
-        println!("{}", render::stuck_table(&report));
+        print_text(render::stuck_table(&report))?;
         Ok(())
     }
 }

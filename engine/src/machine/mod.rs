@@ -10,10 +10,70 @@
 //! - steps run in order; a retryable failure is retried by the step's policy, at a durable time;
 //! - a permanent failure (or a policy run out) before the pivot compensates every completed
 //!   compensatable step in reverse order, plus the failing step when its outcome is unknown
-//!   (its last attempt timed out);
+//!   (its last attempt timed out or failed with a retryable error);
 //! - a failure after the pivot, a compensation that runs out of attempts, or a pivot whose
 //!   outcome is unknown make the saga *stuck*, with the reason, until an operator acts;
 //! - replies that do not answer the attempt in flight are recorded and ignored.
+//!
+//! ## Transitions
+//!
+//! What [`decide`] does with each event in each status (`docs/architecture.md` has the same
+//! table with the rest of the map). A refused event changes nothing and records nothing; the
+//! shell reports the refusal to whoever sent it.
+//!
+//! | Status before | Event | Condition | Status after | Recorded / commanded |
+//! | --- | --- | --- | --- | --- |
+//! | any | any | the definition is not the pinned name, version and step count | unchanged | refused: `WrongDefinition` |
+//! | any | `Rejected` | | unchanged | `message_rejected` |
+//! | `created` | `Start` | | `running` | `saga_started`, `attempt_dispatched` of step 0 |
+//! | not `created` | `Start` | | unchanged | refused: `AlreadyStarted` |
+//! | `created` | `Reply` | | unchanged | `reply_ignored` (never dispatched, or no such step) |
+//! | `created` | `TimerFired` | | unchanged | nothing |
+//! | `created` | `Cancel` | | `compensated` | `operator_action`, `compensation_started` (empty plan), `saga_compensated` |
+//! | `created` | `Resume`, `RetryNow`, `SkipStep` | | unchanged | refused |
+//! | `running` | `Reply`, awaited | forward success, more steps | `running` | `attempt_succeeded`, next step's `attempt_dispatched`; a pivot's success sets `past_pivot` |
+//! | `running` | `Reply`, awaited | forward success, last step | `completed` | `attempt_succeeded`, `saga_completed` |
+//! | `running` | `Reply`, awaited | retryable failure, code retried, budget left | `running` (backing off) | `attempt_failed`, `retry_scheduled` with `at` |
+//! | `running` | `Reply`, awaited | final failure of a compensatable step | `compensating` (or `compensated` if nothing to undo) | `attempt_failed`, compensation begins; the failing step is undone first when the error was retryable |
+//! | `running` | `Reply`, awaited | final failure of the pivot, permanent error | `compensating` (or `compensated`) | `attempt_failed`, compensation begins; the pivot is not undone |
+//! | `running` | `Reply`, awaited | final failure of the pivot, retryable error | `stuck` | `attempt_failed`, `saga_stuck` (outcome unknown) |
+//! | `running` | `Reply`, awaited | final failure of a retriable step | `stuck` | `attempt_failed`, `saga_stuck` |
+//! | `running` | `Reply`, not awaited | | unchanged | `reply_ignored` with the reason |
+//! | `running` | `TimerFired` | saga deadline due, not past the pivot, current step is the attempted pivot | `stuck` | `deadline_exceeded`, `saga_stuck`; a pivot attempt in flight is abandoned |
+//! | `running` | `TimerFired` | saga deadline due, not past the pivot, otherwise | `compensating` (or `compensated`) | `deadline_exceeded`, compensation begins; the current step is marked failed and undone too if it is compensatable and was attempted |
+//! | `running` | `TimerFired` | attempt deadline due | as a retryable `timeout` failure (rows above) | `attempt_timed_out`, then as for a failed reply |
+//! | `running` | `TimerFired` | backoff due | `running` | `retry_timer_fired`, `attempt_dispatched` |
+//! | `running` | `TimerFired` | nothing due | unchanged | nothing |
+//! | `running` | `RetryNow` | backing off | `running` | `operator_action`, `attempt_dispatched` now |
+//! | `running` | `RetryNow` | not backing off | unchanged | refused |
+//! | `running` | `SkipStep` | the current step, with an output | `running` (or `completed` after the last step) | `operator_action`; step `skipped`, output recorded, an in-flight attempt abandoned; next step dispatched |
+//! | `running` | `SkipStep` | another or unknown step, or no output | unchanged | refused |
+//! | `running` | `Cancel` | not past the pivot | `compensating` (or `compensated`) | `operator_action`, compensation begins; current step handled as for the deadline |
+//! | `running` | `Cancel` | past the pivot | unchanged | refused |
+//! | `running` | `Resume` | | unchanged | refused (not stuck) |
+//! | `compensating` | `Reply`, awaited | success, more to undo | `compensating` | `attempt_succeeded`, next undo dispatched |
+//! | `compensating` | `Reply`, awaited | success, last undo | `compensated` | `attempt_succeeded`, `saga_compensated` |
+//! | `compensating` | `Reply`, awaited | retryable failure, code retried, budget left | `compensating` (backing off) | `attempt_failed`, `retry_scheduled` |
+//! | `compensating` | `Reply`, awaited | final failure | `stuck` | `attempt_failed`, `saga_stuck` |
+//! | `compensating` | `Reply`, not awaited | | unchanged | `reply_ignored` |
+//! | `compensating` | `TimerFired` | attempt deadline due | as a retryable `timeout` failure | `attempt_timed_out`, then as for a failed reply |
+//! | `compensating` | `TimerFired` | backoff due | `compensating` | `retry_timer_fired`, `attempt_dispatched` |
+//! | `compensating` | `TimerFired` | nothing due (the saga deadline is not armed) | unchanged | nothing |
+//! | `compensating` | `RetryNow` | backing off | `compensating` | `operator_action`, `attempt_dispatched` |
+//! | `compensating` | `SkipStep` | the step being compensated | `compensating` (or `compensated`) | `operator_action`; step `compensated`; next undo dispatched |
+//! | `compensating` | `Resume`, `Cancel`, other `SkipStep`, `RetryNow` not backing off | | unchanged | refused |
+//! | `stuck` | `Reply` | | unchanged | `reply_ignored` (nothing is in flight) |
+//! | `stuck` | `TimerFired` | | unchanged | nothing |
+//! | `stuck` | `Resume` | stuck going forward | `running` | `operator_action`, new round with a fresh budget, next attempt number |
+//! | `stuck` | `Resume` | stuck compensating | `compensating` | `operator_action`, new round, next attempt number |
+//! | `stuck` | `SkipStep` | the stuck forward step, with an output | `running` (or `completed`) | `operator_action`, step `skipped`, next step dispatched |
+//! | `stuck` | `SkipStep` | the stuck compensation | `compensating` (or `compensated`) | `operator_action`, step `compensated`, next undo dispatched |
+//! | `stuck` | `Cancel` | stuck going forward, not past the pivot (a stuck pivot) | `compensating` (or `compensated`) | `operator_action` with `pivot_outcome_unknown: true`, compensation begins; the pivot is marked failed and not undone |
+//! | `stuck` | `Cancel` | stuck compensating, or past the pivot | unchanged | refused |
+//! | `stuck` | `RetryNow`, other `SkipStep` | | unchanged | refused |
+//! | `completed`, `compensated` | `Reply` | | unchanged | `reply_ignored` ("the saga is already ...") |
+//! | `completed`, `compensated` | `TimerFired` | | unchanged | nothing |
+//! | `completed`, `compensated` | any operator action | | unchanged | refused ("it is already ...") |
 
 mod event;
 mod operator;

@@ -18,6 +18,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::cursor::Cursor;
+use super::json::Versioned;
 use super::query::{MAX_PAGE, Page, TimeRange, like_pattern};
 use crate::EngineError;
 use crate::machine::{RecordKind, SagaStatus};
@@ -360,9 +361,11 @@ pub async fn export_jsonl<W: Write>(
     loop {
         let result = audit(store, filter, &page).await?;
         for entry in &result.entries {
-            let line = serde_json::to_string(entry).map_err(|e| EngineError::Corrupt {
-                saga_id: entry.saga_id.to_string(),
-                detail: format!("history #{} cannot be written as JSON: {e}", entry.seq),
+            let line = serde_json::to_string(&Versioned::new(entry)).map_err(|e| {
+                EngineError::Corrupt {
+                    saga_id: entry.saga_id.to_string(),
+                    detail: format!("history #{} cannot be written as JSON: {e}", entry.seq),
+                }
             })?;
             writeln!(out, "{line}").map_err(EngineError::Export)?;
             written += 1;

@@ -23,6 +23,7 @@ mod act;
 mod audit;
 mod cursor;
 mod inspect;
+mod json;
 #[cfg(test)]
 mod plans;
 mod query;
@@ -42,6 +43,7 @@ pub use inspect::{
     ActivityView, AttemptView, HistoryView, SagaDetail, StepView, StuckView, TimelineEntry,
     history, show,
 };
+pub use json::{JSON_FORMAT_VERSION, Versioned};
 pub use query::{
     DEFAULT_PAGE, ListFilter, ListPage, MAX_PAGE, Page, SagaSummary, StuckKind, StuckQuery,
     StuckReport, StuckSaga, TimeRange, list, stuck,

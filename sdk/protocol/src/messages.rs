@@ -147,7 +147,7 @@ impl StepReply {
     }
 }
 
-/// A request to start a saga, sent on [`names::START_SUBJECT`].
+/// A request to start a saga, sent on [`START_SUBJECT`](crate::names::START_SUBJECT).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StartRequest {
     /// Schema version, [`PROTOCOL_VERSION`].
@@ -188,7 +188,7 @@ pub enum EngineAnswer {
 }
 
 /// A worker's announcement of the saga definitions it serves, sent on
-/// [`names::REGISTER_SUBJECT`], so engines can start and drive them.
+/// [`REGISTER_SUBJECT`](crate::names::REGISTER_SUBJECT), so engines can start and drive them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegisterRequest {
     /// Schema version, [`PROTOCOL_VERSION`].
