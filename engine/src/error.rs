@@ -13,12 +13,16 @@ use crate::machine::MachineError;
 pub enum EngineError {
     /// The database could not be opened.
     #[error(
-        "cannot open the database at `{url}`: {source}; use sqlite://PATH for a file \
-         (created if missing) or postgres://USER@HOST:PORT/DB"
+        "cannot open the database at `{url}` (attempts: {attempts}): {source}; use sqlite://PATH \
+         for a file (created if missing) or postgres://USER@HOST:PORT/DB naming a database that \
+         exists, with a user the server accepts"
     )]
     Connect {
         /// The URL given (without a password).
         url: String,
+        /// How many connection attempts were made: one when the error is permanent (no such
+        /// database, refused credentials), more when the server did not answer.
+        attempts: u32,
         /// The driver's error.
         #[source]
         source: DbErr,
@@ -74,6 +78,23 @@ pub enum EngineError {
         /// Which step's type it did not fit, and where.
         #[source]
         source: SdkError,
+    },
+
+    /// The start input does not match the input schema of the saga's first step, as the
+    /// step's worker registered it. Nothing was started.
+    #[error(
+        "input refused for saga `{saga}`: it does not match the input schema of its first step \
+         `{step}`: {problem} (at JSON path {path}); nothing was started: fix the input"
+    )]
+    InputSchema {
+        /// The saga name.
+        saga: String,
+        /// The first step's name.
+        step: String,
+        /// The schema's complaint.
+        problem: String,
+        /// Where in the input, as a JSON Pointer (`/` for the input as a whole).
+        path: String,
     },
 
     /// The input (or a step output) is larger than the engine accepts.

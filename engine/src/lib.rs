@@ -55,6 +55,7 @@ mod error;
 pub mod machine;
 pub mod ops;
 pub mod runtime;
+mod schema;
 pub mod store;
 
 pub use error::EngineError;

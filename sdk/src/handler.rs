@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use schemars::JsonSchema;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -90,12 +91,15 @@ impl StepContext {
 /// A step's forward action.
 ///
 /// `Input` is read from the saga's input (so a step can take only the fields it needs), `Output`
-/// is recorded in the saga and handed to later steps and to this step's compensation.
+/// is recorded in the saga and handed to later steps and to this step's compensation. Both
+/// describe themselves as JSON Schema ([`JsonSchema`], usually derived), which the definition
+/// carries to the engine: it checks a start's input against the first step's `Input` schema and
+/// an output an operator gives by hand against the step's `Output` schema.
 pub trait StepHandler: Send + Sync + 'static {
     /// What the step reads from the saga input.
-    type Input: DeserializeOwned + Send + 'static;
+    type Input: DeserializeOwned + JsonSchema + Send + 'static;
     /// What the step produces.
-    type Output: Serialize + DeserializeOwned + Send + 'static;
+    type Output: Serialize + DeserializeOwned + JsonSchema + Send + 'static;
 
     /// Performs the step. Must be idempotent on `ctx.idempotency_key`.
     fn execute(

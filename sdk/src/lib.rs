@@ -12,6 +12,12 @@
 //! idempotency key that stays the same across retries and redeliveries, so the resource behind a
 //! step can apply its effect at most once.
 //!
+//! Step types also derive [`JsonSchema`] (from the `schemars` crate, re-exported as
+//! [`schemars`]): the definition a worker registers carries the JSON Schema of every step's
+//! `Input` and `Output`, so the engine can check a saga's input when it starts and an output an
+//! operator gives by hand, without the step's code. Derive it next to `Deserialize`; without a
+//! `schemars` dependency of your own, add `#[schemars(crate = "sagaflow_sdk::schemars")]`.
+//!
 //! ```
 //! use std::time::Duration;
 //!
@@ -19,15 +25,16 @@
 //!     Compensate, Direction, RetryPolicy, Saga, Step, StepContext, StepError, StepHandler,
 //!     StepRequest,
 //! };
+//! use schemars::JsonSchema;
 //! use serde::{Deserialize, Serialize};
 //!
-//! #[derive(Deserialize)]
+//! #[derive(Deserialize, JsonSchema)]
 //! struct Order {
 //!     sku: String,
 //!     quantity: u32,
 //! }
 //!
-//! #[derive(Serialize, Deserialize)]
+//! #[derive(Serialize, Deserialize, JsonSchema)]
 //! struct Reservation {
 //!     reservation_id: String,
 //! }
@@ -85,6 +92,9 @@
 //!
 //! // The engine refuses a start whose input fits no step's `Input` type.
 //! assert!(saga.validate_input(&serde_json::json!({"sku": "A-1"})).is_err());
+//! // The definition carries the types as JSON Schema, for engines that do not run the handlers.
+//! let schema = saga.spec().steps[0].input_schema.as_ref().expect("derived");
+//! assert_eq!(schema["required"], serde_json::json!(["sku", "quantity"]));
 //!
 //! // Runtimes run one attempt like this; workflow authors normally never call it.
 //! let saga_id = uuid::Uuid::now_v7();
@@ -122,8 +132,11 @@ pub use sagaflow_protocol as protocol;
 
 pub use error::SdkError;
 pub use handler::{Compensate, StepContext, StepHandler};
-pub use saga::{DEFAULT_STEP_TIMEOUT, Saga, SagaBuilder, Step, StepRequest};
+pub use saga::{DEFAULT_STEP_TIMEOUT, Saga, SagaBuilder, Step, StepRequest, schema_of};
 pub use sagaflow_protocol::{
     Direction, ErrorClass, RetryPolicy, RetryPolicyBuilder, SagaSpec, StepError, StepKind,
     StepSpec, Timestamp, database_url,
 };
+/// JSON Schema generation for step types: derive [`JsonSchema`] on each `Input` and `Output`.
+pub use schemars;
+pub use schemars::JsonSchema;

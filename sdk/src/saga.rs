@@ -4,6 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use schemars::JsonSchema;
+use schemars::generate::SchemaSettings;
 use serde_json::Value;
 
 use crate::handler::{Compensate, StepContext, StepHandler};
@@ -13,6 +15,19 @@ use crate::{Direction, RetryPolicy, SagaSpec, SdkError, StepError, StepKind, Ste
 
 /// The attempt timeout a step gets unless it says otherwise.
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The JSON Schema (draft 2020-12) of `T`, as a step definition carries it
+/// ([`StepSpec::input_schema`], [`StepSpec::output_schema`]).
+///
+/// The draft is named rather than left to the crate's default, so that a later `schemars`
+/// release changing its default cannot change the definitions workers register (a changed
+/// schema under the same version is refused as a changed definition).
+pub fn schema_of<T: JsonSchema>() -> Value {
+    SchemaSettings::draft2020_12()
+        .into_generator()
+        .into_root_schema_for::<T>()
+        .to_value()
+}
 
 /// One step being declared: its spec plus the handler that runs it.
 pub struct Step {
@@ -29,6 +44,7 @@ impl Step {
             RetryPolicy::default(),
             Arc::new(WithCompensation(Arc::new(handler))),
         )
+        .with_schemas::<H>()
     }
 
     /// The go/no-go step. If it fails permanently, the steps before it are compensated; once it
@@ -40,6 +56,7 @@ impl Step {
             RetryPolicy::default(),
             Arc::new(ForwardOnly(Arc::new(handler))),
         )
+        .with_schemas::<H>()
     }
 
     /// A step after the pivot: never compensated, retried without limit by default (until it
@@ -53,6 +70,7 @@ impl Step {
             forever.unwrap_or_default(),
             Arc::new(ForwardOnly(Arc::new(handler))),
         )
+        .with_schemas::<H>()
     }
 
     fn new(name: String, kind: StepKind, retry: RetryPolicy, runner: Arc<dyn ErasedStep>) -> Self {
@@ -63,9 +81,17 @@ impl Step {
                 retry,
                 compensation_retry: RetryPolicy::default(),
                 timeout: Some(DEFAULT_STEP_TIMEOUT),
+                input_schema: None,
+                output_schema: None,
             },
             runner,
         }
+    }
+
+    fn with_schemas<H: StepHandler>(mut self) -> Self {
+        self.spec.input_schema = Some(schema_of::<H::Input>());
+        self.spec.output_schema = Some(schema_of::<H::Output>());
+        self
     }
 
     /// How failed forward attempts are retried.
@@ -417,6 +443,27 @@ mod tests {
             input: Value::from(length),
             outputs: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn the_definition_carries_the_step_types_as_json_schema() {
+        let saga = Saga::builder("echo", 1)
+            .step(Step::pivot("echo", Echo))
+            .build()
+            .expect("valid saga");
+        let step = &saga.spec().steps[0];
+        let input = step.input_schema.as_ref().expect("an input schema");
+        let output = step.output_schema.as_ref().expect("an output schema");
+        assert_eq!(
+            input["$schema"], "https://json-schema.org/draft/2020-12/schema",
+            "{input}"
+        );
+        assert_eq!(input["type"], "integer", "{input}");
+        assert_eq!(output["type"], "string", "{output}");
+        // The schemas survive the definition's wire form.
+        let text = serde_json::to_string(saga.spec()).expect("serializes");
+        let read: SagaSpec = serde_json::from_str(&text).expect("parses");
+        assert_eq!(&read, saga.spec());
     }
 
     #[tokio::test]

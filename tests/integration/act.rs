@@ -323,15 +323,12 @@ async fn skip_step_of_a_stuck_step_moves_on_with_the_output_given() {
         assert!(reason.contains("pivot `one`"), "{reason}");
 
         let store = operator_store(&db).await;
-        // The operator's program is built with the saga, so it knows the step's types.
-        let typed = [manual_saga(&Steered::default())];
-        let options = ActOptions {
-            typed_sagas: &typed,
-            ..ActOptions::default()
-        };
+        // The operator's program knows nothing of the saga: the definition carries the step's
+        // output schema.
+        let options = ActOptions::default();
 
-        // Refused: an output that does not deserialize into the step's type; an unknown step;
-        // an output nobody can check.
+        // Refused: an output that does not fit the step's output schema (twice: a wrong type,
+        // a value out of range); an unknown step.
         let before = fingerprint(&store, id).await;
         let error = ops::act(
             &store,
@@ -369,16 +366,16 @@ async fn skip_step_of_a_stuck_step_moves_on_with_the_output_given() {
         let error = ops::act(
             &store,
             id,
-            command("alice", "done by hand", skip("one", Some(json!({"n": 41})))),
-            &ActOptions::default(),
+            command("alice", "done by hand", skip("one", Some(json!({"n": -1})))),
+            &options,
         )
         .await
         .unwrap_err();
         let message = error.to_string();
         assert!(
-            message.contains("cannot be checked")
-                && message.contains("manual@1")
-                && message.contains("--unchecked-output"),
+            message.contains("does not fit what step `one` returns (Counted)")
+                && message.contains("-1 is less than the minimum of 0")
+                && message.contains("at JSON path /n"),
             "{message}"
         );
         assert_eq!(

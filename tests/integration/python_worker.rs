@@ -851,3 +851,6 @@ async fn python_worker_built_from_the_protocol_document() {
     engine.shutdown().await;
     drop(nats);
 }
+
+/// Step schemas registered by the Python worker, checked by the engine and the CLI.
+mod schemas;

@@ -12,6 +12,7 @@ use sagaflow_engine::machine::SagaStatus;
 use sagaflow_engine::runtime::{Engine, EngineOptions};
 use sagaflow_engine::store::{HistoryEntry, Store};
 use sagaflow_sdk::{Compensate, RetryPolicy, Saga, StepContext, StepError, StepHandler};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -62,7 +63,7 @@ impl Compensate for Flaky {
 }
 
 /// The typed input the `typed` saga's steps read.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Order {
     pub sku: String,
     pub quantity: u32,
@@ -71,7 +72,7 @@ pub struct Order {
 /// Reads the output of step `one` as a `Counted`.
 pub struct ReadsCount;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Counted {
     pub n: u32,
 }

@@ -48,6 +48,7 @@ PROTOCOL_VERSION = 1
 COMMAND_STREAM = "SAGAFLOW_COMMANDS"
 REPLY_STREAM = "SAGAFLOW_REPLIES"
 MAX_MESSAGE_BYTES = 1048576
+MAX_OUTPUT_BYTES = 262144
 DUPLICATE_WINDOW_SECONDS = 120
 START_SUBJECT = "sagaflow.start"
 REGISTER_SUBJECT = "sagaflow.register"
@@ -85,25 +86,51 @@ def retry_policy(max_attempts, non_retryable=(), jitter=0.2):
     }
 
 
-def step(name, kind, retry, compensation_retry):
+def step(name, kind, retry, compensation_retry, output_schema):
     return {
         "name": name,
         "kind": kind,
         "retry": retry,
         "compensation_retry": compensation_retry,
         "timeout_ms": 10000,
+        # Optional (section 7.7): the engine checks starts against the first step's input schema
+        # and an operator's `skip-step --output` against the step's output schema.
+        "input_schema": TRANSFER_SCHEMA,
+        "output_schema": output_schema,
     }
 
+
+def object_schema(title, properties):
+    """A JSON Schema (draft 2020-12) of an object with exactly these required properties."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": title,
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+    }
+
+
+# What read_transfer accepts: every step reads the whole saga input.
+TRANSFER_SCHEMA = object_schema(
+    "Transfer",
+    {"from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "integer", "minimum": 1}},
+)
+ACCOUNT = {"type": "string"}
+INTEGER = {"type": "integer"}
+MOVED_SCHEMA = object_schema("Moved", {"account": ACCOUNT, "amount": INTEGER, "balance": INTEGER})
+FEE_SCHEMA = object_schema("FeeTaken", {"account": ACCOUNT, "fee": INTEGER, "balance": INTEGER})
+NOTIFIED_SCHEMA = object_schema("Notified", {"notified": ACCOUNT})
 
 SPEC = {
     "name": SAGA,
     "version": SAGA_VERSION,
     "deadline_ms": 60000,
     "steps": [
-        step("debit", "compensatable", retry_policy(5), retry_policy(None)),
-        step("fee", "compensatable", retry_policy(5), retry_policy(None)),
-        step("credit", "pivot", retry_policy(5, ["account_frozen"]), retry_policy(1, jitter=0.0)),
-        step("notify", "retriable", retry_policy(None), retry_policy(1, jitter=0.0)),
+        step("debit", "compensatable", retry_policy(5), retry_policy(None), MOVED_SCHEMA),
+        step("fee", "compensatable", retry_policy(5), retry_policy(None), FEE_SCHEMA),
+        step("credit", "pivot", retry_policy(5, ["account_frozen"]), retry_policy(1, jitter=0.0), MOVED_SCHEMA),
+        step("notify", "retriable", retry_policy(None), retry_policy(1, jitter=0.0), NOTIFIED_SCHEMA),
     ],
 }
 
@@ -199,6 +226,16 @@ class Ledger:
             # Nothing is recorded, and nothing the handler did may stay.
             self.db.execute("ROLLBACK")
             return outcome
+        size = len(json.dumps(outcome["output"], separators=(",", ":"), ensure_ascii=False).encode())
+        if size > MAX_OUTPUT_BYTES:
+            # Rule 9.3: an output over the limit is not recorded, and the effect shares the
+            # record's transaction, so it is rolled back with it; the retry runs it again.
+            self.db.execute("ROLLBACK")
+            return failed(
+                "retryable",
+                "output_too_large",
+                f'step `{command["step"]}` returned {size} bytes of output, over the {MAX_OUTPUT_BYTES} byte limit',
+            )
         try:
             self.db.execute(
                 "INSERT OR IGNORE INTO results (idempotency_key, command_id, outcome) VALUES (?, ?, ?)",

@@ -9,6 +9,7 @@
 //! `no_cars`.
 
 use sagaflow_sdk::Timestamp;
+use schemars::JsonSchema;
 use sea_orm::{DatabaseConnection, DbErr, QueryResult};
 use serde::{Deserialize, Serialize};
 
@@ -77,7 +78,7 @@ impl Resource {
 }
 
 /// What to book.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct BookingRequest {
     /// The trip.
     pub trip_id: String,
@@ -88,7 +89,7 @@ pub struct BookingRequest {
 }
 
 /// The life cycle of a booking.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BookingState {
     /// Live.
@@ -119,7 +120,7 @@ impl BookingState {
 }
 
 /// A booking (and the `Output` of each trip step).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Booking {
     /// The idempotency key that made it; also its id.
     pub booking_key: String,

@@ -17,6 +17,7 @@
 use std::time::Duration;
 
 use sagaflow_sdk::Timestamp;
+use schemars::JsonSchema;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult};
 use serde::{Deserialize, Serialize};
 
@@ -28,7 +29,7 @@ use crate::faults::{FaultPoint, Faults, Service};
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(10 * 60);
 
 /// The life cycle of a reservation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReservationState {
     /// Counts against stock until it expires.
@@ -75,7 +76,7 @@ impl std::fmt::Display for ReservationState {
 }
 
 /// What an order asks of inventory (and the `Input` of the `reserve_inventory` step).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct OrderLine {
     /// The order.
     pub order_id: String,
@@ -86,7 +87,7 @@ pub struct OrderLine {
 }
 
 /// A stock reservation (and the `Output` of the `reserve_inventory` step).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Reservation {
     /// The idempotency key that created it; also its id.
     pub reservation_key: String,

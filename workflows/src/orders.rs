@@ -4,6 +4,7 @@
 //! by its idempotency key (`confirm_key`, unique): the same key confirms the same order once.
 
 use sagaflow_sdk::Timestamp;
+use schemars::JsonSchema;
 use sea_orm::{DatabaseConnection, QueryResult};
 use serde::{Deserialize, Serialize};
 
@@ -12,7 +13,7 @@ use crate::db::{self, get, quantity_from, quantity_value};
 use crate::faults::{FaultPoint, Faults, Service};
 
 /// What a confirmed order records.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct OrderDetails {
     /// The order.
     pub order_id: String,
@@ -31,7 +32,7 @@ pub struct OrderDetails {
 }
 
 /// A confirmed order (and the `Output` of the `confirm_order` step).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ConfirmedOrder {
     /// The idempotency key that confirmed it.
     pub confirm_key: String,

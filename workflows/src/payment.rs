@@ -8,6 +8,7 @@
 //! (like [`DECLINED_CARD`]) is declined with code `card_declined`.
 
 use sagaflow_sdk::Timestamp;
+use schemars::JsonSchema;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult};
 use serde::{Deserialize, Serialize};
 
@@ -36,7 +37,7 @@ fn last4(card: &str) -> String {
 }
 
 /// What to charge (and the `Input` of the `authorize_payment` step).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Charge {
     /// The order paid for.
     pub order_id: String,
@@ -49,7 +50,7 @@ pub struct Charge {
 }
 
 /// The life cycle of an authorization.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthorizationState {
     /// The money is held for the order.
@@ -82,7 +83,7 @@ impl AuthorizationState {
 }
 
 /// A card authorization (and the `Output` of the `authorize_payment` step).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Authorization {
     /// The idempotency key that created it; also its id.
     pub authorization_key: String,

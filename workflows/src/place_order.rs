@@ -16,6 +16,7 @@ use std::time::Duration;
 use sagaflow_sdk::{
     Compensate, RetryPolicy, Saga, SdkError, Step, StepContext, StepError, StepHandler, Timestamp,
 };
+use schemars::JsonSchema;
 use sea_orm::DatabaseConnection;
 use serde::{Deserialize, Serialize};
 
@@ -34,7 +35,7 @@ pub const PLACE_ORDER_VERSION: u32 = 1;
 ///
 /// A card whose digits end in `0002` (see [`DECLINED_CARD`](crate::DECLINED_CARD)) is
 /// declined, which makes the saga compensate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PlaceOrder {
     /// Unique per order; a second saga for the same order id is refused payment.
     pub order_id: String,

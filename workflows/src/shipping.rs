@@ -4,6 +4,7 @@
 //! for the same order returns the shipment already requested.
 
 use sagaflow_sdk::Timestamp;
+use schemars::JsonSchema;
 use sea_orm::{DatabaseConnection, QueryResult};
 use serde::{Deserialize, Serialize};
 
@@ -13,7 +14,7 @@ use crate::faults::{FaultPoint, Faults, Service};
 use crate::inventory::OrderLine;
 
 /// A shipment request (and the `Output` of the `request_shipment` step).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Shipment {
     /// The idempotency key that requested it; also its id.
     pub shipment_key: String,

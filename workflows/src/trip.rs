@@ -12,6 +12,7 @@
 use sagaflow_sdk::{
     Compensate, Saga, SdkError, Step, StepContext, StepError, StepHandler, Timestamp,
 };
+use schemars::JsonSchema;
 use sea_orm::DatabaseConnection;
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +26,7 @@ pub const BOOK_TRIP: &str = "book_trip";
 pub const BOOK_TRIP_VERSION: u32 = 1;
 
 /// The input of a `book_trip` saga.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct BookTrip {
     /// Unique per trip.
     pub trip_id: String,

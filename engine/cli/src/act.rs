@@ -5,7 +5,7 @@
 //! step commands it dispatches in the outbox: a running engine (embedded or `sagaflow serve`)
 //! sends them to the workers. A refused action exits non-zero and changes nothing.
 
-use anyhow::{Context, anyhow};
+use anyhow::anyhow;
 use sagaflow_engine::EngineError;
 use sagaflow_engine::machine::{OperatorAction, OperatorCommand};
 use sagaflow_engine::ops::{
@@ -13,11 +13,9 @@ use sagaflow_engine::ops::{
     render,
 };
 use sagaflow_engine::store::Store;
-use sagaflow_sdk::Saga;
-use sagaflow_workflows::{Faults, OrderServices, TripServices, book_trip_saga, place_order_saga};
 use uuid::Uuid;
 
-use crate::common::{DatabaseArgs, OutputArgs, SagaFilterArgs, print_json};
+use crate::common::{DatabaseArgs, OutputArgs, SagaFilterArgs, print_json, print_text};
 
 /// Who acts and why: every action records both in the saga's history.
 #[derive(Debug, clap::Args)]
@@ -131,11 +129,13 @@ pub struct SkipStepArgs {
     #[arg(long)]
     step: String,
     /// The step's output as JSON, which later steps read: required to skip a forward action,
-    /// refused for a compensation. Checked against the step's type for the sagas this program
-    /// is built with (place_order, book_trip).
+    /// refused for a compensation. Checked against the step's output schema, which its worker
+    /// registered with the definition (`sagaflow show ID --schema` prints it).
     #[arg(long)]
     output: Option<String>,
-    /// Accept --output without checking it, for a saga this program is not built with.
+    /// Accept --output without checking it, for a definition registered without an output
+    /// schema for the step (by a worker that sends none). An output that does not fit a schema
+    /// is refused regardless.
     #[arg(long, requires = "output")]
     unchecked_output: bool,
     #[command(flatten)]
@@ -229,36 +229,22 @@ pub async fn skip_step(args: SkipStepArgs) -> anyhow::Result<()> {
         })
         .transpose()?;
     let store = args.database.open().await?;
-    let typed = compiled_sagas(&store)?;
     let command = args.operator.command(OperatorAction::SkipStep {
         step: args.step,
         output,
     });
     let options = ActOptions {
-        typed_sagas: &typed,
         unchecked_output: args.unchecked_output,
         at: None,
     };
     single(&store, args.id, command, &options, args.format.json).await
 }
 
-/// The sagas this binary is built with, for their step types. Their handlers never run here.
-fn compiled_sagas(store: &Store) -> anyhow::Result<Vec<Saga>> {
-    let db = store.connection();
-    let faults = Faults::none();
-    Ok(vec![
-        place_order_saga(&OrderServices::new(db, &faults))
-            .context("building the place_order definition")?,
-        book_trip_saga(&TripServices::new(db, &faults))
-            .context("building the book_trip definition")?,
-    ])
-}
-
 async fn single(
     store: &Store,
     id: Uuid,
     command: OperatorCommand,
-    options: &ActOptions<'_>,
+    options: &ActOptions,
     json: bool,
 ) -> anyhow::Result<()> {
     let report = ops::act(store, id, command, options)
@@ -272,7 +258,7 @@ async fn single(
     if json {
         print_json(&report)
     } else {
-        println!("{}", act_text(&report));
+        print_text(act_text(&report))?;
         Ok(())
     }
 }
@@ -302,7 +288,7 @@ fn act_text(report: &ActReport) -> String {
     if let Some(step) = &report.step {
         lines.push(match report.output_check {
             OutputCheck::Checked => {
-                format!("Step `{step}` is done by hand; its output fits the step's type.")
+                format!("Step `{step}` is done by hand; its output fits the step's output schema.")
             }
             OutputCheck::Unchecked => {
                 format!("Step `{step}` is done by hand; its output was NOT checked (--unchecked-output).")
@@ -347,7 +333,7 @@ async fn bulk(
     if json {
         print_json(&report)?;
     } else {
-        println!("{}", bulk_text(&report));
+        print_text(bulk_text(&report))?;
     }
     let not_done = report.refused + report.failed;
     if report.executed && not_done > 0 {

@@ -110,10 +110,11 @@ impl SagaFilterArgs {
 }
 
 fn status(text: &str) -> Result<SagaStatus, String> {
+    use strum::VariantNames;
     SagaStatus::parse(text).ok_or_else(|| {
         format!(
-            "`{text}` is not a saga status; use created, running, compensating, completed, \
-             compensated or stuck"
+            "`{text}` is not a saga status; use one of: {}",
+            SagaStatus::VARIANTS.join(", ")
         )
     })
 }

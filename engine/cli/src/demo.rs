@@ -1,5 +1,6 @@
 //! `sagaflow demo`: the order workflow, embedded, with injected failures.
 
+use crate::common::print_text;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -110,12 +111,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         sold_out_ratio: 0.2,
         seed: args.seed,
     });
-    println!(
+    print_text(format_args!(
         "Starting {} order sagas and {} trip sagas on {} ...",
         orders.len(),
         trips.len(),
         describe(&args.database_url)
-    );
+    ))?;
     let starts = orders
         .iter()
         .map(|o| ("place_order", o.order_id.clone(), o.to_json()))
@@ -177,13 +178,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let kinds = store.history_kind_counts().await?;
     let kind = |k: &str| kinds.get(k).copied().unwrap_or(0);
-    println!("\nSummary ({:.1} s)", began.elapsed().as_secs_f64());
+    print_text(format_args!(
+        "\nSummary ({:.1} s)",
+        began.elapsed().as_secs_f64()
+    ))?;
     let rows: Vec<Vec<String>> = by_saga
         .iter()
         .map(|((saga, status), n)| vec![saga.clone(), status.to_string(), n.to_string()])
         .collect();
-    println!("{}", table::render(&["saga", "status", "count"], &rows));
-    println!(
+    print_text(table::render(&["saga", "status", "count"], &rows))?;
+    print_text(format_args!(
         "\nattempts dispatched: {}   retries scheduled: {}   attempts timed out: {}   \
          replies ignored: {}   failures injected this run: {}",
         kind("attempt_dispatched"),
@@ -191,16 +195,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         kind("attempt_timed_out"),
         kind("reply_ignored"),
         faults.injected_total()
-    );
+    ))?;
 
     if let Some((_, key, id)) = pick_compensated(&started, &states, &history_lengths) {
         let history = store.history(*id).await?;
-        println!("\nHistory of compensated saga {id} ({key}):");
-        println!("{}", history_table(&history));
+        print_text(format_args!("\nHistory of compensated saga {id} ({key}):"))?;
+        print_text(history_table(&history))?;
     }
 
     let report = check_invariants(&db, &outcomes).await?;
-    println!("\nInvariant check over the demo services:\n{report}");
+    print_text(format_args!(
+        "\nInvariant check over the demo services:\n{report}"
+    ))?;
     if !report.is_ok() {
         bail!("{} invariant violations", report.violations.len());
     }

@@ -78,6 +78,7 @@
 mod event;
 mod operator;
 mod output;
+#[cfg(any(test, feature = "scenarios"))]
 pub mod scenarios;
 mod state;
 #[cfg(test)]

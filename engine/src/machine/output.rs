@@ -76,9 +76,23 @@ impl std::fmt::Display for Actor {
     }
 }
 
-/// What kind of thing a history record tells.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// What kind of thing a history record tells. Its snake_case name is what the history table,
+/// the CLI and JSON use.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum RecordKind {
     /// The saga started.
     SagaStarted,
@@ -115,23 +129,7 @@ pub enum RecordKind {
 impl RecordKind {
     /// The snake_case name stored in the history table.
     pub fn as_str(self) -> &'static str {
-        match self {
-            RecordKind::SagaStarted => "saga_started",
-            RecordKind::AttemptDispatched => "attempt_dispatched",
-            RecordKind::AttemptSucceeded => "attempt_succeeded",
-            RecordKind::AttemptFailed => "attempt_failed",
-            RecordKind::AttemptTimedOut => "attempt_timed_out",
-            RecordKind::RetryScheduled => "retry_scheduled",
-            RecordKind::RetryTimerFired => "retry_timer_fired",
-            RecordKind::ReplyIgnored => "reply_ignored",
-            RecordKind::DeadlineExceeded => "deadline_exceeded",
-            RecordKind::CompensationStarted => "compensation_started",
-            RecordKind::SagaStuck => "saga_stuck",
-            RecordKind::OperatorAction => "operator_action",
-            RecordKind::MessageRejected => "message_rejected",
-            RecordKind::SagaCompleted => "saga_completed",
-            RecordKind::SagaCompensated => "saga_compensated",
-        }
+        self.into()
     }
 }
 

@@ -304,6 +304,9 @@ fn step(name: &str, kind: StepKind, retry: RetryPolicy) -> StepSpec {
         retry,
         compensation_retry: compensation_policy(),
         timeout: Some(Duration::from_millis(STEP_TIMEOUT_MS as u64)),
+        // The machine never reads the step types.
+        input_schema: None,
+        output_schema: None,
     }
 }
 

@@ -7,9 +7,22 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// Where a saga is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Where a saga is in its life. Its snake_case name is what the store, the CLI and JSON use.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum SagaStatus {
     /// Recorded, first step not dispatched yet.
     Created,
@@ -27,6 +40,13 @@ pub enum SagaStatus {
 }
 
 impl SagaStatus {
+    /// The statuses in which a saga still moves by itself ([`SagaStatus::is_active`]).
+    pub const ACTIVE: [SagaStatus; 3] = [
+        SagaStatus::Created,
+        SagaStatus::Running,
+        SagaStatus::Compensating,
+    ];
+
     /// Completed and compensated sagas never change again.
     pub fn is_terminal(self) -> bool {
         matches!(self, SagaStatus::Completed | SagaStatus::Compensated)
@@ -34,36 +54,17 @@ impl SagaStatus {
 
     /// Created, running or compensating: the saga still moves by itself.
     pub fn is_active(self) -> bool {
-        matches!(
-            self,
-            SagaStatus::Created | SagaStatus::Running | SagaStatus::Compensating
-        )
+        SagaStatus::ACTIVE.contains(&self)
     }
 
     /// The lower-case name used in the store and the CLI.
     pub fn as_str(self) -> &'static str {
-        match self {
-            SagaStatus::Created => "created",
-            SagaStatus::Running => "running",
-            SagaStatus::Compensating => "compensating",
-            SagaStatus::Completed => "completed",
-            SagaStatus::Compensated => "compensated",
-            SagaStatus::Stuck => "stuck",
-        }
+        self.into()
     }
 
     /// Parses [`SagaStatus::as_str`].
     pub fn parse(text: &str) -> Option<Self> {
-        [
-            SagaStatus::Created,
-            SagaStatus::Running,
-            SagaStatus::Compensating,
-            SagaStatus::Completed,
-            SagaStatus::Compensated,
-            SagaStatus::Stuck,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
+        text.parse().ok()
     }
 }
 
@@ -258,7 +259,7 @@ impl SagaState {
     }
 
     /// The earliest moment the saga has something to do by itself: an attempt timing out, a
-    /// retry falling due, or its deadline. The store persists it; the scheduler wakes the saga
+    /// retry falling due, or its deadline. The store persists it; the timer poller wakes the saga
     /// then.
     pub fn wake_at(&self) -> Option<Timestamp> {
         let activity = match &self.activity {

@@ -955,6 +955,9 @@ fn random_step(
         retry: policy(attempts),
         compensation_retry: policy(Some(2)),
         timeout: timeout.map(Duration::from_millis),
+        // The machine never reads the step types.
+        input_schema: None,
+        output_schema: None,
     }
 }
 

@@ -9,15 +9,15 @@
 //! workers; an engine that had the saga in memory finds its next write stale and re-reads.
 //!
 //! Nothing is written when the action is refused: the machine refuses what the saga's state
-//! does not allow, the output given for a skipped step must fit the step's `Output` type, and a
-//! saga that another writer changed since it was read gives [`EngineError::Conflict`].
+//! does not allow, the output given for a skipped step must fit the step's output schema (as its
+//! worker registered it with the definition the saga is pinned to), and a saga that another
+//! writer changed since it was read gives [`EngineError::Conflict`].
 
 use std::collections::HashMap;
 
 use sagaflow_protocol::StepCommand;
 use sagaflow_protocol::backoff::RandomizedDelays;
 use sagaflow_protocol::{Direction, SagaSpec, Timestamp};
-use sagaflow_sdk::Saga;
 use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
@@ -34,25 +34,22 @@ use sagaflow_protocol::names::MAX_OUTPUT_BYTES;
 
 /// How an action is checked and when it happens.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ActOptions<'a> {
-    /// Sagas compiled into the calling program, with their handlers' types. When a skipped
-    /// step's saga is pinned to one of these definitions (the same name, version and content),
-    /// the output given is checked against the step's `Output` type. The handlers never run.
-    pub typed_sagas: &'a [Saga],
-    /// Accept a skipped step's output that cannot be checked because the saga is not among
-    /// `typed_sagas`. An output that is checked and does not fit is refused regardless.
+pub struct ActOptions {
+    /// Accept a skipped step's output that cannot be checked because the pinned definition has
+    /// no output schema for the step (its worker registered none). An output that is checked
+    /// and does not fit is refused regardless.
     pub unchecked_output: bool,
     /// When the action happens; the current time when `None` (tests fix it).
     pub at: Option<Timestamp>,
 }
 
-/// Whether a skipped step's output was checked against the step's type.
+/// Whether a skipped step's output was checked against the step's output schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutputCheck {
     /// No output was given (not a skip, or the skip of a compensation).
     NoOutput,
-    /// It deserializes into the step's `Output` type.
+    /// It fits the step's output schema.
     Checked,
     /// Accepted without a check (`unchecked_output`).
     Unchecked,
@@ -101,7 +98,7 @@ pub struct ActReport {
     pub history_records: usize,
     /// The saga's row version after the commit (before it, for a plan).
     pub row_version: i64,
-    /// Whether a skipped step's output was checked against its type.
+    /// Whether a skipped step's output was checked against its output schema.
     pub output_check: OutputCheck,
 }
 
@@ -157,7 +154,7 @@ pub async fn act(
     store: &Store,
     saga_id: Uuid,
     command: OperatorCommand,
-    options: &ActOptions<'_>,
+    options: &ActOptions,
 ) -> Result<ActReport, EngineError> {
     plan(store, saga_id, command, options)
         .await?
@@ -170,7 +167,7 @@ pub async fn plan(
     store: &Store,
     saga_id: Uuid,
     command: OperatorCommand,
-    options: &ActOptions<'_>,
+    options: &ActOptions,
 ) -> Result<PlannedAct, EngineError> {
     let stored = store
         .load(saga_id)
@@ -223,7 +220,7 @@ fn plan_loaded(
     stored: StoredSaga,
     spec: SagaSpec,
     command: OperatorCommand,
-    options: &ActOptions<'_>,
+    options: &ActOptions,
 ) -> Result<PlannedAct, EngineError> {
     let saga_id = stored.state.saga_id;
     let refuse = |why: String| refused(saga_id, &command.action, why);
@@ -338,50 +335,48 @@ fn plan_loaded(
     })
 }
 
-/// Checks a skipped step's output against the step's type, where the saga's types are known.
+/// Checks a skipped step's output against the step's output schema in the pinned definition.
 fn check_output(
     pinned: &SagaSpec,
     step: &str,
     output: &Value,
-    options: &ActOptions<'_>,
+    options: &ActOptions,
 ) -> Result<OutputCheck, String> {
-    let same_name = options
-        .typed_sagas
+    let schema = pinned
+        .steps
         .iter()
-        .find(|s| s.spec().name == pinned.name && s.spec().version == pinned.version);
-    match same_name {
-        Some(saga) if saga.spec() == pinned => saga
-            .validate_output(step, output)
-            .map(|()| OutputCheck::Checked)
-            .map_err(|error| {
-                format!("the output given does not fit what step `{step}` returns: {error}")
-            }),
-        _ if options.unchecked_output => Ok(OutputCheck::Unchecked),
-        Some(_) => Err(format!(
-            "the output of `{step}` cannot be checked: the definition {}@{} compiled into this \
-             program differs from the one the saga is pinned to; check the output against the \
-             step's type yourself and pass --unchecked-output to skip anyway",
+        .find(|s| s.name == step)
+        .and_then(|s| s.output_schema.as_ref());
+    let Some(schema) = schema else {
+        if options.unchecked_output {
+            return Ok(OutputCheck::Unchecked);
+        }
+        return Err(format!(
+            "the output of `{step}` cannot be checked: saga {}@{} was registered without an \
+             output schema for it (its worker sends none); check the output against what the \
+             step returns yourself and pass --unchecked-output to skip anyway",
+            pinned.name, pinned.version
+        ));
+    };
+    match crate::schema::violation(schema, output) {
+        Ok(None) => Ok(OutputCheck::Checked),
+        Ok(Some(violation)) => Err(format!(
+            "the output given does not fit what step `{step}` returns{}: {} (at JSON path {})",
+            crate::schema::title(schema)
+                .map(|title| format!(" ({title})"))
+                .unwrap_or_default(),
+            violation.problem,
+            violation.path
+        )),
+        // Registration refuses unusable schemas: only a definition edited in the database
+        // gets here.
+        Err(_) if options.unchecked_output => Ok(OutputCheck::Unchecked),
+        Err(problem) => Err(format!(
+            "the output of `{step}` cannot be checked: the output schema saga {}@{} has for it \
+             is not usable ({problem}); check the output yourself and pass --unchecked-output \
+             to skip anyway",
             pinned.name, pinned.version
         )),
-        None => {
-            let known: Vec<String> = options
-                .typed_sagas
-                .iter()
-                .map(|s| format!("{}@{}", s.spec().name, s.spec().version))
-                .collect();
-            Err(format!(
-                "the output of `{step}` cannot be checked: saga {}@{} is not compiled into this \
-                 program (it knows {}); check the output against the step's type yourself and \
-                 pass --unchecked-output to skip anyway",
-                pinned.name,
-                pinned.version,
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
-            ))
-        }
     }
 }
 
@@ -640,50 +635,41 @@ mod tests {
             .expect("valid saga")
     }
 
-    fn options(typed: &[Saga], unchecked_output: bool) -> ActOptions<'_> {
+    fn options(unchecked_output: bool) -> ActOptions {
         ActOptions {
-            typed_sagas: typed,
             unchecked_output,
             at: None,
         }
     }
 
     #[test]
-    fn outputs_are_checked_against_the_pinned_definition_only() {
+    fn outputs_are_checked_against_the_step_output_schema() {
         let pinned = saga(Duration::from_secs(5)).spec().clone();
-        let same = [saga(Duration::from_secs(5))];
         assert_eq!(
-            check_output(&pinned, "count", &json!(3), &options(&same, false)),
+            check_output(&pinned, "count", &json!(3), &options(false)),
             Ok(OutputCheck::Checked)
         );
-        let misfit = check_output(&pinned, "count", &json!("three"), &options(&same, true))
-            .expect_err(
-                "a checked output that does not fit is refused, even if unchecked is allowed",
-            );
+        let misfit = check_output(&pinned, "count", &json!("three"), &options(true)).expect_err(
+            "a checked output that does not fit is refused, even if unchecked is allowed",
+        );
         assert!(
-            misfit.contains("does not fit what step `count` returns") && misfit.contains("u32"),
+            misfit.contains("does not fit what step `count` returns (uint32)")
+                && misfit.contains("\"three\" is not of type \"integer\"")
+                && misfit.contains("at JSON path /"),
             "{misfit}"
         );
 
-        // The same name and version with other content: its types are not trusted.
-        let changed = [saga(Duration::from_secs(9))];
-        let error = check_output(&pinned, "count", &json!(3), &options(&changed, false))
-            .expect_err("refused");
+        // A definition registered without schemas (an older worker, another language):
+        // refused unless the operator says so.
+        let plain = pinned.without_schemas();
+        let error = check_output(&plain, "count", &json!(3), &options(false)).expect_err("refused");
         assert!(
-            error.contains("differs") && error.contains("--unchecked-output"),
-            "{error}"
-        );
-
-        // A saga the program is not built with: refused unless the operator says so.
-        let error =
-            check_output(&pinned, "count", &json!(3), &options(&[], false)).expect_err("refused");
-        assert!(
-            error.contains("counting@1 is not compiled into this program (it knows none)")
+            error.contains("counting@1 was registered without an output schema")
                 && error.contains("--unchecked-output"),
             "{error}"
         );
         assert_eq!(
-            check_output(&pinned, "count", &json!("anything"), &options(&[], true)),
+            check_output(&plain, "count", &json!("anything"), &options(true)),
             Ok(OutputCheck::Unchecked)
         );
     }

@@ -15,6 +15,7 @@ use sea_orm::{
 };
 use serde::Serialize;
 use serde_json::Value;
+use strum::VariantNames;
 use uuid::Uuid;
 
 use super::cursor::Cursor;
@@ -89,7 +90,7 @@ impl AuditFilter {
 
 /// Parses a record kind as stored (`attempt_succeeded`, `operator_action`, ...).
 pub fn parse_kind(text: &str) -> Result<RecordKind, EngineError> {
-    serde_json::from_value(Value::String(text.trim().to_string())).map_err(|_| {
+    text.trim().parse().map_err(|_| {
         EngineError::invalid_query(
             format!("`{text}` is not a history record kind"),
             format!("use one of: {}", record_kinds().join(", ")),
@@ -98,20 +99,10 @@ pub fn parse_kind(text: &str) -> Result<RecordKind, EngineError> {
 }
 
 /// Every record kind, as stored, for help texts and messages.
-///
-/// Read from the kind's own deserializer (its "expected one of" list), so a kind added to the
-/// machine shows here without a second list to keep in step.
 pub fn record_kinds() -> Vec<String> {
-    let Err(error) = serde_json::from_value::<RecordKind>(Value::String(String::new())) else {
-        return Vec::new();
-    };
-    let message = error.to_string();
-    let Some((_, list)) = message.split_once("expected one of ") else {
-        return Vec::new();
-    };
-    list.split(", ")
-        .map(|kind| kind.trim().trim_matches('`').to_string())
-        .filter(|kind| !kind.is_empty())
+    RecordKind::VARIANTS
+        .iter()
+        .map(|kind| kind.to_string())
         .collect()
 }
 

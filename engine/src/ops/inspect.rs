@@ -138,6 +138,14 @@ pub struct StepView {
     pub idempotency_keys: Vec<String>,
     /// Every attempt, forward first, in order.
     pub attempts: Vec<AttemptView>,
+    /// The JSON Schema of what the step reads from the saga input, as its worker registered it
+    /// with the pinned definition; `None` (and left out of the JSON) when it sent none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_schema: Option<Value>,
+    /// The JSON Schema of the step's output, as its worker registered it; `skip-step --output`
+    /// is checked against it. `None` (and left out of the JSON) when it sent none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_schema: Option<Value>,
 }
 
 /// One dispatched attempt, from `step_attempts`.
@@ -271,6 +279,8 @@ pub async fn show(store: &Store, id: Uuid) -> Result<SagaDetail, EngineError> {
                         error: a.error.clone(),
                     })
                     .collect(),
+                input_schema: step_spec.input_schema.clone(),
+                output_schema: step_spec.output_schema.clone(),
             }
         })
         .collect();

@@ -588,8 +588,6 @@ pub struct StuckReport {
     pub sagas: Vec<StuckSaga>,
 }
 
-const ACTIVE: [&str; 3] = ["created", "running", "compensating"];
-
 /// Sagas in the stuck state, plus created, running or compensating sagas that have not changed
 /// for longer than `query.threshold`, each with the reason. Both halves read the
 /// `(status, updated_at)` index.
@@ -600,7 +598,7 @@ pub async fn stuck(store: &Store, query: &StuckQuery) -> Result<StuckReport, Eng
     let cutoff = query.now.as_millis().saturating_sub(threshold_ms);
     let stuck_filter = Condition::all().add(saga::Column::Status.eq(SagaStatus::Stuck.as_str()));
     let idle_filter = Condition::all()
-        .add(saga::Column::Status.is_in(ACTIVE))
+        .add(saga::Column::Status.is_in(SagaStatus::ACTIVE.map(SagaStatus::as_str)))
         .add(saga::Column::UpdatedAt.lt(cutoff));
     let stuck_total = saga::Entity::find()
         .filter(stuck_filter.clone())

@@ -354,6 +354,38 @@ fn serde_label<T: serde::Serialize>(value: &T) -> String {
     }
 }
 
+/// Each step's input and output schema as pretty JSON (`sagaflow show --schema`), or a line
+/// saying its worker registered none.
+pub fn schemas_text(detail: &SagaDetail) -> String {
+    let mut out = vec!["Schemas (JSON Schema, as the workers registered them)".to_string()];
+    for step in &detail.steps {
+        for (what, schema) in [
+            ("input", &step.input_schema),
+            ("output", &step.output_schema),
+        ] {
+            out.push(String::new());
+            match schema {
+                Some(schema) => {
+                    out.push(format!("{} `{}` {what}:", step.index, step.name));
+                    out.push(
+                        serde_json::to_string_pretty(schema).unwrap_or_else(|_| compact(schema)),
+                    );
+                }
+                None if what == "output" => out.push(format!(
+                    "{} `{}` output: none registered (skip-step --output needs \
+                     --unchecked-output)",
+                    step.index, step.name
+                )),
+                None => out.push(format!(
+                    "{} `{}` input: none registered",
+                    step.index, step.name
+                )),
+            }
+        }
+    }
+    out.join("\n")
+}
+
 /// One history record's error and details, on one line; times as RFC3339.
 pub fn detail_summary(error: Option<&str>, detail: &Value) -> String {
     let mut parts = Vec::new();

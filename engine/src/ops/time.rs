@@ -10,7 +10,7 @@ use sagaflow_protocol::Timestamp;
 
 use crate::EngineError;
 
-/// The units a duration may be written in, longest first (how [`format_duration`] picks them).
+/// The units [`format_duration`] shows, longest first.
 const UNITS: [(&str, u64); 6] = [
     ("w", 7 * 86_400_000),
     ("d", 86_400_000),
@@ -35,39 +35,18 @@ pub fn format_time(at: Timestamp) -> String {
     }
 }
 
-/// Parses `15m`, `2h`, `7d`, `1h30m`, `500ms`: one or more numbers, each with a unit.
+/// Parses `15m`, `2h`, `7d`, `1h30m`, `500ms`: one or more numbers, each with a unit (and the
+/// longer unit names `humantime` knows, such as `2hours`).
 pub fn parse_duration(text: &str) -> Result<Duration, EngineError> {
     let invalid =
         || EngineError::invalid_query(format!("`{text}` is not a duration"), DURATION_HINT);
     let trimmed = text.trim();
-    if trimmed.is_empty() {
+    // Whole numbers and units only: `humantime` also reads `1.5h` and `15 m`, which the
+    // format we document (and scripts rely on) does not allow.
+    if !trimmed.chars().all(|c| c.is_ascii_alphanumeric()) {
         return Err(invalid());
     }
-    let mut total: u64 = 0;
-    let mut rest = trimmed;
-    while !rest.is_empty() {
-        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-        if digits == 0 {
-            return Err(invalid());
-        }
-        let number: u64 = rest[..digits].parse().map_err(|_| invalid())?;
-        rest = &rest[digits..];
-        let unit_len = rest.len()
-            - rest
-                .trim_start_matches(|c: char| c.is_ascii_alphabetic())
-                .len();
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let (_, millis) = UNITS
-            .iter()
-            .find(|(name, _)| *name == unit)
-            .ok_or_else(invalid)?;
-        total = number
-            .checked_mul(*millis)
-            .and_then(|part| total.checked_add(part))
-            .ok_or_else(invalid)?;
-    }
-    Ok(Duration::from_millis(total))
+    humantime::parse_duration(trimmed).map_err(|_| invalid())
 }
 
 /// A duration for people: the two largest units, e.g. `2h 5m`, `3d 4h`, `45s`, `850ms`.

@@ -8,13 +8,17 @@ use std::sync::{Arc, RwLock};
 
 use sagaflow_protocol::SagaSpec;
 use sagaflow_sdk::Saga;
+use tracing::warn;
 
 use crate::EngineError;
+use crate::schema::CompiledSchema;
 
 #[derive(Debug, Clone)]
 struct Entry {
     spec: Arc<SagaSpec>,
     handlers: Option<Arc<Saga>>,
+    /// The first step's input schema, compiled once: every start is checked against it.
+    first_input: Option<Arc<CompiledSchema>>,
 }
 
 #[derive(Debug, Default)]
@@ -41,15 +45,23 @@ impl Catalog {
     }
 
     /// Adds a definition without handlers (they run in workers elsewhere). A definition that
-    /// is already known keeps its handlers.
+    /// is already known keeps its handlers, and gains the step schemas `spec` adds to it (the
+    /// store accepts the same definition announced again with schemas added, and stores that).
     pub fn add_spec(&self, spec: SagaSpec) {
         let known = self
             .entries
             .read()
-            .map(|e| e.by_key.contains_key(&(spec.name.clone(), spec.version)))
-            .unwrap_or(false);
-        if !known {
-            self.insert(Arc::new(spec), None);
+            .ok()
+            .and_then(|e| e.by_key.get(&(spec.name.clone(), spec.version)).cloned());
+        match known {
+            None => self.insert(Arc::new(spec), None),
+            Some(entry) => {
+                if let Some(merged) = entry.spec.merge_schemas(&spec)
+                    && merged != *entry.spec
+                {
+                    self.insert(Arc::new(merged), entry.handlers);
+                }
+            }
         }
     }
 
@@ -62,9 +74,15 @@ impl Catalog {
             .entry(spec.name.clone())
             .or_insert(spec.version);
         *latest = (*latest).max(spec.version);
-        entries
-            .by_key
-            .insert((spec.name.clone(), spec.version), Entry { spec, handlers });
+        let first_input = first_input_schema(&spec);
+        entries.by_key.insert(
+            (spec.name.clone(), spec.version),
+            Entry {
+                spec,
+                handlers,
+                first_input,
+            },
+        );
     }
 
     fn entry(&self, name: &str, version: Option<u32>) -> Result<Entry, EngineError> {
@@ -89,10 +107,32 @@ impl Catalog {
         self.entry(name, Some(version)).map(|e| e.handlers)
     }
 
+    /// The compiled input schema of the first step of `name` at `version`, if it has one.
+    pub(crate) fn first_input_schema(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<Arc<CompiledSchema>>, EngineError> {
+        self.entry(name, Some(version)).map(|e| e.first_input)
+    }
+
     /// Every known definition.
     pub fn specs(&self) -> Vec<Arc<SagaSpec>> {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
         entries.by_key.values().map(|e| e.spec.clone()).collect()
+    }
+}
+
+fn first_input_schema(spec: &SagaSpec) -> Option<Arc<CompiledSchema>> {
+    let schema = spec.steps.first()?.input_schema.as_ref()?;
+    match CompiledSchema::new(schema) {
+        Ok(compiled) => Some(Arc::new(compiled)),
+        Err(problem) => {
+            // Registration refuses such a schema, so only a definition edited in the database
+            // gets here; its starts go unchecked, as for a definition without schemas.
+            warn!(saga = %spec.name, version = spec.version, %problem, "the first step's input schema is not usable; starts are not checked against it");
+            None
+        }
     }
 }
 

@@ -69,7 +69,7 @@ pub struct Settled {
 /// Acknowledges a broker message once what it caused is durable.
 pub(crate) type Acker = Box<dyn FnOnce() + Send + Sync>;
 
-/// Sagas the scheduler has sent a wake for that the driver has not handled yet.
+/// Sagas the timer poller has sent a wake for that the driver has not handled yet.
 pub(crate) type PendingWakes = Arc<Mutex<HashSet<Uuid>>>;
 
 pub(crate) struct Driver {
@@ -379,13 +379,13 @@ impl Driver {
                 for work in works {
                     self.cache.remove(&work.state.saga_id);
                     for respond in work.start_responders {
-                        let _ = respond.send(Err(EngineError::Database {
-                            doing: "starting a saga",
-                            source: sea_orm::DbErr::Custom(error.to_string()),
-                        }));
+                        let _ = respond.send(Err(commit_failure(&error, "starting a saga")));
                     }
+                    // The database failed, not a version check: saying "changed by another
+                    // writer" would send the operator looking for a rival instead of the outage.
                     for respond in work.operator_responders {
-                        let _ = respond.send(Err(EngineError::Conflict(work.state.saga_id)));
+                        let _ = respond
+                            .send(Err(commit_failure(&error, "committing an operator action")));
                     }
                     if work.base.is_some() {
                         self.retry_later(work.events);
@@ -558,6 +558,18 @@ impl Driver {
             }
         });
     }
+}
+
+/// What a caller waiting on a batch whose commit failed is told: the database error itself
+/// (each waiter gets a copy, the driver's error is not `Clone`).
+fn commit_failure(error: &EngineError, doing: &'static str) -> EngineError {
+    let source = match error {
+        EngineError::Database { source, .. } | EngineError::Connect { source, .. } => {
+            source.clone()
+        }
+        other => sea_orm::DbErr::Custom(other.to_string()),
+    };
+    EngineError::Database { doing, source }
 }
 
 /// Acknowledges the broker messages behind `events`: what they caused is committed (or was

@@ -9,7 +9,7 @@ pub(crate) mod commands;
 mod driver;
 mod nats;
 mod relay;
-mod scheduler;
+mod timers;
 mod transport;
 
 use std::collections::HashMap;
@@ -127,14 +127,29 @@ impl Starter {
                 limit: MAX_INPUT_BYTES,
             });
         }
-        // Where the handlers run in this process, their types check the input before anything
-        // is written; a distributed engine leaves that to the first step's worker.
+        // Where the handlers run in this process, their types check the input (for every step)
+        // before anything is written. Elsewhere the first step's input schema, as its worker
+        // registered it, does; the later steps' inputs are left to their workers, which answer a
+        // misfit with a permanent `bad_data` error (and the saga compensates).
         if let Some(saga) = self.catalog.handlers(name, spec.version)? {
             saga.validate_input(&input)
                 .map_err(|source| EngineError::InvalidInput {
                     saga: name.to_string(),
                     source,
                 })?;
+        } else if let Some(schema) = self.catalog.first_input_schema(name, spec.version)?
+            && let Some(violation) = schema.violation(&input)
+        {
+            return Err(EngineError::InputSchema {
+                saga: name.to_string(),
+                step: spec
+                    .steps
+                    .first()
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default(),
+                problem: violation.problem,
+                path: violation.path,
+            });
         }
         let (respond, response) = oneshot::channel();
         self.inbox
@@ -276,7 +291,7 @@ impl Engine {
         }
         let relay_task = tokio::spawn(relay::run(store.clone(), transport, relay_rx));
         let driver_task = tokio::spawn(driver.run());
-        let scheduler_task = tokio::spawn(scheduler::run(
+        let timer_poller = tokio::spawn(timers::run(
             store.clone(),
             inbox.clone(),
             pending_wakes,
@@ -292,7 +307,7 @@ impl Engine {
                 inbox: inbox.clone(),
             },
             inbox,
-            intake: vec![scheduler_task],
+            intake: vec![timer_poller],
             driver: driver_task,
             rest: vec![relay_task],
             settled,
@@ -316,6 +331,12 @@ impl Engine {
     /// With a `start_key`, starting is idempotent: the same key returns the saga it started the
     /// first time. Input that does not fit a step's type (when the handlers run here), an
     /// unknown saga and an oversized input are refused before anything is written.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before the start is handed to the driver starts nothing. Dropped
+    /// after that, the saga may still start (and run) without the caller learning its id: give
+    /// a `start_key`, and starting again with it returns the same saga instead of a second one.
     pub async fn start(
         &self,
         name: &str,
@@ -337,6 +358,13 @@ impl Engine {
     }
 
     /// Applies an operator's command to a saga, recorded with who and why.
+    ///
+    /// # Cancel safety
+    ///
+    /// The command is handed to the driver when the future is first polled, before its first
+    /// wait. Dropping the future after that does not withdraw it: it is applied (or refused)
+    /// and recorded all the same, and only the answer is lost; read the saga's history to see
+    /// which. Dropped before its first poll, nothing is sent.
     pub async fn operate(
         &self,
         saga_id: Uuid,
@@ -377,6 +405,13 @@ impl Engine {
     /// the transitions it has taken in and the relay publish what they emitted, then ends.
     /// Gives up after `grace` and aborts what is left; anything unfinished is recovered from the
     /// store on the next launch.
+    ///
+    /// # Cancel safety
+    ///
+    /// Intake stops when the future is first polled. Dropping it after that leaves the driver,
+    /// the relay and the workers to finish on their own in the background, as they would have
+    /// within `grace`; nothing is lost either way, since what is not finished is recovered from
+    /// the store on the next launch.
     pub async fn shutdown_within(self, grace: Duration) {
         for task in &self.intake {
             task.abort();

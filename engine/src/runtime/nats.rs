@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use sagaflow_protocol::backoff::Backoff;
 use sagaflow_protocol::{
     EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StartRequest, StepCommand, StepReply, names,
 };
@@ -68,23 +69,38 @@ impl Broker {
         &self,
         inbox: mpsc::UnboundedSender<Inbound>,
     ) -> Result<JoinHandle<()>, EngineError> {
-        let consumer = durable_consumer(
-            &self.js,
-            names::REPLY_STREAM,
-            names::ENGINE_CONSUMER,
-            "sagaflow.reply.>",
-            REPLY_ACK_WAIT,
-            REPLY_MAX_DELIVER,
-        )
-        .await
-        .map_err(|e| broker_error("cannot create the reply consumer", e))?;
+        let open = |js: jetstream::Context| async move {
+            durable_consumer(
+                &js,
+                names::REPLY_STREAM,
+                names::ENGINE_CONSUMER,
+                "sagaflow.reply.>",
+                REPLY_ACK_WAIT,
+                REPLY_MAX_DELIVER,
+            )
+            .await
+        };
+        let mut consumer = open(self.js.clone())
+            .await
+            .map_err(|e| broker_error("cannot create the reply consumer", e))?;
+        let js = self.js.clone();
         Ok(tokio::spawn(async move {
+            // One back-off for both ways pulling fails, so an outage that alternates between
+            // them (the stream opens, the next pull errs) still backs off instead of spinning.
+            let mut backoff = Backoff::infrastructure();
             loop {
+                if backoff.failures() > 0 {
+                    // After an outage the consumer may be gone (a broker that lost its store):
+                    // open it again; if that fails too, the pull below fails and waits longer.
+                    match open(js.clone()).await {
+                        Ok(fresh) => consumer = fresh,
+                        Err(e) => warn!(error = %e, "cannot open the reply consumer yet"),
+                    }
+                }
                 let mut messages = match consumer.messages().await {
                     Ok(messages) => messages,
                     Err(e) => {
-                        warn!(error = %e, "cannot pull replies; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        backoff.wait_after_failure("pulling replies", &e).await;
                         continue;
                     }
                 };
@@ -92,15 +108,23 @@ impl Broker {
                     let message = match next {
                         Ok(message) => message,
                         Err(e) => {
-                            warn!(error = %e, "pulling replies failed; retrying");
-                            continue;
+                            // Opened again below: a stream whose consumer is gone never heals.
+                            backoff.wait_after_failure("pulling replies", &e).await;
+                            break;
                         }
                     };
+                    backoff.succeeded("pulling replies");
                     if let Some(inbound) = admit_reply(message).await
                         && inbox.send(inbound).is_err()
                     {
                         return;
                     }
+                }
+                if backoff.failures() == 0 {
+                    // The pull stream ended by itself: open it again.
+                    backoff
+                        .wait_after_failure("pulling replies", &"the reply stream ended")
+                        .await;
                 }
             }
         }))
@@ -165,8 +189,8 @@ impl Broker {
         let client = self.client.clone();
         Ok(tokio::spawn(async move {
             while let Some(request) = requests.next().await {
-                let answer = match serde_json::from_slice::<RegisterRequest>(&request.payload) {
-                    Err(e) => refusal("bad_request", format!("not a register request: {e}")),
+                let answer = match parse_registration(&request.payload) {
+                    Err(refused) => refused,
                     Ok(register) if register.v != PROTOCOL_VERSION => refusal(
                         "unsupported_version",
                         format!("register request version {} is not supported", register.v),
@@ -196,6 +220,39 @@ impl Broker {
             }
         }))
     }
+}
+
+/// Reads a register request and checks its sizes (`docs/protocol.md` section 13) before any of
+/// it is registered: a request over [`names::MAX_MESSAGE_BYTES`] (a broker configured with a
+/// larger `max_payload` delivers one), or one with a definition over
+/// [`names::MAX_DEFINITION_BYTES`] as compact JSON, is refused whole.
+fn parse_registration(payload: &[u8]) -> Result<RegisterRequest, EngineAnswer> {
+    let too_large = |error: EngineError| refusal(error_code(&error), error.to_string());
+    let limit = names::MAX_MESSAGE_BYTES as usize;
+    if payload.len() > limit {
+        return Err(too_large(EngineError::TooLarge {
+            what: "the register request".into(),
+            size: payload.len(),
+            limit,
+        }));
+    }
+    let register: RegisterRequest = serde_json::from_slice(payload)
+        .map_err(|e| refusal("bad_request", format!("not a register request: {e}")))?;
+    for spec in &register.sagas {
+        // Measured as the engine stores it: compact, whatever spacing the sender used.
+        let size = serde_json::to_vec(spec).map_or(usize::MAX, |json| json.len());
+        if size > names::MAX_DEFINITION_BYTES {
+            return Err(too_large(EngineError::TooLarge {
+                what: format!(
+                    "the definition of saga `{}` version {}",
+                    spec.name, spec.version
+                ),
+                size,
+                limit: names::MAX_DEFINITION_BYTES,
+            }));
+        }
+    }
+    Ok(register)
 }
 
 /// Turns a reply message into the driver's input, or drops it (acknowledged, so it is not
@@ -255,7 +312,7 @@ fn refusal(code: &str, message: String) -> EngineAnswer {
 fn error_code(error: &EngineError) -> &'static str {
     match error {
         EngineError::UnknownDefinition { .. } => "unknown_saga",
-        EngineError::InvalidInput { .. } => "invalid_input",
+        EngineError::InvalidInput { .. } | EngineError::InputSchema { .. } => "invalid_input",
         EngineError::TooLarge { .. } => "too_large",
         EngineError::DefinitionChanged { .. } => "definition_changed",
         EngineError::InvalidDefinition(_) => "invalid_definition",
@@ -357,5 +414,29 @@ pub(crate) fn warn_untimed_steps(spec: &sagaflow_protocol::SagaSpec) {
              waits until an operator acts (`sagaflow skip-step` or `cancel`); give it a \
              timeout unless it may really run without bound"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(answer: EngineAnswer) -> String {
+        match answer {
+            EngineAnswer::Error { code, .. } => code,
+            EngineAnswer::Ok { .. } => "ok".into(),
+        }
+    }
+
+    #[test]
+    fn a_register_request_over_one_message_is_refused_before_it_is_read() {
+        // Only a broker configured with a larger `max_payload` delivers one; valid JSON or not,
+        // it is refused for its size.
+        let mut payload = br#"{"v":1,"sagas":[]}"#.to_vec();
+        payload.resize(names::MAX_MESSAGE_BYTES as usize + 1, b' ');
+        let refused = parse_registration(&payload).expect_err("too large");
+        assert_eq!(code(refused), "too_large");
+        payload.truncate(names::MAX_MESSAGE_BYTES as usize);
+        assert!(parse_registration(&payload).is_ok());
     }
 }

@@ -1,10 +1,14 @@
-//! Reading one registered definition back: the version a saga is pinned to.
+//! Registered definitions: reading one back (the version a saga is pinned to), and what
+//! registering the same name and version again does.
 
-use sagaflow_protocol::SagaSpec;
-use sea_orm::EntityTrait;
+use sagaflow_protocol::{ProtocolError, SagaSpec};
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use tracing::info;
 
 use super::{Store, definition};
 use crate::EngineError;
+use crate::schema::CompiledSchema;
 
 impl Store {
     /// The definition registered as `name` at `version`, if there is one.
@@ -28,4 +32,85 @@ impl Store {
         })
         .transpose()
     }
+}
+
+impl Store {
+    /// `spec` registered again under a name and version that `row` already holds: a no-op when
+    /// it is the stored definition (or the stored one with fewer schemas), an update when it
+    /// adds step schemas the stored one lacks, refused as a changed definition otherwise.
+    pub(super) async fn register_again(
+        &self,
+        spec: &SagaSpec,
+        mut row: definition::Model,
+    ) -> Result<(), EngineError> {
+        let changed = || EngineError::DefinitionChanged {
+            name: spec.name.clone(),
+            version: spec.version,
+        };
+        // Each round reads the row once; a lost race re-reads it, and a few rounds settle
+        // anything but a storm of workers adding different schemas at once.
+        for _ in 0..3 {
+            let Ok(stored) = serde_json::from_str::<SagaSpec>(&row.spec) else {
+                return Err(changed());
+            };
+            if stored == *spec {
+                return Ok(());
+            }
+            let merged = stored.merge_schemas(spec).ok_or_else(changed)?;
+            if merged == stored {
+                return Ok(());
+            }
+            let text = serde_json::to_string(&merged).map_err(|e| EngineError::Corrupt {
+                saga_id: format!("definition {}", spec.name),
+                detail: e.to_string(),
+            })?;
+            // Conditional on the text read: of two engines adding different schemas at once,
+            // one wins and the other's worker is told its definition changed.
+            let updated = definition::Entity::update_many()
+                .col_expr(definition::Column::Spec, Expr::value(text))
+                .filter(definition::Column::Name.eq(row.name.clone()))
+                .filter(definition::Column::Version.eq(row.version))
+                .filter(definition::Column::Spec.eq(row.spec.clone()))
+                .exec(self.connection())
+                .await
+                .map_err(EngineError::db("adding step schemas to a saga definition"))?;
+            if updated.rows_affected > 0 {
+                info!(saga = %spec.name, version = spec.version, "step schemas added to a registered definition");
+                return Ok(());
+            }
+            row = definition::Entity::find_by_id((row.name.clone(), row.version))
+                .one(self.connection())
+                .await
+                .map_err(EngineError::db("reading a saga definition"))?
+                .ok_or_else(changed)?;
+        }
+        Err(changed())
+    }
+}
+
+/// Every step schema of `spec` must be a usable JSON Schema, self-contained: a worker's mistake
+/// in one is refused at registration rather than met later by every start or skip.
+pub(super) fn check_schemas(spec: &SagaSpec) -> Result<(), EngineError> {
+    for step in &spec.steps {
+        for (what, schema) in [
+            ("input_schema", &step.input_schema),
+            ("output_schema", &step.output_schema),
+        ] {
+            if let Some(schema) = schema
+                && let Err(problem) = CompiledSchema::new(schema)
+            {
+                return Err(EngineError::InvalidDefinition(
+                    ProtocolError::InvalidDefinition {
+                        saga: spec.name.clone(),
+                        reason: format!(
+                            "the {what} of step `{}` is not a usable JSON Schema ({problem}); \
+                             send a draft 2020-12 schema whose `$ref`s point inside it, or none",
+                            step.name
+                        ),
+                    },
+                ));
+            }
+        }
+    }
+    Ok(())
 }

@@ -18,8 +18,9 @@ use sagaflow_protocol::StepCommand;
 use sagaflow_protocol::backoff::retry_infrastructure;
 use sagaflow_protocol::{RetryPolicy, SagaSpec, Timestamp};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectOptions, Database, DatabaseConnection, DbBackend,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
+    DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, RuntimeErr,
+    TransactionTrait,
 };
 use serde_json::Value;
 use tracing::warn;
@@ -156,9 +157,7 @@ impl Store {
             options.max_connections(16);
         }
         let db = connect_with_retries(&url, &options).await?;
-        Migrator::up(&db, None)
-            .await
-            .map_err(EngineError::db("applying the schema migrations"))?;
+        migrate(&db).await?;
         let writer = if db.get_database_backend() == DbBackend::Postgres {
             let mut writer_options = options.clone();
             writer_options
@@ -182,10 +181,13 @@ impl Store {
     }
 
     /// Registers a definition. Registering the same spec again is a no-op; a different spec
-    /// under an existing version is refused, because running sagas are pinned to it.
+    /// under an existing version is refused, because running sagas are pinned to it. The one
+    /// difference accepted is step schemas added where the stored definition has none: the
+    /// richer definition is stored ([`SagaSpec::merge_schemas`]).
     pub async fn register_definition(&self, spec: &SagaSpec) -> Result<(), EngineError> {
         // Definitions also arrive from workers over the network: check them like the SDK does.
         spec.validate().map_err(EngineError::InvalidDefinition)?;
+        definitions::check_schemas(spec)?;
         let text = serde_json::to_string(spec).map_err(|e| EngineError::Corrupt {
             saga_id: format!("definition {}", spec.name),
             detail: e.to_string(),
@@ -195,14 +197,7 @@ impl Store {
             .await
             .map_err(EngineError::db("reading a saga definition"))?;
         if let Some(row) = existing {
-            let stored: Option<SagaSpec> = serde_json::from_str(&row.spec).ok();
-            if stored.as_ref() == Some(spec) {
-                return Ok(());
-            }
-            return Err(EngineError::DefinitionChanged {
-                name: spec.name.clone(),
-                version: spec.version,
-            });
+            return self.register_again(spec, row).await;
         }
         let row = definition::ActiveModel {
             name: Set(spec.name.clone()),
@@ -843,6 +838,41 @@ fn abandoned_attempts(
 
 /// Opens a pool; a database that is still starting (or restarting) gets a few seconds to come
 /// up.
+/// The PostgreSQL advisory lock key that serializes schema migrations (an arbitrary constant,
+/// the same in every engine version; the worker's `worker_results` table uses another).
+const MIGRATION_LOCK: i64 = 7_036_815_063;
+
+/// Applies the pending schema migrations.
+///
+/// Engines of a fleet start together, and two processes migrating one new PostgreSQL database
+/// at once collide in its catalog (`CREATE TABLE` of the same table in two sessions fails the
+/// second with a unique violation on `pg_type`). On PostgreSQL the migrations therefore run in
+/// one transaction holding a transaction-level advisory lock: the second engine waits for the
+/// first to commit, then finds nothing left to apply. A transaction (not a session lock) because
+/// the pool may hand each statement another connection, while a transaction keeps one, and its
+/// lock ends with it whatever happens, even if this process dies. The migrations' own
+/// transactions nest inside as savepoints; none of them needs to run outside a transaction.
+async fn migrate(db: &DatabaseConnection) -> Result<(), EngineError> {
+    let failed = EngineError::db("applying the schema migrations");
+    if db.get_database_backend() != DbBackend::Postgres {
+        // SQLite takes a write lock per transaction and waits `busy_timeout` for it.
+        return Migrator::up(db, None).await.map_err(failed);
+    }
+    let txn = db
+        .begin()
+        .await
+        .map_err(EngineError::db("applying the schema migrations"))?;
+    txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+        .await
+        .map_err(EngineError::db(
+            "waiting for another engine's schema migrations",
+        ))?;
+    Migrator::up(&txn, None)
+        .await
+        .map_err(EngineError::db("applying the schema migrations"))?;
+    txn.commit().await.map_err(failed)
+}
+
 async fn connect_with_retries(
     url: &str,
     options: &ConnectOptions,
@@ -850,13 +880,43 @@ async fn connect_with_retries(
     retry_infrastructure(
         &connect_policy(),
         || Database::connect(options.clone()),
-        |error, delay| warn!(%error, ?delay, "cannot reach the database yet; retrying"),
+        is_permanent_connect_error,
+        |error, attempt, delay| {
+            warn!(%error, attempt, ?delay, "cannot reach the database yet; retrying");
+        },
     )
     .await
-    .map_err(|source| EngineError::Connect {
+    .map_err(|gave_up| EngineError::Connect {
         url: redact(url),
-        source,
+        attempts: gave_up.attempts,
+        source: gave_up.error,
     })
+}
+
+/// Whether connecting failed for a reason that waiting does not fix: the database does not
+/// exist, the credentials or permissions are refused, the SQLite file cannot be opened, the URL
+/// is malformed. A refused or timed-out connection (the server is starting) is worth retrying.
+pub(crate) fn is_permanent_connect_error(error: &DbErr) -> bool {
+    use sea_orm::sqlx;
+    let (DbErr::Conn(RuntimeErr::SqlxError(error))
+    | DbErr::Exec(RuntimeErr::SqlxError(error))
+    | DbErr::Query(RuntimeErr::SqlxError(error))) = error
+    else {
+        return false;
+    };
+    match error.as_ref() {
+        sqlx::Error::Configuration(_) => true,
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            // PostgreSQL: invalid_catalog_name (no such database), invalid_password,
+            // invalid_authorization_specification (no such role, refused by pg_hba),
+            // insufficient_privilege (no CONNECT right).
+            Some("3D000" | "28P01" | "28000" | "42501")
+                // SQLite: SQLITE_CANTOPEN (missing folder, no permission), SQLITE_NOTADB.
+                | Some("14" | "26")
+        ),
+        _ => false,
+    }
 }
 
 /// How long `connect` keeps trying: about eight seconds over six attempts.
@@ -874,16 +934,7 @@ fn connect_policy() -> RetryPolicy {
 
 /// Hides a password in a database URL.
 fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
+    sagaflow_protocol::redact_database_url(url)
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! How a database URL given on a command line becomes the URL the driver opens. The engine and
 //! the worker's idempotency table read it the same way.
 
+use url::{Host, Url};
+
 /// Completes a database URL:
 ///
 /// - `sqlite:PATH`, `sqlite://PATH` or a bare path: a SQLite file, created when missing
@@ -34,11 +36,9 @@ pub fn database_url(url: &str) -> String {
             format!("sqlite://{path}{}mode=rwc", separator(path))
         };
     }
-    let postgres = url
-        .strip_prefix("postgres://")
-        .or_else(|| url.strip_prefix("postgresql://"));
+    let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
     match postgres {
-        Some(rest) if !url.contains("sslmode=") && is_loopback(host_of(rest)) => {
+        true if !url.contains("sslmode=") && is_loopback(host_of(url)) => {
             format!("{url}{}sslmode=disable", separator(url))
         }
         _ => url.to_string(),
@@ -49,26 +49,112 @@ fn separator(url: &str) -> char {
     if url.contains('?') { '&' } else { '?' }
 }
 
-/// The host of `user:password@host:port/db?params` (the part after the scheme).
-fn host_of(rest: &str) -> &str {
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    if let Some(bracketed) = host_port.strip_prefix('[') {
-        return bracketed.split(']').next().unwrap_or_default();
+/// The host a `postgres://` URL names, as `url` parses it (brackets of an IPv6 address removed).
+fn host_of(url: &str) -> Option<String> {
+    let parsed = Url::parse(url).ok()?;
+    match parsed.host()? {
+        Host::Domain(name) => Some(name.to_string()),
+        Host::Ipv4(ip) => Some(ip.to_string()),
+        Host::Ipv6(ip) => Some(ip.to_string()),
     }
-    host_port.split(':').next().unwrap_or_default()
 }
 
-fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+fn is_loopback(host: Option<String>) -> bool {
+    host.is_some_and(|host| {
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    })
+}
+
+/// Query parameters that carry a secret in a database URL (libpq and sqlx names).
+const SECRET_PARAMETERS: [&str; 3] = ["password", "sslpassword", "pass"];
+
+/// A database URL as it may be shown in logs and errors: the password in the user part and in
+/// any `password`-like query parameter replaced by `***`. A URL without one is returned as is.
+///
+/// ```
+/// use sagaflow_protocol::redact_database_url;
+///
+/// assert_eq!(redact_database_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+/// assert_eq!(
+///     redact_database_url("postgres://u@h/db?password=secret&sslmode=require"),
+///     "postgres://u@h/db?password=***&sslmode=require"
+/// );
+/// assert_eq!(redact_database_url("sqlite://demo.db?mode=rwc"), "sqlite://demo.db?mode=rwc");
+/// ```
+pub fn redact_database_url(url: &str) -> String {
+    let Ok(mut parsed) = Url::parse(url) else {
+        // Not a URL (a bare SQLite path): nothing in it is a credential the parser could find,
+        // but never print what looks like one.
+        return match url.rsplit_once('@') {
+            Some((_, host)) => format!("***@{host}"),
+            None => url.to_string(),
+        };
+    };
+    let mut changed = false;
+    if parsed.password().is_some() {
+        // Infallible for a URL that has a password: it has a host to carry credentials.
+        let _ = parsed.set_password(Some("***"));
+        changed = true;
+    }
+    let secret = |key: &str| {
+        SECRET_PARAMETERS
+            .iter()
+            .any(|name| key.eq_ignore_ascii_case(name))
+    };
+    if parsed.query_pairs().any(|(key, _)| secret(&key)) {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if secret(&key) {
+                    "***".to_string()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+        changed = true;
+    }
+    if changed {
+        // `***` as written, not percent-encoded: it reads as a mask, not as a value.
+        parsed.as_str().replace("%2A%2A%2A", "***")
+    } else {
+        url.to_string()
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::database_url;
+    use super::{database_url, redact_database_url};
+
+    #[test]
+    fn credentials_never_show_in_any_form() {
+        for (url, shown) in [
+            ("postgres://u:secret@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://u:p%40ss@10.0.0.7:5432/db",
+                "postgres://u:***@10.0.0.7:5432/db",
+            ),
+            (
+                "postgresql://u@h/db?password=secret",
+                "postgresql://u@h/db?password=***",
+            ),
+            (
+                "postgres://h/db?user=u&PASSWORD=secret&sslmode=disable",
+                "postgres://h/db?user=u&PASSWORD=***&sslmode=disable",
+            ),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            ("sqlite:///tmp/x.db?mode=rwc", "sqlite:///tmp/x.db?mode=rwc"),
+            ("demo.db", "demo.db"),
+        ] {
+            assert_eq!(redact_database_url(url), shown, "{url}");
+            assert!(!redact_database_url(url).contains("secret"), "{url}");
+        }
+    }
 
     #[test]
     fn sqlite_files_are_created_unless_a_mode_is_named() {

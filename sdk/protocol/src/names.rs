@@ -17,6 +17,10 @@ pub const MAX_MESSAGE_BYTES: i32 = 1024 * 1024;
 /// The largest output one step may return, as compact JSON: every later command carries
 /// it, so a few of them must fit in one message.
 pub const MAX_OUTPUT_BYTES: usize = 256 * 1024;
+/// The largest saga definition a register request may carry, as compact JSON: the engine keeps
+/// every definition in memory and in its database, and one this big is a mistake (a document
+/// pasted into a step's description), not a saga.
+pub const MAX_DEFINITION_BYTES: usize = 256 * 1024;
 
 /// Where the command for a step of a saga is published.
 pub fn command_subject(saga: &str, step: &str) -> String {

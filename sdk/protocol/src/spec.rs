@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::{ProtocolError, RetryPolicy};
 
@@ -23,8 +24,23 @@ pub enum StepKind {
 }
 
 /// Which action of a step runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Direction {
     /// The step's forward action.
     Forward,
@@ -35,10 +51,7 @@ pub enum Direction {
 impl Direction {
     /// `forward` or `compensate`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Forward => "forward",
-            Direction::Compensate => "compensate",
-        }
+        self.into()
     }
 }
 
@@ -63,6 +76,22 @@ pub struct StepSpec {
     /// How long one attempt may take before it counts as failed (retryable) and is retried.
     #[serde(with = "optional_millis", rename = "timeout_ms")]
     pub timeout: Option<Duration>,
+    /// The JSON Schema (draft 2020-12) of what the step reads from the saga input, when the
+    /// worker sent one. The engine checks a start's input against the first step's schema.
+    /// Absent from definitions of workers that send none, which still parse and compare equal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_schema: Option<Value>,
+    /// The JSON Schema (draft 2020-12) of the step's output, when the worker sent one. The
+    /// engine checks an output an operator gives for the step (`skip-step --output`) against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_schema: Option<Value>,
+}
+
+impl StepSpec {
+    /// Whether the step carries a schema for its input or its output.
+    pub fn has_schemas(&self) -> bool {
+        self.input_schema.is_some() || self.output_schema.is_some()
+    }
 }
 
 /// A saga definition as data: ordered steps plus an optional overall deadline.
@@ -146,6 +175,36 @@ impl SagaSpec {
         self.steps.iter().position(|s| s.name == name)
     }
 
+    /// `self` (the stored definition) with the step schemas of `other` (the same name and
+    /// version, announced again) added where `self` has none, or `None` when `other` is a
+    /// different definition: anything but the schemas differs, or a step has a schema in both
+    /// that is not the same one.
+    ///
+    /// This is what lets a definition registered without schemas (by an older worker) gain them
+    /// when a newer worker announces the same definition with them, while a changed schema
+    /// under the same version is refused like any other change: sagas pin their version.
+    pub fn merge_schemas(&self, other: &SagaSpec) -> Option<SagaSpec> {
+        if self.without_schemas() != other.without_schemas() {
+            return None;
+        }
+        let mut merged = self.clone();
+        for (step, theirs) in merged.steps.iter_mut().zip(&other.steps) {
+            step.input_schema = merge_one(step.input_schema.take(), &theirs.input_schema)?;
+            step.output_schema = merge_one(step.output_schema.take(), &theirs.output_schema)?;
+        }
+        Some(merged)
+    }
+
+    /// The definition with every step schema removed.
+    pub fn without_schemas(&self) -> SagaSpec {
+        let mut plain = self.clone();
+        for step in &mut plain.steps {
+            step.input_schema = None;
+            step.output_schema = None;
+        }
+        plain
+    }
+
     /// The step names, comma separated, for error messages.
     pub fn step_names(&self) -> String {
         self.steps
@@ -153,6 +212,15 @@ impl SagaSpec {
             .map(|s| s.name.as_str())
             .collect::<Vec<_>>()
             .join(", ")
+    }
+}
+
+/// One schema of [`SagaSpec::merge_schemas`]: `Some(result)` when compatible.
+fn merge_one(ours: Option<Value>, theirs: &Option<Value>) -> Option<Option<Value>> {
+    match (ours, theirs) {
+        (Some(ours), Some(theirs)) if ours != *theirs => None,
+        (Some(ours), _) => Some(Some(ours)),
+        (None, theirs) => Some(theirs.clone()),
     }
 }
 
@@ -178,5 +246,55 @@ mod optional_millis {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn spec(input_schema: Option<Value>, timeout_ms: u64) -> SagaSpec {
+        SagaSpec {
+            name: "s".into(),
+            version: 1,
+            steps: vec![StepSpec {
+                name: "a".into(),
+                kind: StepKind::Pivot,
+                retry: RetryPolicy::default(),
+                compensation_retry: RetryPolicy::default(),
+                timeout: Some(Duration::from_millis(timeout_ms)),
+                input_schema,
+                output_schema: None,
+            }],
+            deadline: None,
+        }
+    }
+
+    #[test]
+    fn a_definition_without_schemas_reads_and_writes_as_before() {
+        let plain = spec(None, 10);
+        let text = serde_json::to_string(&plain).expect("serializes");
+        assert!(!text.contains("schema"), "{text}");
+        let read: SagaSpec = serde_json::from_str(&text).expect("parses");
+        assert_eq!(read, plain);
+    }
+
+    #[test]
+    fn schemas_are_added_to_a_definition_without_but_never_changed() {
+        let schema = json!({"type": "object"});
+        let plain = spec(None, 10);
+        let rich = spec(Some(schema.clone()), 10);
+        assert_eq!(plain.merge_schemas(&rich), Some(rich.clone()), "added");
+        assert_eq!(rich.merge_schemas(&plain), Some(rich.clone()), "kept");
+        assert_eq!(rich.merge_schemas(&rich), Some(rich.clone()), "same");
+        let other = spec(Some(json!({"type": "string"})), 10);
+        assert_eq!(rich.merge_schemas(&other), None, "a changed schema");
+        assert_eq!(
+            plain.merge_schemas(&spec(Some(schema), 20)),
+            None,
+            "a changed timeout"
+        );
     }
 }

@@ -39,6 +39,25 @@ impl Timestamp {
     }
 }
 
+impl schemars::JsonSchema for Timestamp {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Timestamp".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        // As serialized: the bare integer (`#[serde(transparent)]`).
+        schemars::json_schema!({
+            "type": "integer",
+            "format": "int64",
+            "description": "Milliseconds since the Unix epoch."
+        })
+    }
+}
+
 impl std::fmt::Display for Timestamp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}ms", self.0)

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 pub use results::ResultStore;
 
+use crate::protocol::backoff::Backoff;
 use crate::protocol::{
     EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StepCommand, StepOutcome, StepReply,
     durable_consumer, ensure_streams, names,
@@ -112,6 +113,14 @@ impl Worker {
 
     /// Serves until `shutdown` completes; then stops pulling and lets the attempts in progress
     /// finish (for up to the ack wait) before returning.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops the worker like `shutdown` does, without waiting: it stops
+    /// pulling commands and announcing its sagas at once, while the attempts already taken run
+    /// to the end in the background and publish their replies. An attempt cut short by the
+    /// process ending is not lost: its command was not acknowledged, so the broker redelivers
+    /// it (with the same idempotency key) after the ack wait.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
         let worker = Arc::new(self);
         let mut consumers = Vec::new();
@@ -127,49 +136,21 @@ impl Worker {
             .await?;
             consumers.push((name.clone(), consumer));
         }
-        let announcer = tokio::spawn(announce(worker.clone()));
+        // Aborted when `run` returns or its future is dropped: a dropped worker must not go on
+        // announcing sagas it no longer serves.
+        let announcer = AbortOnDrop(tokio::spawn(announce(worker.clone())));
         let permits = Arc::new(Semaphore::new(
             worker.options.concurrency.max(1) * consumers.len(),
         ));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut loops = Vec::new();
         for (name, consumer) in consumers {
-            let worker = worker.clone();
-            let permits = permits.clone();
-            let mut stopped = stopped.clone();
-            loops.push(tokio::spawn(async move {
-                let mut messages = match consumer.messages().await {
-                    Ok(messages) => messages,
-                    Err(e) => {
-                        warn!(saga = %name, error = %e, "cannot pull commands");
-                        return;
-                    }
-                };
-                loop {
-                    let next = tokio::select! {
-                        next = messages.next() => next,
-                        _ = stopped.changed() => break,
-                    };
-                    let message = match next {
-                        Some(Ok(message)) => message,
-                        Some(Err(e)) => {
-                            warn!(saga = %name, error = %e, "pulling commands failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                            continue;
-                        }
-                        None => break,
-                    };
-                    let Ok(permit) = permits.clone().acquire_owned().await else {
-                        break;
-                    };
-                    let worker = worker.clone();
-                    let name = name.clone();
-                    tokio::spawn(async move {
-                        worker.serve(&name, message).await;
-                        drop(permit);
-                    });
-                }
-            }));
+            loops.push(tokio::spawn(worker.clone().pull(
+                name,
+                consumer,
+                permits.clone(),
+                stopped.clone(),
+            )));
         }
         info!(id = %worker.options.id, sagas = ?worker.sagas.keys().collect::<Vec<_>>(), "worker serving");
         shutdown.await;
@@ -178,11 +159,70 @@ impl Worker {
         for handle in loops {
             let _ = handle.await;
         }
-        announcer.abort();
+        drop(announcer);
         let all = u32::try_from(worker.options.concurrency.max(1) * worker.sagas.len())
             .unwrap_or(u32::MAX);
         let _ = tokio::time::timeout(worker.options.ack_wait, permits.acquire_many(all)).await;
         Ok(())
+    }
+
+    /// Pulls the commands of saga `name` until the worker stops, whatever the broker does: a
+    /// failed pull is retried with back-off (opening the consumer again, in case the broker lost
+    /// it), never abandoned, so the saga is served again once the broker is back.
+    async fn pull(
+        self: Arc<Self>,
+        name: String,
+        mut consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+        permits: Arc<Semaphore>,
+        mut stopped: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let what = format!("pulling the commands of saga `{name}`");
+        let mut backoff = Backoff::infrastructure();
+        loop {
+            let failure = match consumer.messages().await {
+                Ok(mut messages) => loop {
+                    let next = tokio::select! {
+                        next = messages.next() => next,
+                        _ = stopped.changed() => return,
+                    };
+                    let message = match next {
+                        Some(Ok(message)) => message,
+                        Some(Err(e)) => break e.to_string(),
+                        None => break "the pull stream ended".to_string(),
+                    };
+                    backoff.succeeded(&what);
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let worker = self.clone();
+                    let name = name.clone();
+                    tokio::spawn(async move {
+                        worker.serve(&name, message).await;
+                        drop(permit);
+                    });
+                },
+                Err(e) => e.to_string(),
+            };
+            tokio::select! {
+                _ = backoff.wait_after_failure(&what, &failure) => {}
+                _ = stopped.changed() => return,
+            }
+            // After an outage the consumer may be gone (a broker that lost its store): open it
+            // again. If that fails too, the next pull fails and waits longer.
+            match durable_consumer(
+                &self.js,
+                names::COMMAND_STREAM,
+                &names::worker_consumer(&name),
+                &names::command_filter(&name),
+                self.options.ack_wait,
+                self.options.max_deliver,
+            )
+            .await
+            {
+                Ok(fresh) => consumer = fresh,
+                Err(e) => warn!(saga = %name, error = %e, "cannot open the command consumer yet"),
+            }
+        }
     }
 
     async fn serve(&self, saga_name: &str, message: jetstream::Message) {
@@ -321,20 +361,30 @@ async fn announce(worker: Arc<Worker>) {
     let Ok(payload) = serde_json::to_vec(&request) else {
         return;
     };
+    let what = "announcing this worker's sagas to an engine";
+    let mut backoff = Backoff::infrastructure();
     loop {
         let answer = worker
             .client
             .request(names::REGISTER_SUBJECT, payload.clone().into())
             .await;
-        let wait = match answer.map(|m| serde_json::from_slice::<EngineAnswer>(&m.payload)) {
-            Ok(Ok(EngineAnswer::Ok { .. })) => Duration::from_secs(60),
+        let failure = match answer.map(|m| serde_json::from_slice::<EngineAnswer>(&m.payload)) {
+            Ok(Ok(EngineAnswer::Ok { .. })) => None,
             Ok(Ok(EngineAnswer::Error { message, .. })) => {
                 warn!(%message, "an engine refused this worker's saga definitions");
-                Duration::from_secs(60)
+                None
             }
-            _ => Duration::from_secs(2),
+            Ok(Err(e)) => Some(format!("the answer is not an engine answer: {e}")),
+            // No engine yet, or the broker is away.
+            Err(e) => Some(e.to_string()),
         };
-        tokio::time::sleep(wait).await;
+        match failure {
+            None => {
+                backoff.succeeded(what);
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            Some(failure) => backoff.wait_after_failure(what, &failure).await,
+        }
     }
 }
 
@@ -364,4 +414,13 @@ fn reply_to_malformed(
         },
     };
     Some((saga, reply))
+}
+
+/// A task that ends when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

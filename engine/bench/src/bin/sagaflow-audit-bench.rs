@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! createdb -h 127.0.0.1 -U postgres sagaflow_audit_bench
-//! cargo run --release -p sagaflow-engine --bin sagaflow-audit-bench -- \
+//! cargo run --release -p sagaflow-bench --bin sagaflow-audit-bench -- \
 //!     --database-url postgres://postgres@127.0.0.1:5432/sagaflow_audit_bench
 //! ```
 //!

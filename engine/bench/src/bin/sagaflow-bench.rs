@@ -17,8 +17,8 @@
 //! PostgreSQL and NATS).
 //!
 //! ```text
-//! cargo run --release -p sagaflow-engine --bin sagaflow-bench -- --mode embedded --sagas 20000
-//! cargo run --release -p sagaflow-engine --bin sagaflow-bench -- --mode distributed \
+//! cargo run --release -p sagaflow-bench --bin sagaflow-bench -- --mode embedded --sagas 20000
+//! cargo run --release -p sagaflow-bench --bin sagaflow-bench -- --mode distributed \
 //!     --database-url postgres://postgres@127.0.0.1:5432/sagaflow_bench --sagas 20000
 //! ```
 //!

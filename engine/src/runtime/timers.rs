@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use sagaflow_protocol::Timestamp;
+use sagaflow_protocol::backoff::Backoff;
 use tokio::sync::{Notify, mpsc};
-use tracing::warn;
 
 use super::driver::{Inbound, PendingWakes};
 use crate::store::Store;
@@ -26,10 +26,12 @@ pub(crate) async fn run(
     planned_wake: Arc<AtomicI64>,
     poll_interval: Duration,
 ) {
+    let mut backoff = Backoff::infrastructure();
     loop {
         let now = Timestamp::now();
         match store.due(now, DUE_BATCH).await {
             Ok(ids) => {
+                backoff.succeeded("polling the timers");
                 for id in ids {
                     let newly_pending = pending_wakes
                         .lock()
@@ -40,7 +42,16 @@ pub(crate) async fn run(
                     }
                 }
             }
-            Err(error) => warn!(%error, "cannot poll timers; trying again"),
+            Err(error) => {
+                // The database is down: look again after a growing pause, not every poll.
+                backoff
+                    .wait_after_failure("polling the timers", &error)
+                    .await;
+                if inbox.is_closed() {
+                    return;
+                }
+                continue;
+            }
         }
         let sleep_for = match store.next_wake().await {
             Ok(Some(next)) => Timestamp::now()
