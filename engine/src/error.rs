@@ -125,6 +125,20 @@ pub enum EngineError {
         detail: String,
     },
 
+    /// A stored saga definition does not parse (or cannot be written back): the database was
+    /// edited by hand or by a newer version.
+    #[error(
+        "stored definition `{name}` version {version} cannot be read ({detail}); it was written by another version or edited by hand"
+    )]
+    CorruptDefinition {
+        /// The definition's saga name.
+        name: String,
+        /// The definition's version.
+        version: i64,
+        /// What did not parse.
+        detail: String,
+    },
+
     /// Another writer changed the saga first; re-read and try again.
     #[error(
         "saga {0} was changed by another writer at the same time; nothing was changed, try again"
@@ -132,8 +146,16 @@ pub enum EngineError {
     Conflict(Uuid),
 
     /// The message broker is unreachable or refused an operation.
-    #[error("NATS: {0}; check that nats-server runs with JetStream (-js) at the given URL")]
-    Broker(String),
+    #[error(
+        "NATS: {what}: {source}; check that nats-server runs with JetStream (-js) at the given URL"
+    )]
+    Broker {
+        /// What failed ("cannot connect to nats://...").
+        what: String,
+        /// The client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 
     /// The engine is shutting down or has stopped.
     #[error("the engine has stopped; start it again to continue")]

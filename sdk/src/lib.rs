@@ -122,6 +122,8 @@
 mod error;
 mod handler;
 mod json;
+#[cfg(feature = "process")]
+pub mod process;
 mod saga;
 #[cfg(feature = "worker")]
 pub mod worker;

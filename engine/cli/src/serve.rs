@@ -34,22 +34,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "sagaflow engine serving on {} (start sagas with `sagaflow start` or a request on sagaflow.start)",
         args.nats_url
     );
-    wait_for_termination().await?;
+    sagaflow_sdk::process::termination().await;
     eprintln!("stopping: no new work; finishing the transitions in progress");
     engine
         .shutdown_within(Duration::from_secs(args.shutdown_grace_secs))
         .await;
     eprintln!("stopped");
-    Ok(())
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn wait_for_termination() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
     Ok(())
 }

@@ -55,15 +55,23 @@ pub struct OperatorCommand {
 }
 
 /// What an operator can do to a saga.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Its name ([`OperatorAction::name`]: `resume`, `retry`, `skip`, `cancel`) is what the history
+/// records as the operator action's `action` and what the CLI calls it.
+#[derive(
+    Debug, Clone, PartialEq, Serialize, Deserialize, strum::IntoStaticStr, strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case", tag = "action")]
+#[strum(serialize_all = "snake_case")]
 pub enum OperatorAction {
     /// A stuck saga tries its failed step or compensation again now, with a fresh retry budget.
     Resume,
     /// Skip the remaining backoff and retry the current step now.
+    #[strum(serialize = "retry")]
     RetryNow,
     /// Declare the current step done by hand: forward with `output` (already validated against
     /// the step's type by the shell), or its compensation.
+    #[strum(serialize = "skip")]
     SkipStep {
         /// The step's name.
         step: String,
@@ -72,4 +80,37 @@ pub enum OperatorAction {
     },
     /// Stop moving forward and compensate what completed.
     Cancel,
+}
+
+impl OperatorAction {
+    /// The action's name, as the history records it and the CLI calls it.
+    pub fn name(&self) -> &'static str {
+        self.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn action_names_are_what_the_history_records() {
+        let names: Vec<&str> = [
+            OperatorAction::Resume,
+            OperatorAction::RetryNow,
+            OperatorAction::SkipStep {
+                step: "a".into(),
+                output: None,
+            },
+            OperatorAction::Cancel,
+        ]
+        .iter()
+        .map(OperatorAction::name)
+        .collect();
+        assert_eq!(names, ["resume", "retry", "skip", "cancel"]);
+        assert_eq!(
+            <OperatorAction as strum::VariantNames>::VARIANTS,
+            ["resume", "retry", "skip", "cancel"]
+        );
+    }
 }

@@ -22,7 +22,7 @@ impl Machine<'_, '_> {
             why,
         };
         let status = self.state.status;
-        let action_name = action_name(&action);
+        let action_name = action.name();
         if status.is_terminal() {
             return Err(refuse(
                 action_name,
@@ -183,14 +183,5 @@ impl Machine<'_, '_> {
             attempts.last_outcome = Some(AttemptOutcome::Abandoned);
         }
         self.state.activity = Activity::Idle;
-    }
-}
-
-fn action_name(action: &OperatorAction) -> &'static str {
-    match action {
-        OperatorAction::Resume => "resume",
-        OperatorAction::RetryNow => "retry",
-        OperatorAction::SkipStep { .. } => "skip",
-        OperatorAction::Cancel => "cancel",
     }
 }

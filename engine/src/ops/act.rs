@@ -188,15 +188,6 @@ async fn pinned_definition(store: &Store, stored: &StoredSaga) -> Result<SagaSpe
         })
 }
 
-fn action_name(action: &OperatorAction) -> &'static str {
-    match action {
-        OperatorAction::Resume => "resume",
-        OperatorAction::RetryNow => "retry",
-        OperatorAction::SkipStep { .. } => "skip",
-        OperatorAction::Cancel => "cancel",
-    }
-}
-
 /// How the machine words each action in a refusal ("cannot {verb} saga ...").
 fn refusal_verb(action: &OperatorAction) -> &'static str {
     match action {
@@ -260,7 +251,7 @@ fn plan_loaded(
 
     let now = options.at.unwrap_or_else(Timestamp::now);
     let status_before = stored.state.status;
-    let action = action_name(&command.action);
+    let action = command.action.name();
     let actor = format!("operator:{}", command.actor);
     let reason = command.reason.clone();
     let verb_action = command.action.clone();

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::EngineError;
 use crate::machine::{Activity, SagaState, SagaStatus, StepStatus};
-use crate::store::{HistoryEntry, Store, attempt, definition, saga};
+use crate::store::{AttemptStatus, HistoryEntry, Store, attempt, definition, saga};
 
 /// Everything about one saga an operator needs to decide what to do.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -155,8 +155,8 @@ pub struct AttemptView {
     pub direction: String,
     /// The attempt number.
     pub attempt: i32,
-    /// `dispatched` (in flight), `succeeded`, `failed`, `timed_out` or `abandoned`.
-    pub status: String,
+    /// How it stands: in flight (`dispatched`) or how it ended.
+    pub status: AttemptStatus,
     /// The key the worker received.
     pub idempotency_key: String,
     /// When it was sent.
@@ -212,9 +212,10 @@ async fn pinned_definition(
             saga_id: id.to_string(),
             detail: format!("its definition `{name}` version {version} is not registered"),
         })?;
-    serde_json::from_str(&row.spec).map_err(|e| EngineError::Corrupt {
-        saga_id: id.to_string(),
-        detail: format!("definition `{name}` version {version}: {e}"),
+    serde_json::from_str(&row.spec).map_err(|e| EngineError::CorruptDefinition {
+        name: name.to_string(),
+        version: i64::from(version),
+        detail: e.to_string(),
     })
 }
 
@@ -231,7 +232,19 @@ pub async fn show(store: &Store, id: Uuid) -> Result<SagaDetail, EngineError> {
         .order_by_asc(attempt::Column::Attempt)
         .all(store.connection())
         .await
-        .map_err(EngineError::db("reading a saga's attempts"))?;
+        .map_err(EngineError::db("reading a saga's attempts"))?
+        .into_iter()
+        .map(|a| match AttemptStatus::parse(&a.status) {
+            Some(status) => Ok((status, a)),
+            None => Err(EngineError::Corrupt {
+                saga_id: id.to_string(),
+                detail: format!(
+                    "attempt {} of step {} ({}) has an unknown status `{}`",
+                    a.attempt, a.step, a.direction, a.status
+                ),
+            }),
+        })
+        .collect::<Result<Vec<(AttemptStatus, attempt::Model)>, EngineError>>()?;
     let step_name = |index: usize| {
         spec.steps
             .get(index)
@@ -245,11 +258,14 @@ pub async fn show(store: &Store, id: Uuid) -> Result<SagaDetail, EngineError> {
         .enumerate()
         .map(|(index, step_spec)| {
             let progress = state.steps.get(index);
-            let mut mine: Vec<&attempt::Model> =
-                attempts.iter().filter(|a| a.step == index as i32).collect();
-            mine.sort_by_key(|a| (a.direction != Direction::Forward.as_str(), a.attempt));
+            let mut mine: Vec<(AttemptStatus, &attempt::Model)> = attempts
+                .iter()
+                .filter(|(_, a)| a.step == index as i32)
+                .map(|(status, a)| (*status, a))
+                .collect();
+            mine.sort_by_key(|(_, a)| (a.direction != Direction::Forward.as_str(), a.attempt));
             let mut keys: Vec<String> = Vec::new();
-            for a in &mine {
+            for (_, a) in &mine {
                 if !keys.contains(&a.idempotency_key) {
                     keys.push(a.idempotency_key.clone());
                 }
@@ -268,10 +284,10 @@ pub async fn show(store: &Store, id: Uuid) -> Result<SagaDetail, EngineError> {
                 idempotency_keys: keys,
                 attempts: mine
                     .into_iter()
-                    .map(|a| AttemptView {
+                    .map(|(status, a)| AttemptView {
                         direction: a.direction.clone(),
                         attempt: a.attempt,
-                        status: a.status.clone(),
+                        status,
                         idempotency_key: a.idempotency_key.clone(),
                         dispatched_at: Timestamp(a.dispatched_at),
                         deadline: a.deadline.map(Timestamp),
@@ -292,7 +308,7 @@ pub async fn show(store: &Store, id: Uuid) -> Result<SagaDetail, EngineError> {
             attempt,
             deadline,
         } => {
-            let row = attempts.iter().find(|a| {
+            let row = attempts.iter().map(|(_, a)| a).find(|a| {
                 a.step == *step as i32
                     && a.direction == direction.as_str()
                     && a.attempt == *attempt as i32

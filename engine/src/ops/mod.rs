@@ -22,12 +22,17 @@
 mod act;
 mod audit;
 mod cursor;
+mod definitions;
 mod inspect;
 mod json;
+mod list;
+mod page;
 #[cfg(test)]
 mod plans;
 mod query;
 pub mod render;
+mod retention;
+mod stuck;
 pub mod time;
 
 pub use act::{
@@ -35,8 +40,7 @@ pub use act::{
     DispatchedAttempt, OutputCheck, PlannedAct, act, act_in_bulk, plan,
 };
 pub use audit::{
-    ActorFilter, AuditEntry, AuditFilter, AuditPage, RetentionReport, audit, export_jsonl,
-    parse_kind, record_kinds, retention,
+    ActorFilter, AuditEntry, AuditFilter, AuditPage, audit, export_jsonl, parse_kind, record_kinds,
 };
 pub use cursor::Cursor;
 pub use inspect::{
@@ -44,7 +48,7 @@ pub use inspect::{
     history, show,
 };
 pub use json::{JSON_FORMAT_VERSION, Versioned};
-pub use query::{
-    DEFAULT_PAGE, ListFilter, ListPage, MAX_PAGE, Page, SagaSummary, StuckKind, StuckQuery,
-    StuckReport, StuckSaga, TimeRange, list, stuck,
-};
+pub use list::{ListFilter, ListPage, SagaSummary, list};
+pub use page::{DEFAULT_PAGE, MAX_PAGE, Page, TimeRange};
+pub use retention::{RetentionReport, retention};
+pub use stuck::{StuckKind, StuckQuery, StuckReport, StuckSaga, stuck};

@@ -12,7 +12,9 @@ use uuid::Uuid;
 
 use super::audit::{ActorFilter, AuditFilter, audit_select};
 use super::cursor::Cursor;
-use super::query::{Definitions, ListFilter, Page, TimeRange, list_select};
+use super::definitions::Definitions;
+use super::list::{ListFilter, list_select};
+use super::page::{Page, TimeRange};
 use crate::machine::{RecordKind, SagaStatus, scenarios};
 use crate::store::{Store, history, saga};
 
@@ -247,7 +249,7 @@ async fn history_and_audit_queries_read_an_index() {
 
     // `stuck`: the stuck sagas by the time they last changed.
     let stuck = saga::Entity::find()
-        .filter(saga::Column::Status.eq("stuck"))
+        .filter(saga::Column::Status.eq(SagaStatus::Stuck.as_str()))
         .order_by_asc(saga::Column::UpdatedAt)
         .order_by_asc(saga::Column::Id);
     let stuck_plan = plan(&store, stuck).await;

@@ -6,9 +6,11 @@ use std::time::Duration;
 use sagaflow_protocol::Timestamp;
 use serde_json::Value;
 
-use super::audit::{AuditPage, RetentionReport};
+use super::audit::AuditPage;
 use super::inspect::{ActivityView, HistoryView, SagaDetail, TimelineEntry};
-use super::query::{ListPage, StuckKind, StuckReport};
+use super::list::ListPage;
+use super::retention::RetentionReport;
+use super::stuck::{StuckKind, StuckReport};
 use super::time::{format_duration, format_time};
 
 /// Longest cell text in a table column that holds free text (errors, details, outputs).
@@ -314,7 +316,7 @@ pub fn show_text(detail: &SagaDetail) -> String {
                     s.name.clone(),
                     a.direction.clone(),
                     a.attempt.to_string(),
-                    a.status.clone(),
+                    a.status.as_str().to_string(),
                     format_time(a.dispatched_at),
                     opt_time(a.finished_at),
                     a.error

@@ -10,7 +10,8 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use sagaflow_protocol::backoff::Backoff;
 use sagaflow_protocol::{
-    EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StartRequest, StepCommand, StepReply, names,
+    AnswerCode, EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StartRequest, StepCommand,
+    StepReply, names,
 };
 use sagaflow_protocol::{durable_consumer, ensure_streams};
 use tokio::sync::mpsc;
@@ -37,8 +38,11 @@ pub(crate) struct Broker {
     js: jetstream::Context,
 }
 
-fn broker_error(what: &str, error: impl std::fmt::Display) -> EngineError {
-    EngineError::Broker(format!("{what}: {error}"))
+fn broker_error(what: &str, error: impl std::error::Error + Send + Sync + 'static) -> EngineError {
+    EngineError::Broker {
+        what: what.to_string(),
+        source: Box::new(error),
+    }
 }
 
 impl Broker {
@@ -147,9 +151,11 @@ impl Broker {
                 let client = client.clone();
                 tokio::spawn(async move {
                     let answer = match serde_json::from_slice::<StartRequest>(&request.payload) {
-                        Err(e) => refusal("bad_request", format!("not a start request: {e}")),
+                        Err(e) => {
+                            refusal(AnswerCode::BadRequest, format!("not a start request: {e}"))
+                        }
                         Ok(start) if start.v != PROTOCOL_VERSION => refusal(
-                            "unsupported_version",
+                            AnswerCode::UnsupportedVersion,
                             format!(
                                 "start request version {} is not supported; send v={PROTOCOL_VERSION}",
                                 start.v
@@ -192,7 +198,7 @@ impl Broker {
                 let answer = match parse_registration(&request.payload) {
                     Err(refused) => refused,
                     Ok(register) if register.v != PROTOCOL_VERSION => refusal(
-                        "unsupported_version",
+                        AnswerCode::UnsupportedVersion,
                         format!("register request version {} is not supported", register.v),
                     ),
                     Ok(register) => {
@@ -236,8 +242,12 @@ fn parse_registration(payload: &[u8]) -> Result<RegisterRequest, EngineAnswer> {
             limit,
         }));
     }
-    let register: RegisterRequest = serde_json::from_slice(payload)
-        .map_err(|e| refusal("bad_request", format!("not a register request: {e}")))?;
+    let register: RegisterRequest = serde_json::from_slice(payload).map_err(|e| {
+        refusal(
+            AnswerCode::BadRequest,
+            format!("not a register request: {e}"),
+        )
+    })?;
     for spec in &register.sagas {
         // Measured as the engine stores it: compact, whatever spacing the sender used.
         let size = serde_json::to_vec(spec).map_or(usize::MAX, |json| json.len());
@@ -301,23 +311,25 @@ async fn admit_reply(message: jetstream::Message) -> Option<Inbound> {
     }
 }
 
-fn refusal(code: &str, message: String) -> EngineAnswer {
+fn refusal(code: AnswerCode, message: String) -> EngineAnswer {
     EngineAnswer::Error {
         v: PROTOCOL_VERSION,
-        code: code.to_string(),
+        code,
         message,
     }
 }
 
-fn error_code(error: &EngineError) -> &'static str {
+fn error_code(error: &EngineError) -> AnswerCode {
     match error {
-        EngineError::UnknownDefinition { .. } => "unknown_saga",
-        EngineError::InvalidInput { .. } | EngineError::InputSchema { .. } => "invalid_input",
-        EngineError::TooLarge { .. } => "too_large",
-        EngineError::DefinitionChanged { .. } => "definition_changed",
-        EngineError::InvalidDefinition(_) => "invalid_definition",
-        EngineError::Stopped => "stopping",
-        _ => "internal",
+        EngineError::UnknownDefinition { .. } => AnswerCode::UnknownSaga,
+        EngineError::InvalidInput { .. } | EngineError::InputSchema { .. } => {
+            AnswerCode::InvalidInput
+        }
+        EngineError::TooLarge { .. } => AnswerCode::TooLarge,
+        EngineError::DefinitionChanged { .. } => AnswerCode::DefinitionChanged,
+        EngineError::InvalidDefinition(_) => AnswerCode::InvalidDefinition,
+        EngineError::Stopped => AnswerCode::Stopping,
+        _ => AnswerCode::Internal,
     }
 }
 
@@ -423,7 +435,7 @@ mod tests {
 
     fn code(answer: EngineAnswer) -> String {
         match answer {
-            EngineAnswer::Error { code, .. } => code,
+            EngineAnswer::Error { code, .. } => code.to_string(),
             EngineAnswer::Ok { .. } => "ok".into(),
         }
     }

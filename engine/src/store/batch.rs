@@ -228,7 +228,7 @@ pub(super) struct AttemptUpdate {
     pub step: i32,
     pub direction: &'static str,
     pub attempt: i32,
-    pub status: &'static str,
+    pub status: super::AttemptStatus,
     pub finished_at: i64,
     pub error: Option<String>,
 }
@@ -286,7 +286,7 @@ fn attempt_update_rows(
                 "step": u.step,
                 "direction": u.direction,
                 "attempt": u.attempt,
-                "status": u.status,
+                "status": u.status.as_str(),
                 "finished_at": u.finished_at,
                 "error": u.error,
             })

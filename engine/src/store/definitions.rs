@@ -25,8 +25,9 @@ impl Store {
             .await
             .map_err(EngineError::db("reading a saga definition"))?;
         row.map(|row| {
-            serde_json::from_str(&row.spec).map_err(|e| EngineError::Corrupt {
-                saga_id: format!("definition {}@{}", row.name, row.version),
+            serde_json::from_str(&row.spec).map_err(|e| EngineError::CorruptDefinition {
+                name: row.name.clone(),
+                version: i64::from(row.version),
                 detail: e.to_string(),
             })
         })
@@ -60,10 +61,12 @@ impl Store {
             if merged == stored {
                 return Ok(());
             }
-            let text = serde_json::to_string(&merged).map_err(|e| EngineError::Corrupt {
-                saga_id: format!("definition {}", spec.name),
-                detail: e.to_string(),
-            })?;
+            let text =
+                serde_json::to_string(&merged).map_err(|e| EngineError::CorruptDefinition {
+                    name: spec.name.clone(),
+                    version: i64::from(spec.version),
+                    detail: e.to_string(),
+                })?;
             // Conditional on the text read: of two engines adding different schemas at once,
             // one wins and the other's worker is told its definition changed.
             let updated = definition::Entity::update_many()

@@ -104,7 +104,7 @@ pub mod attempt {
         pub attempt: i32,
         /// The key the attempt carried.
         pub idempotency_key: String,
-        /// How the attempt stands (dispatched, succeeded, failed, timed out, ...).
+        /// How the attempt stands: an [`AttemptStatus`](crate::store::AttemptStatus) name.
         pub status: String,
         /// When it was dispatched (ms since the epoch).
         pub dispatched_at: i64,

@@ -6,6 +6,7 @@
 //! so ([`WriteOutcome::Stale`]) and must re-read. Timers are the `wake_at` column, not sleeps,
 //! so a restarted engine finds every retry and timeout where it left them.
 
+mod attempt_status;
 mod batch;
 mod definitions;
 mod entities;
@@ -26,6 +27,7 @@ use serde_json::Value;
 use tracing::warn;
 use uuid::Uuid;
 
+pub use attempt_status::AttemptStatus;
 pub use entities::{attempt, definition, history, outbox, saga};
 
 use crate::EngineError;
@@ -188,8 +190,9 @@ impl Store {
         // Definitions also arrive from workers over the network: check them like the SDK does.
         spec.validate().map_err(EngineError::InvalidDefinition)?;
         definitions::check_schemas(spec)?;
-        let text = serde_json::to_string(spec).map_err(|e| EngineError::Corrupt {
-            saga_id: format!("definition {}", spec.name),
+        let text = serde_json::to_string(spec).map_err(|e| EngineError::CorruptDefinition {
+            name: spec.name.clone(),
+            version: i64::from(spec.version),
             detail: e.to_string(),
         })?;
         let existing = definition::Entity::find_by_id((spec.name.clone(), spec.version as i32))
@@ -223,8 +226,9 @@ impl Store {
             .map_err(EngineError::db("listing saga definitions"))?;
         rows.into_iter()
             .map(|row| {
-                serde_json::from_str(&row.spec).map_err(|e| EngineError::Corrupt {
-                    saga_id: format!("definition {}@{}", row.name, row.version),
+                serde_json::from_str(&row.spec).map_err(|e| EngineError::CorruptDefinition {
+                    name: row.name.clone(),
+                    version: i64::from(row.version),
                     detail: e.to_string(),
                 })
             })
@@ -316,7 +320,7 @@ impl Store {
         let ids: Vec<String> = saga::Entity::find()
             .select_only()
             .column(saga::Column::Id)
-            .filter(saga::Column::Status.is_in(["running", "compensating", "created"]))
+            .filter(saga::Column::Status.is_in(SagaStatus::ACTIVE.map(SagaStatus::as_str)))
             .into_tuple()
             .all(&self.db)
             .await
@@ -777,7 +781,7 @@ fn attempt_changes(
                     .as_str()
                     .unwrap_or_default()
                     .to_string()),
-                status: Set("dispatched".into()),
+                status: Set(AttemptStatus::Dispatched.as_str().into()),
                 dispatched_at: Set(now),
                 deadline: Set(record.detail["deadline"].as_i64()),
                 finished_at: Set(None),
@@ -785,9 +789,9 @@ fn attempt_changes(
             });
             return;
         }
-        RecordKind::AttemptSucceeded => "succeeded",
-        RecordKind::AttemptFailed => "failed",
-        RecordKind::AttemptTimedOut => "timed_out",
+        RecordKind::AttemptSucceeded => AttemptStatus::Succeeded,
+        RecordKind::AttemptFailed => AttemptStatus::Failed,
+        RecordKind::AttemptTimedOut => AttemptStatus::TimedOut,
         _ => return,
     };
     updates.push(batch::AttemptUpdate {
@@ -829,7 +833,7 @@ fn abandoned_attempts(
             step: step as i32,
             direction: direction.as_str(),
             attempt: attempt as i32,
-            status: "abandoned",
+            status: AttemptStatus::Abandoned,
             finished_at: now,
             error: None,
         });

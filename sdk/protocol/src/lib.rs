@@ -31,8 +31,8 @@ mod time;
 pub use database_url::{database_url, redact_database_url};
 pub use error::ProtocolError;
 pub use messages::{
-    EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StartRequest, StepCommand, StepOutcome,
-    StepReply, idempotency_key, json_len,
+    AnswerCode, EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StartRequest, StepCommand,
+    StepOutcome, StepReply, idempotency_key, json_len,
 };
 pub use retry::{RetryPolicy, RetryPolicyBuilder};
 pub use spec::{Direction, SagaSpec, StepKind, StepSpec};

@@ -180,11 +180,86 @@ pub enum EngineAnswer {
     Error {
         /// Schema version.
         v: u32,
-        /// A short code: `unknown_saga`, `invalid_input`, `too_large`, `bad_request`, ...
-        code: String,
+        /// Why, as a short code (`docs/protocol.md` section 7.5).
+        code: AnswerCode,
         /// What to do about it.
         message: String,
     },
+}
+
+/// Why an engine refused a request: the `code` of an [`EngineAnswer::Error`]
+/// (`docs/protocol.md` section 7.5). Its snake_case name is what travels on the wire.
+///
+/// A code this build does not know still parses, as [`AnswerCode::Other`] with its text, so a
+/// newer engine's answer is read rather than dropped.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::EnumString, strum::VariantNames,
+)]
+#[strum(serialize_all = "snake_case")]
+pub enum AnswerCode {
+    /// The body is not JSON, or not the message's schema.
+    BadRequest,
+    /// The body fits the schema, but its `v` is not [`PROTOCOL_VERSION`].
+    UnsupportedVersion,
+    /// No definition with that name (and version).
+    UnknownSaga,
+    /// The input, the request or a definition is over its size limit.
+    TooLarge,
+    /// The input does not fit the first step's input.
+    InvalidInput,
+    /// A definition breaks a rule of the saga model.
+    InvalidDefinition,
+    /// That name and version is already registered with a different definition.
+    DefinitionChanged,
+    /// The engine is shutting down.
+    Stopping,
+    /// Anything else; the message says what.
+    Internal,
+    /// A code this build does not know, with its text as received.
+    #[strum(default)]
+    Other(String),
+}
+
+impl AnswerCode {
+    /// The code as it travels on the wire.
+    pub fn as_str(&self) -> &str {
+        match self {
+            AnswerCode::Other(text) => text,
+            known => known.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for AnswerCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for AnswerCode {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for AnswerCode {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl Serialize for AnswerCode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for AnswerCode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // An unknown text parses as `Other`: parsing cannot fail.
+        let Ok(code) = String::deserialize(deserializer)?.parse::<AnswerCode>();
+        Ok(code)
+    }
 }
 
 /// A worker's announcement of the saga definitions it serves, sent on
@@ -241,5 +316,34 @@ mod tests {
         let json = serde_json::to_value(&ok).unwrap();
         assert_eq!(json["status"], "succeeded");
         assert_eq!(json["output"], 3);
+    }
+
+    #[test]
+    fn answer_codes_are_snake_case_and_unknown_ones_still_parse() {
+        let refused = EngineAnswer::Error {
+            v: PROTOCOL_VERSION,
+            code: AnswerCode::UnsupportedVersion,
+            message: "m".into(),
+        };
+        let json = serde_json::to_value(&refused).unwrap();
+        assert_eq!(json["code"], "unsupported_version");
+        assert_eq!(
+            serde_json::from_value::<EngineAnswer>(json).unwrap(),
+            refused
+        );
+        for name in <AnswerCode as strum::VariantNames>::VARIANTS {
+            let code: AnswerCode = serde_json::from_value(Value::from(*name)).unwrap();
+            assert_eq!(code.as_str(), *name);
+        }
+        let json =
+            serde_json::json!({"status": "error", "v": 1, "code": "rate_limited", "message": "m"});
+        match serde_json::from_value::<EngineAnswer>(json).unwrap() {
+            EngineAnswer::Error { code, .. } => {
+                assert_eq!(code, AnswerCode::Other("rate_limited".into()));
+                assert_eq!(code, "rate_limited");
+                assert_eq!(serde_json::to_value(&code).unwrap(), "rate_limited");
+            }
+            other => panic!("not an error: {other:?}"),
+        }
     }
 }

@@ -36,8 +36,16 @@ use crate::{Saga, StepError};
 #[derive(Debug, Error)]
 pub enum WorkerError {
     /// The broker is unreachable or refused an operation.
-    #[error("NATS: {0}; check that nats-server runs with JetStream (-js) at the given URL")]
-    Broker(String),
+    #[error(
+        "NATS: {what}: {source}; check that nats-server runs with JetStream (-js) at the given URL"
+    )]
+    Broker {
+        /// What failed ("cannot publish a reply").
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The broker refused to create or open the protocol's streams or consumers.
     #[error(transparent)]
     Streams(#[from] sagaflow_protocol::ProtocolError),
@@ -92,7 +100,7 @@ impl Worker {
             .retry_on_initial_connect()
             .connect(nats_url)
             .await
-            .map_err(|e| WorkerError::Broker(format!("cannot connect to {nats_url}: {e}")))?;
+            .map_err(|e| WorkerError::broker(format!("cannot connect to {nats_url}"), e))?;
         let js = jetstream::new(client.clone());
         ensure_streams(&js).await?;
         let mut by_name: BTreeMap<String, Vec<Arc<Saga>>> = BTreeMap::new();
@@ -329,7 +337,7 @@ impl Worker {
 
     async fn publish(&self, saga: &str, reply: &StepReply) -> Result<(), WorkerError> {
         let payload = serde_json::to_vec(reply)
-            .map_err(|e| WorkerError::Broker(format!("cannot encode a reply: {e}")))?;
+            .map_err(|e| WorkerError::broker("cannot encode a reply", e))?;
         let ack = self
             .js
             .send_publish(
@@ -339,10 +347,23 @@ impl Worker {
                     .message_id(names::reply_message_id(&reply.command_id)),
             )
             .await
-            .map_err(|e| WorkerError::Broker(format!("cannot publish a reply: {e}")))?;
+            .map_err(|e| WorkerError::broker("cannot publish a reply", e))?;
         ack.await
-            .map_err(|e| WorkerError::Broker(format!("reply not acknowledged: {e}")))?;
+            .map_err(|e| WorkerError::broker("reply not acknowledged", e))?;
         Ok(())
+    }
+}
+
+impl WorkerError {
+    /// A [`WorkerError::Broker`]: `what` failed because of `source`.
+    fn broker(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        WorkerError::Broker {
+            what: what.into(),
+            source: Box::new(source),
+        }
     }
 }
 

@@ -49,13 +49,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    sagaflow_sdk::process::init_logging();
     let args = Args::parse();
     let url = sagaflow_sdk::database_url(&args.database_url);
     let db = Database::connect(&url)
@@ -97,19 +91,7 @@ async fn main() -> anyhow::Result<()> {
         "{} serving place_order and book_trip on {}",
         args.id, args.nats_url
     );
-    worker
-        .run(async {
-            let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        })
-        .await?;
+    worker.run(sagaflow_sdk::process::termination()).await?;
     eprintln!("{} stopped", args.id);
     Ok(())
 }

@@ -333,13 +333,7 @@ fn memory_mib(field: &str) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    sagaflow_sdk::process::init_logging();
     let args = Args::parse();
     if args.steps == 0 || args.sagas == 0 || args.in_flight == 0 {
         bail!("--sagas, --steps and --in-flight must be at least 1");
@@ -377,11 +371,7 @@ async fn main() -> anyhow::Result<()> {
             if args.worker_only {
                 let worker = bench_worker(&args, &url, saga).await?;
                 eprintln!("serving `{name}` until interrupted");
-                worker
-                    .run(async {
-                        let _ = tokio::signal::ctrl_c().await;
-                    })
-                    .await?;
+                worker.run(sagaflow_sdk::process::termination()).await?;
                 // The steps' overheads were seen here, not by the engine's process.
                 let overheads = step_gaps.sorted();
                 println!(

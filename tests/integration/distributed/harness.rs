@@ -1,19 +1,6 @@
-//! Fault tests of the distributed mode: the engine (`sagaflow serve`), one or two demo workers
-//! (`sagaflow-demo-worker`) and a private nats-server run as real processes, the engine on a
-//! fresh PostgreSQL database and the workers (demo tables and `worker_results`) on another.
-//! Each test starts 300 `place_order` sagas over NATS (15% declined cards; the workers inject
-//! 5% transient failures and 2% lost replies) and injects one fault while they run: the engine
-//! SIGKILLed and restarted, a worker SIGKILLed mid-step, nats-server restarted, commands and
-//! replies delivered twice, late replies, the command stream purged, a graceful SIGTERM.
-//!
-//! Afterwards, every time: each saga completed, compensated, or is stuck with a reason; each
-//! forward step succeeded at most once, with the very outcome the worker recorded for its
-//! idempotency key; each compensation ran exactly once per step, in reverse order; the demo
-//! services' invariants hold and no order has two reservations or authorizations; and the
-//! engine and workers still serve new sagas.
-//!
-//! The tests take turns (they share two cores with PostgreSQL and the broker), and every child
-//! process is killed when its guard drops, pass or fail.
+//! The harness of the distributed fault tests: the child processes, the cluster of engine,
+//! workers, broker and databases, the checks of a run's history, and the copiers that
+//! deliver commands and replies twice.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::OpenOptions;
@@ -31,8 +18,7 @@ use sagaflow_engine::store::{HistoryEntry, Store};
 use sagaflow_sdk::protocol::{EngineAnswer, PROTOCOL_VERSION, StartRequest, names};
 use sagaflow_tests::{Backend, NatsServer, TestDb};
 use sagaflow_workflows::{
-    OrderMix, PLACE_ORDER, PlaceOrder, STEP_TIMEOUT, SagaOutcomes, check_invariants,
-    generate_orders, install,
+    OrderMix, PLACE_ORDER, PlaceOrder, SagaOutcomes, check_invariants, generate_orders, install,
 };
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, QueryResult, Statement};
 use serde_json::Value;
@@ -43,30 +29,31 @@ use uuid::Uuid;
 use crate::support::{build_binary, check_compensations};
 
 /// Sagas per fault test (at least).
-const ORDERS: usize = 300;
+pub(super) const ORDERS: usize = 300;
 /// The share of orders paid with a declined card (they compensate).
-const DECLINE_RATIO: f64 = 0.15;
+pub(super) const DECLINE_RATIO: f64 = 0.15;
 /// The workers' injected failures: transient before the effect, and after it (a lost reply).
-const TRANSIENT: &str = "0.05";
-const LOST_REPLY: &str = "0.02";
+pub(super) const TRANSIENT: &str = "0.05";
+pub(super) const LOST_REPLY: &str = "0.02";
 /// How long a process gets to come up.
-const READY_PATIENCE: Duration = Duration::from_secs(60);
+pub(super) const READY_PATIENCE: Duration = Duration::from_secs(60);
 /// How long one start may keep being retried.
-const START_PATIENCE: Duration = Duration::from_secs(120);
+pub(super) const START_PATIENCE: Duration = Duration::from_secs(120);
 /// How long the sagas get to end once the faults are over.
-const SETTLE_PATIENCE: Duration = Duration::from_secs(120);
+pub(super) const SETTLE_PATIENCE: Duration = Duration::from_secs(120);
 /// The children's log filter: our crates at info, the rest (sqlx's per-query lines) at warn.
-const CHILD_LOG: &str = "warn,sagaflow_engine=info,sagaflow_sdk=info,sagaflow_workflows=info";
+pub(super) const CHILD_LOG: &str =
+    "warn,sagaflow_engine=info,sagaflow_sdk=info,sagaflow_workflows=info";
 
 /// One test at a time: each runs five processes on a 2-core machine.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(super) static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-struct Binaries {
+pub(super) struct Binaries {
     engine: PathBuf,
     worker: PathBuf,
 }
 
-fn binaries() -> &'static Binaries {
+pub(super) fn binaries() -> &'static Binaries {
     static BUILT: OnceLock<Binaries> = OnceLock::new();
     BUILT.get_or_init(|| Binaries {
         engine: build_binary("sagaflow-cli", "sagaflow"),
@@ -75,14 +62,14 @@ fn binaries() -> &'static Binaries {
 }
 
 /// A child process, killed (SIGKILL) and reaped when dropped.
-struct Proc {
+pub(super) struct Proc {
     name: String,
     child: Child,
 }
 
 impl Proc {
     /// Starts `command` with stdout and stderr appended to `log`.
-    fn spawn(name: &str, command: &mut Command, log: &Path) -> Proc {
+    pub(super) fn spawn(name: &str, command: &mut Command, log: &Path) -> Proc {
         let out = OpenOptions::new()
             .create(true)
             .append(true)
@@ -101,13 +88,13 @@ impl Proc {
         }
     }
 
-    fn exited(&mut self) -> Option<ExitStatus> {
+    pub(super) fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().expect("poll a child process")
     }
 
     /// Sends `signal` (STOP, CONT, TERM) to this child, which must still be running (not
     /// reaped, so its pid cannot have been reused).
-    fn signal(&mut self, signal: &str) {
+    pub(super) fn signal(&mut self, signal: &str) {
         assert!(
             self.exited().is_none(),
             "{} exited before it could get SIG{signal}",
@@ -121,7 +108,7 @@ impl Proc {
     }
 
     /// SIGKILLs it (it must still be running) and reaps it.
-    fn kill(mut self) {
+    pub(super) fn kill(mut self) {
         assert!(
             self.exited().is_none(),
             "{} exited before it could be killed",
@@ -132,7 +119,7 @@ impl Proc {
     }
 
     /// Waits for it to exit by itself, up to `patience`.
-    async fn wait_exit(&mut self, patience: Duration) -> Option<ExitStatus> {
+    pub(super) async fn wait_exit(&mut self, patience: Duration) -> Option<ExitStatus> {
         let give_up = Instant::now() + patience;
         loop {
             if let Some(status) = self.exited() {
@@ -155,19 +142,19 @@ impl Drop for Proc {
     }
 }
 
-fn tail(path: &Path, lines: usize) -> String {
+pub(super) fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-async fn rows(db: &DatabaseConnection, sql: &str) -> Vec<QueryResult> {
+pub(super) async fn rows(db: &DatabaseConnection, sql: &str) -> Vec<QueryResult> {
     db.query_all_raw(Statement::from_string(DbBackend::Postgres, sql))
         .await
         .unwrap_or_else(|e| panic!("query `{sql}`: {e}"))
 }
 
-async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+pub(super) async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
     rows(db, sql).await[0]
         .try_get_by_index::<i64>(0)
         .expect("a count")
@@ -175,30 +162,30 @@ async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
 
 /// What the history of a run shows, besides the checks that must hold.
 #[derive(Debug, Default)]
-struct Findings {
+pub(super) struct Findings {
     counts: BTreeMap<String, i64>,
     /// `reply_ignored` records by reason (`duplicate`, `late`, or the whole reason).
-    ignored: BTreeMap<String, usize>,
+    pub(super) ignored: BTreeMap<String, usize>,
     /// Attempts that timed out.
-    timed_out: usize,
+    pub(super) timed_out: usize,
     /// Timed-out attempts followed by the next attempt, with the same idempotency key.
-    redispatched: usize,
+    pub(super) redispatched: usize,
 }
 
 /// One test's processes and databases.
-struct Cluster {
+pub(super) struct Cluster {
     name: &'static str,
-    engine: Option<Proc>,
-    workers: Vec<Option<Proc>>,
+    pub(super) engine: Option<Proc>,
+    pub(super) workers: Vec<Option<Proc>>,
     engine_lives: usize,
     worker_lives: Vec<usize>,
     ack_wait_secs: u64,
     started_at: Instant,
-    store: Store,
+    pub(super) store: Store,
     demo: DatabaseConnection,
-    client: async_nats::Client,
-    js: jetstream::Context,
-    nats: NatsServer,
+    pub(super) client: async_nats::Client,
+    pub(super) js: jetstream::Context,
+    pub(super) nats: NatsServer,
     engine_db: TestDb,
     worker_db: TestDb,
     logs: tempfile::TempDir,
@@ -207,7 +194,7 @@ struct Cluster {
 impl Cluster {
     /// A private nats-server, two fresh databases, the engine and `workers` workers, all up
     /// and the workers' saga definitions registered with the engine.
-    async fn new(name: &'static str, workers: usize, ack_wait_secs: u64) -> Cluster {
+    pub(super) async fn new(name: &'static str, workers: usize, ack_wait_secs: u64) -> Cluster {
         let started_at = Instant::now();
         binaries();
         let built = started_at.elapsed();
@@ -279,15 +266,15 @@ impl Cluster {
     }
 
     /// Prints how far the test got, and when.
-    fn phase(&self, what: &str) {
+    pub(super) fn phase(&self, what: &str) {
         println!("{}: {what} at {:.1?}", self.name, self.started_at.elapsed());
     }
 
-    fn log(&self, who: &str) -> PathBuf {
+    pub(super) fn log(&self, who: &str) -> PathBuf {
         self.logs.path().join(format!("{who}.log"))
     }
 
-    fn start_engine(&mut self) {
+    pub(super) fn start_engine(&mut self) {
         assert!(self.engine.is_none(), "the engine is running already");
         self.engine_lives += 1;
         let mut command = Command::new(&binaries().engine);
@@ -300,7 +287,7 @@ impl Cluster {
         self.engine = Some(Proc::spawn("the engine", &mut command, &self.log("engine")));
     }
 
-    fn start_worker(&mut self, i: usize) {
+    pub(super) fn start_worker(&mut self, i: usize) {
         assert!(self.workers[i].is_none(), "worker {i} is running already");
         self.worker_lives[i] += 1;
         let id = format!("w{i}");
@@ -324,7 +311,7 @@ impl Cluster {
     }
 
     /// Waits until `log` holds `needle` `times` times (once per life of the process).
-    async fn wait_for_line(&self, who: &str, needle: &str, times: usize) {
+    pub(super) async fn wait_for_line(&self, who: &str, needle: &str, times: usize) {
         let give_up = Instant::now() + READY_PATIENCE;
         loop {
             let text = std::fs::read_to_string(self.log(who)).unwrap_or_default();
@@ -341,12 +328,12 @@ impl Cluster {
         }
     }
 
-    async fn engine_ready(&self) {
+    pub(super) async fn engine_ready(&self) {
         self.wait_for_line("engine", "sagaflow engine serving on", self.engine_lives)
             .await;
     }
 
-    async fn worker_ready(&self, i: usize) {
+    pub(super) async fn worker_ready(&self, i: usize) {
         self.wait_for_line(
             &format!("w{i}"),
             "serving place_order",
@@ -355,27 +342,27 @@ impl Cluster {
         .await;
     }
 
-    fn kill_engine(&mut self) {
+    pub(super) fn kill_engine(&mut self) {
         self.engine.take().expect("the engine is running").kill();
     }
 
-    fn kill_worker(&mut self, i: usize) {
+    pub(super) fn kill_worker(&mut self, i: usize) {
         self.workers[i]
             .take()
             .expect("the worker is running")
             .kill();
     }
 
-    fn engine(&mut self) -> &mut Proc {
+    pub(super) fn engine(&mut self) -> &mut Proc {
         self.engine.as_mut().expect("the engine is running")
     }
 
-    fn worker(&mut self, i: usize) -> &mut Proc {
+    pub(super) fn worker(&mut self, i: usize) -> &mut Proc {
         self.workers[i].as_mut().expect("the worker is running")
     }
 
     /// The run's orders: `count` of them, 15% with a declined card.
-    fn orders(&self, count: usize, seed: u64) -> Vec<PlaceOrder> {
+    pub(super) fn orders(&self, count: usize, seed: u64) -> Vec<PlaceOrder> {
         generate_orders(&OrderMix {
             prefix: self.name.to_string(),
             count,
@@ -388,7 +375,7 @@ impl Cluster {
     /// Starts one saga per order over NATS (start key = order id), spread evenly over `over`
     /// (so the faults meet sagas in flight) until [`Starts::finish`] hurries the rest; each
     /// start is retried until an engine answers.
-    fn spawn_starts(&self, orders: Vec<PlaceOrder>, over: Duration) -> Starts {
+    pub(super) fn spawn_starts(&self, orders: Vec<PlaceOrder>, over: Duration) -> Starts {
         let client = self.client.clone();
         let (hurry, hurried) = watch::channel(false);
         let task = tokio::spawn(async move {
@@ -419,7 +406,7 @@ impl Cluster {
     }
 
     /// Attempts dispatched and not answered yet.
-    async fn in_flight(&self) -> i64 {
+    pub(super) async fn in_flight(&self) -> i64 {
         count(
             self.store.connection(),
             "SELECT COUNT(*) FROM step_attempts WHERE status = 'dispatched'",
@@ -428,7 +415,7 @@ impl Cluster {
     }
 
     /// Waits (up to ten seconds) until at least `min` attempts are in flight; returns how many.
-    async fn wait_in_flight(&self, min: i64) -> i64 {
+    pub(super) async fn wait_in_flight(&self, min: i64) -> i64 {
         let give_up = Instant::now() + Duration::from_secs(10);
         loop {
             let n = self.in_flight().await;
@@ -446,7 +433,7 @@ impl Cluster {
 
     /// Waits (up to ten seconds) until some attempt has been in flight for `age`; returns how
     /// many have.
-    async fn wait_unanswered_for(&self, age: Duration) -> i64 {
+    pub(super) async fn wait_unanswered_for(&self, age: Duration) -> i64 {
         let give_up = Instant::now() + Duration::from_secs(10);
         loop {
             let now_ms = std::time::SystemTime::now()
@@ -475,7 +462,7 @@ impl Cluster {
     }
 
     /// Attempts that ended three seconds or more after their dispatch.
-    async fn slow_attempts(&self) -> i64 {
+    pub(super) async fn slow_attempts(&self) -> i64 {
         count(
             self.store.connection(),
             "SELECT COUNT(*) FROM step_attempts \
@@ -484,7 +471,7 @@ impl Cluster {
         .await
     }
 
-    async fn ignored_with(&self, reason_prefix: &str) -> i64 {
+    pub(super) async fn ignored_with(&self, reason_prefix: &str) -> i64 {
         count(
             self.store.connection(),
             &format!(
@@ -496,7 +483,7 @@ impl Cluster {
     }
 
     /// Waits until `expected` sagas exist and none is created, running or compensating.
-    async fn wait_settled(&self, expected: usize) -> BTreeMap<String, i64> {
+    pub(super) async fn wait_settled(&self, expected: usize) -> BTreeMap<String, i64> {
         let give_up = Instant::now() + SETTLE_PATIENCE;
         loop {
             let counts = self.store.status_counts().await.expect("count sagas");
@@ -521,7 +508,7 @@ impl Cluster {
     }
 
     /// Every check that must hold after any fault; returns what the histories show.
-    async fn verify(&self, started: &BTreeMap<String, Uuid>) -> Findings {
+    pub(super) async fn verify(&self, started: &BTreeMap<String, Uuid>) -> Findings {
         let name = self.name;
         let mut findings = Findings {
             counts: self.wait_settled(started.len()).await,
@@ -650,7 +637,7 @@ impl Cluster {
 
     /// Checks that the engine and every worker still run, then starts a few fresh sagas (good
     /// cards) and waits for each to complete.
-    async fn serves_new_sagas(&mut self) {
+    pub(super) async fn serves_new_sagas(&mut self) {
         let name = self.name;
         assert!(
             self.engine().exited().is_none(),
@@ -708,7 +695,7 @@ impl Cluster {
         println!("{name}: fresh sagas served by {served:?}");
     }
 
-    fn report(&self, findings: &Findings) {
+    pub(super) fn report(&self, findings: &Findings) {
         println!(
             "{}: done in {:.1?}: {:?}; ignored replies {:?}; {} attempts timed out, {} re-dispatched",
             self.name,
@@ -737,13 +724,13 @@ impl Cluster {
         }
     }
 
-    fn children(&self) -> Vec<String> {
+    pub(super) fn children(&self) -> Vec<String> {
         let mut who = vec!["engine".to_string()];
         who.extend((0..self.workers.len()).map(|i| format!("w{i}")));
         who
     }
 
-    fn tails(&self) -> String {
+    pub(super) fn tails(&self) -> String {
         let mut out = String::new();
         for who in self.children() {
             out.push_str(&format!(
@@ -770,7 +757,7 @@ impl Drop for Cluster {
 /// Checks one saga's history: each step succeeded at most once per direction, with the outcome
 /// the worker recorded for its idempotency key, every attempt of a step carried the same key,
 /// and at most one terminal record.
-fn check_history(
+pub(super) fn check_history(
     name: &str,
     id: Uuid,
     history: &[HistoryEntry],
@@ -859,7 +846,7 @@ fn check_history(
 /// Starts a `place_order` saga on the start subject, retrying (same key) until an engine
 /// answers with its id: the answer is lost when the engine dies or the broker restarts, and an
 /// engine refuses while it stops or before a worker has told it the saga.
-async fn start_saga(client: &async_nats::Client, key: &str, input: Value) -> Uuid {
+pub(super) async fn start_saga(client: &async_nats::Client, key: &str, input: Value) -> Uuid {
     let request = StartRequest {
         v: PROTOCOL_VERSION,
         saga: PLACE_ORDER.to_string(),
@@ -898,7 +885,7 @@ async fn start_saga(client: &async_nats::Client, key: &str, input: Value) -> Uui
 }
 
 /// The sagas being started.
-struct Starts {
+pub(super) struct Starts {
     name: &'static str,
     hurry: watch::Sender<bool>,
     task: JoinHandle<BTreeMap<String, Uuid>>,
@@ -906,7 +893,7 @@ struct Starts {
 
 impl Starts {
     /// Starts the orders not started yet at once, and returns each start key's saga id.
-    async fn finish(self) -> BTreeMap<String, Uuid> {
+    pub(super) async fn finish(self) -> BTreeMap<String, Uuid> {
         let _ = self.hurry.send(true);
         match self.task.await {
             Ok(started) => started,
@@ -915,7 +902,10 @@ impl Starts {
     }
 }
 
-async fn settle_and_verify(cluster: &mut Cluster, started: &BTreeMap<String, Uuid>) -> Findings {
+pub(super) async fn settle_and_verify(
+    cluster: &mut Cluster,
+    started: &BTreeMap<String, Uuid>,
+) -> Findings {
     cluster.phase("all sagas started");
     let findings = cluster.verify(started).await;
     cluster.phase("verified");
@@ -924,95 +914,15 @@ async fn settle_and_verify(cluster: &mut Cluster, started: &BTreeMap<String, Uui
     findings
 }
 
-fn rng() -> (u64, StdRng) {
+pub(super) fn rng() -> (u64, StdRng) {
     let seed: u64 = rand::random();
     (seed, StdRng::seed_from_u64(seed))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn engine_sigkilled_repeatedly_loses_nothing() {
-    let _turn = SERIAL.lock().await;
-    let mut cluster = Cluster::new("engine_kill", 1, 10).await;
-    let (seed, mut rng) = rng();
-    println!("engine_kill: kill timings from seed {seed}");
-    // More orders than the other tests, so that the kills find more attempts in flight.
-    let starts = cluster.spawn_starts(cluster.orders(450, 1), Duration::from_secs(18));
-    for _ in 0..6 {
-        cluster.engine_ready().await;
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1_200))).await;
-        let in_flight = cluster.wait_in_flight(1).await;
-        cluster.kill_engine();
-        println!("engine_kill: SIGKILL with {in_flight} attempts in flight");
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(50..600))).await;
-        cluster.start_engine();
-    }
-    let started = starts.finish().await;
-    settle_and_verify(&mut cluster, &started).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worker_sigkilled_mid_step_loses_nothing() {
-    let _turn = SERIAL.lock().await;
-    // A short ack wait: what a killed worker held is redelivered to the other one too.
-    let mut cluster = Cluster::new("worker_kill", 2, 4).await;
-    let (seed, mut rng) = rng();
-    println!("worker_kill: kill timings from seed {seed}");
-    let starts = cluster.spawn_starts(cluster.orders(ORDERS, 2), Duration::from_secs(15));
-    for round in 0..4 {
-        let i = round % 2;
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(500..1_500))).await;
-        // Frozen first, so that the kill provably catches it holding work: an attempt left
-        // unanswered for half a second was delivered to it (or waits on a row lock its open
-        // transaction holds). Frozen then killed is, to everyone else, killed at the freeze.
-        cluster.worker(i).signal("STOP");
-        let held = cluster
-            .wait_unanswered_for(Duration::from_millis(500))
-            .await;
-        cluster.kill_worker(i);
-        println!("worker_kill: SIGKILL w{i} holding work ({held} attempts unanswered)");
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1_000))).await;
-        cluster.start_worker(i);
-        cluster.worker_ready(i).await;
-    }
-    let started = starts.finish().await;
-    settle_and_verify(&mut cluster, &started).await;
-    // What the killed workers held was answered late: redelivered after the ack wait, or
-    // re-dispatched after the attempt timed out.
-    let slow = cluster.slow_attempts().await;
-    println!("worker_kill: {slow} attempts answered after 3 s or more");
-    assert!(slow > 0, "worker_kill: no kill caught an attempt in flight");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_server_restarted_mid_run_loses_nothing() {
-    let _turn = SERIAL.lock().await;
-    let mut cluster = Cluster::new("nats_restart", 1, 10).await;
-    let starts = cluster.spawn_starts(cluster.orders(ORDERS, 3), Duration::from_secs(15));
-    // Once stopped (SIGTERM), once killed (SIGKILL); down for two seconds each time.
-    for graceful in [true, false] {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let in_flight = cluster.wait_in_flight(1).await;
-        if graceful {
-            cluster.nats.stop();
-        } else {
-            cluster.nats.kill();
-        }
-        println!(
-            "nats_restart: nats-server {} with {in_flight} attempts in flight",
-            if graceful { "stopped" } else { "killed" }
-        );
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        cluster.nats.restart();
-    }
-    let started = starts.finish().await;
-    // Among the rest: the engine and the worker are still alive, reconnected, and serving.
-    settle_and_verify(&mut cluster, &started).await;
 }
 
 /// Watches the commands the engine publishes and, every 250 ms until `stop`, republishes
 /// copies of eight of those seen so far, picked at random (new and long-answered ones alike),
 /// under new message ids (so JetStream does not drop them as duplicates); returns how many.
-async fn duplicate_commands(
+pub(super) async fn duplicate_commands(
     client: async_nats::Client,
     js: jetstream::Context,
     mut stop: watch::Receiver<bool>,
@@ -1047,7 +957,7 @@ async fn duplicate_commands(
 
 /// Publishes a copy of `original` on its subject, under a new message id (so JetStream does
 /// not drop it as a duplicate).
-async fn publish_copy(js: &jetstream::Context, original: &async_nats::Message) {
+pub(super) async fn publish_copy(js: &jetstream::Context, original: &async_nats::Message) {
     let ack = js
         .send_publish(
             original.subject.clone(),
@@ -1061,7 +971,7 @@ async fn publish_copy(js: &jetstream::Context, original: &async_nats::Message) {
 }
 
 /// Whether a test copier published `message`.
-fn is_test_copy(message: &async_nats::Message) -> bool {
+pub(super) fn is_test_copy(message: &async_nats::Message) -> bool {
     message
         .headers
         .as_ref()
@@ -1072,7 +982,7 @@ fn is_test_copy(message: &async_nats::Message) -> bool {
 /// Watches the replies workers publish and republishes a copy of every third one under a new
 /// message id (the stream holds it after the original, so the engine applies the original
 /// first, usually while the saga still runs); returns how many.
-async fn duplicate_replies(
+pub(super) async fn duplicate_replies(
     client: async_nats::Client,
     js: jetstream::Context,
     mut stop: watch::Receiver<bool>,
@@ -1110,74 +1020,7 @@ async fn duplicate_replies(
     n
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commands_and_replies_delivered_twice_apply_once() {
-    let _turn = SERIAL.lock().await;
-    let mut cluster = Cluster::new("duplicates", 1, 10).await;
-    let (stop, stopped) = watch::channel(false);
-    let commands = tokio::spawn(duplicate_commands(
-        cluster.client.clone(),
-        cluster.js.clone(),
-        stopped.clone(),
-    ));
-    let replies = tokio::spawn(duplicate_replies(
-        cluster.client.clone(),
-        cluster.js.clone(),
-        stopped,
-    ));
-    let spread = Duration::from_secs(10);
-    let starts = cluster.spawn_starts(cluster.orders(ORDERS, 4), spread);
-    tokio::time::sleep(spread).await;
-    let started = starts.finish().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let _ = stop.send(true);
-    let commands = commands.await.expect("the command copier");
-    let replies = replies.await.expect("the reply copier");
-    println!("duplicates: {commands} command copies, {replies} reply copies");
-    assert!(
-        commands >= 30 && replies >= 30,
-        "duplicates: too few copies to prove anything"
-    );
-    let findings = settle_and_verify(&mut cluster, &started).await;
-    assert!(
-        findings.ignored.get("duplicate").copied().unwrap_or(0) > 0,
-        "duplicates: no reply was recorded as an ignored duplicate: {:?}",
-        findings.ignored
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn late_reply_after_a_retry_is_ignored() {
-    let _turn = SERIAL.lock().await;
-    // The default ack wait: a stopped worker keeps its commands until it resumes.
-    let mut cluster = Cluster::new("late_reply", 2, 30).await;
-    let starts = cluster.spawn_starts(cluster.orders(ORDERS, 5), Duration::from_secs(20));
-    let mut rounds = 0;
-    while cluster.ignored_with("late").await == 0 {
-        rounds += 1;
-        assert!(
-            rounds <= 3,
-            "late_reply: no late reply after {} rounds",
-            rounds - 1
-        );
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        cluster.wait_in_flight(1).await;
-        // Frozen past the step timeout: the engine times its attempts out and re-dispatches
-        // them (to w1); when w0 resumes, it answers the attempts that were superseded.
-        cluster.worker(0).signal("STOP");
-        tokio::time::sleep(STEP_TIMEOUT + Duration::from_secs(3)).await;
-        cluster.worker(0).signal("CONT");
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-    let started = starts.finish().await;
-    let findings = settle_and_verify(&mut cluster, &started).await;
-    assert!(
-        findings.ignored.get("late").copied().unwrap_or(0) > 0 && findings.redispatched > 0,
-        "late_reply: {findings:?}"
-    );
-}
-
-async fn purge_commands(js: &jetstream::Context) -> u64 {
+pub(super) async fn purge_commands(js: &jetstream::Context) -> u64 {
     let stream = js
         .get_stream(names::COMMAND_STREAM)
         .await
@@ -1185,73 +1028,4 @@ async fn purge_commands(js: &jetstream::Context) -> u64 {
     let purged = stream.purge().await.expect("purge the command stream");
     assert!(purged.success, "the purge failed");
     purged.purged
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn purged_command_stream_is_recovered_by_timeouts() {
-    let _turn = SERIAL.lock().await;
-    let mut cluster = Cluster::new("purge", 1, 10).await;
-    let starts = cluster.spawn_starts(cluster.orders(ORDERS, 6), Duration::from_secs(12));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let first = purge_commands(&cluster.js).await;
-    // Commands that reached the worker before the purge are still answered. To lose some for
-    // certain, let them pile up in the stream with no worker pulling, then purge again.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    cluster.worker(0).signal("TERM");
-    let status = cluster
-        .worker(0)
-        .wait_exit(Duration::from_secs(20))
-        .await
-        .expect("the worker stops on SIGTERM");
-    assert!(status.success(), "purge: the worker stopped with {status}");
-    cluster.workers[0] = None;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let second = purge_commands(&cluster.js).await;
-    println!("purge: {first} then {second} commands purged");
-    assert!(second > 0, "purge: nothing was waiting in the stream");
-    cluster.start_worker(0);
-    cluster.worker_ready(0).await;
-    let started = starts.finish().await;
-    let findings = settle_and_verify(&mut cluster, &started).await;
-    assert!(
-        findings.timed_out > 0 && findings.redispatched > 0,
-        "purge: the lost commands were not recovered by timeouts: {findings:?}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stops_the_engine_gracefully_and_loses_nothing() {
-    let _turn = SERIAL.lock().await;
-    let mut cluster = Cluster::new("graceful", 1, 10).await;
-    let starts = cluster.spawn_starts(cluster.orders(ORDERS, 7), Duration::from_secs(8));
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let in_flight = cluster.wait_in_flight(1).await;
-    let asked = Instant::now();
-    cluster.engine().signal("TERM");
-    let status = cluster.engine().wait_exit(Duration::from_secs(30)).await;
-    let took = asked.elapsed();
-    println!(
-        "graceful: SIGTERM with {in_flight} attempts in flight; exited in {took:.1?} with {status:?}"
-    );
-    let status = status.expect("graceful: the engine did not exit within 30 s of SIGTERM");
-    assert!(
-        status.success(),
-        "graceful: the engine exited with {status}"
-    );
-    assert!(
-        took < Duration::from_secs(15),
-        "graceful: the engine took {took:?} to stop"
-    );
-    assert!(
-        tail(&cluster.log("engine"), 5).contains("stopped"),
-        "graceful: the engine did not say it stopped"
-    );
-    cluster.engine = None;
-    // The transitions it had taken in are committed and their commands published.
-    let unsent = count(cluster.store.connection(), "SELECT COUNT(*) FROM outbox").await;
-    assert_eq!(unsent, 0, "graceful: the engine left commands unpublished");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    cluster.start_engine();
-    let started = starts.finish().await;
-    settle_and_verify(&mut cluster, &started).await;
 }

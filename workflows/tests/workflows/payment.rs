@@ -1,7 +1,5 @@
 //! The payment service on real SQLite files and real PostgreSQL.
 
-mod common;
-
 use sagaflow_sdk::Timestamp;
 use sagaflow_workflows::{
     AuthorizationState, Charge, DECLINED_CARD, DemoError, Faults, GOOD_CARD, Payment, SagaOutcomes,

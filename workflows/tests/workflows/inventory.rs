@@ -1,7 +1,5 @@
 //! The inventory service on real SQLite files and real PostgreSQL.
 
-mod common;
-
 use std::time::Duration;
 
 use sagaflow_sdk::Timestamp;

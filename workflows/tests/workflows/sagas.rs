@@ -1,11 +1,8 @@
 //! Both sagas driven through `Saga::run` (the typed path an engine uses) on real SQLite files
 //! and real PostgreSQL, with invariant checks afterwards.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Outcome, run_saga};
 use sagaflow_sdk::{StepKind, Timestamp};
 use sagaflow_workflows::{
     BookTrip, DECLINED_CARD, FaultPlan, FaultPoint, Faults, GOOD_CARD, OrderMix, OrderServices,
@@ -13,6 +10,8 @@ use sagaflow_workflows::{
     check_invariants, generate_orders, is_declined, place_order_saga, seed_stock,
 };
 use sea_orm::{ConnectionTrait, DatabaseConnection};
+
+use crate::common::{Outcome, run_saga};
 
 fn order(id: &str, quantity: u32, card: &str) -> PlaceOrder {
     PlaceOrder {

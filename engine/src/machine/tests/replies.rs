@@ -1,0 +1,44 @@
+//! Duplicate, late and misaddressed replies: recorded and ignored.
+
+use super::*;
+
+#[test]
+fn duplicate_and_late_replies_are_recorded_and_ignored() {
+    let trace = trace_of("duplicate_reply_ignored");
+    let reasons = ignored_reasons(&trace);
+    assert_eq!(reasons.len(), 2);
+    assert!(
+        reasons.iter().all(|r| r.starts_with("duplicate")),
+        "{reasons:?}"
+    );
+    // One retry scheduled for authorize_payment, not two.
+    assert_eq!(count(&trace, RecordKind::RetryScheduled), 1);
+
+    let trace = trace_of("late_reply_for_earlier_attempt");
+    assert_eq!(
+        ignored_reasons(&trace),
+        vec![
+            "late: this attempt had already timed out",
+            "late: attempt 1 was superseded by attempt 2",
+        ]
+    );
+    assert_eq!(
+        trace.final_state.outputs["reserve_stock"],
+        json!({ "reservation_id": "res-1" })
+    );
+
+    let trace = trace_of("reply_for_finished_saga");
+    let reasons = ignored_reasons(&trace);
+    assert_eq!(reasons, vec!["the saga is already completed"; 2]);
+
+    let trace = trace_of("reply_for_unknown_step_or_attempt");
+    assert_eq!(
+        ignored_reasons(&trace),
+        vec![
+            "the saga has no step number 9",
+            "attempt 2 was never dispatched",
+            "attempt 1 was never dispatched",
+            "attempt 1 was never dispatched",
+        ]
+    );
+}
