@@ -11,7 +11,9 @@ use sagaflow_engine::ops;
 use sagaflow_engine::runtime::{Engine, EngineOptions};
 use sagaflow_engine::store::Store;
 use sagaflow_sdk::protocol::names::{MAX_MESSAGE_BYTES, MAX_OUTPUT_BYTES};
-use sagaflow_sdk::worker::{ResultStore, Worker, WorkerOptions};
+use sagaflow_sdk::worker::ResultStore;
+
+use crate::support::spawn_worker;
 use sagaflow_sdk::{
     Compensate, Direction, RetryPolicy, Saga, Step, StepContext, StepError, StepHandler,
 };
@@ -142,21 +144,8 @@ async fn outputs_and_commands_too_large_to_carry_end_cleanly() {
     .await
     .expect("launch the engine");
     let results = ResultStore::open(&db.url).await.expect("worker results");
-    let worker = Worker::connect(
-        &nats.url,
-        results,
-        vec![too_big_output, outgrown, fits],
-        WorkerOptions {
-            id: "w1".into(),
-            ..WorkerOptions::default()
-        },
-    )
-    .await
-    .expect("connect the worker");
-    let (stop_worker, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(worker.run(async {
-        let _ = stopped.await;
-    }));
+    let (stop_worker, worker) =
+        spawn_worker(&nats.url, results, vec![too_big_output, outgrown, fits]).await;
 
     let first = engine
         .start("oversized_output", json!({}), None)

@@ -9,14 +9,14 @@ use sagaflow_engine::machine::{OperatorAction, OperatorCommand, SagaStatus};
 use sagaflow_engine::runtime::{Engine, EngineOptions};
 use sagaflow_engine::store::Store;
 use sagaflow_sdk::protocol::{EngineAnswer, PROTOCOL_VERSION, RegisterRequest, names};
-use sagaflow_sdk::worker::{ResultStore, Worker, WorkerOptions};
+use sagaflow_sdk::worker::ResultStore;
 use sagaflow_sdk::{Saga, Step, StepContext, StepError, StepHandler, StepKind};
 use sagaflow_tests::{Backend, NatsServer, TestDb};
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::support::{Flaky, options};
+use crate::support::{Flaky, options, spawn_worker};
 
 /// Waits up to 60 s for saga `id` to stop moving and returns its status.
 async fn settled(store: &Store, id: Uuid) -> SagaStatus {
@@ -52,21 +52,7 @@ async fn a_worker_serves_its_saga_again_after_the_broker_restarts() {
     .await
     .expect("launch the engine");
     let results = ResultStore::open(&db.url).await.expect("worker results");
-    let worker = Worker::connect(
-        &nats.url,
-        results,
-        vec![saga],
-        WorkerOptions {
-            id: "w1".into(),
-            ..WorkerOptions::default()
-        },
-    )
-    .await
-    .expect("connect the worker");
-    let (stop_worker, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(worker.run(async {
-        let _ = stopped.await;
-    }));
+    let (stop_worker, worker) = spawn_worker(&nats.url, results, vec![saga]).await;
 
     let before = engine
         .start("resilient", json!({}), None)

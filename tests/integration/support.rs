@@ -215,3 +215,31 @@ pub fn check_compensations(history: &[HistoryEntry], id: Uuid) {
         "saga {id}: nothing but ignored replies after the end, last was {last:?}"
     );
 }
+
+/// A worker `w1` serving `sagas` over the broker at `nats_url`, running in a task until the
+/// returned sender is used (or dropped).
+pub async fn spawn_worker(
+    nats_url: &str,
+    results: sagaflow_sdk::worker::ResultStore,
+    sagas: Vec<Saga>,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), sagaflow_sdk::worker::WorkerError>>,
+) {
+    let worker = sagaflow_sdk::worker::Worker::connect(
+        nats_url,
+        results,
+        sagas,
+        sagaflow_sdk::worker::WorkerOptions {
+            id: "w1".into(),
+            ..sagaflow_sdk::worker::WorkerOptions::default()
+        },
+    )
+    .await
+    .expect("connect the worker");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}
