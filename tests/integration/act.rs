@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use rstest_reuse::apply;
 use sagaflow_engine::EngineError;
 use sagaflow_engine::machine::scenarios::{self, Scenario};
 use sagaflow_engine::machine::{
-    Event, Inputs, OperatorAction, OperatorCommand, SagaState, SagaStatus, decide,
+    Event, Inputs, OperatorAction, OperatorCommand, RecordKind, SagaState, SagaStatus, decide,
 };
 use sagaflow_engine::ops::{
     self, ActOptions, BulkAction, BulkOutcome, BulkRequest, ListFilter, OutputCheck, render,
@@ -25,14 +26,16 @@ use sagaflow_protocol::backoff::ExactDelays;
 use sagaflow_sdk::{
     Compensate, Direction, RetryPolicy, Saga, Step, StepContext, StepError, StepHandler,
 };
-use sagaflow_tests::{BACKENDS, Backend, TestDb};
+use sagaflow_tests::{Backend, TestDb};
 use sagaflow_workflows::{
     FaultPoint, Faults, GOOD_CARD, OrderServices, Service, install, place_order_saga, seed_stock,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::support::{Counted, ReadsCount, build_binary, check_compensations, fast_policy, launch};
+use crate::support::{
+    Counted, ReadsCount, backends, build_binary, check_compensations, fast_policy, launch,
+};
 
 // ----- steerable steps and the sagas built from them -----
 
@@ -172,7 +175,7 @@ async fn wait_for_record(store: &Store, id: Uuid, kind: &str) -> HistoryEntry {
     let give_up = Instant::now() + Duration::from_secs(30);
     loop {
         let history = store.history(id).await.unwrap();
-        if let Some(entry) = history.iter().find(|h| h.kind == kind) {
+        if let Some(entry) = history.iter().find(|h| h.kind.as_str() == kind) {
             return entry.clone();
         }
         assert!(
@@ -193,7 +196,7 @@ async fn fingerprint(store: &Store, id: Uuid) -> (i64, usize, SagaStatus) {
 fn operator_actions(history: &[HistoryEntry]) -> Vec<&HistoryEntry> {
     history
         .iter()
-        .filter(|h| h.kind == "operator_action")
+        .filter(|h| h.kind == RecordKind::OperatorAction)
         .collect()
 }
 
@@ -202,9 +205,9 @@ fn attempts(history: &[HistoryEntry], kind: &str, step: &str, direction: &str) -
     history
         .iter()
         .filter(|h| {
-            h.kind == kind
+            h.kind.as_str() == kind
                 && h.step.as_deref() == Some(step)
-                && h.direction.as_deref() == Some(direction)
+                && h.direction.map(Direction::as_str) == Some(direction)
         })
         .filter_map(|h| h.attempt)
         .collect()
@@ -224,589 +227,583 @@ async fn operator_store(db: &TestDb) -> Store {
 
 // ----- resume -----
 
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resume_of_a_stuck_compensation_after_the_fix_finishes_compensated() {
-    for backend in BACKENDS {
-        let db = TestDb::new(backend).await;
-        let reserve = Steered::default();
-        reserve.compensation_broken.store(true, Ordering::SeqCst);
-        let charge = Steered::default();
-        charge.fail_permanently.store(true, Ordering::SeqCst);
-        let engine = launch(&db.url, vec![refund_saga(&reserve, &charge)]).await;
-        let id = engine.start("refund", json!({}), None).await.unwrap();
+async fn resume_of_a_stuck_compensation_after_the_fix_finishes_compensated(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let reserve = Steered::default();
+    reserve.compensation_broken.store(true, Ordering::SeqCst);
+    let charge = Steered::default();
+    charge.fail_permanently.store(true, Ordering::SeqCst);
+    let engine = launch(&db.url, vec![refund_saga(&reserve, &charge)]).await;
+    let id = engine.start("refund", json!({}), None).await.unwrap();
 
-        let stuck = wait_for_status(engine.store(), id, SagaStatus::Stuck).await;
-        let reason = stuck.state.stuck.expect("a stuck reason").reason;
-        assert!(
-            reason.contains("compensation of step `reserve` gave up after 3 attempts"),
-            "{reason}"
-        );
+    let stuck = wait_for_status(engine.store(), id, SagaStatus::Stuck).await;
+    let reason = stuck.state.stuck.expect("a stuck reason").reason;
+    assert!(
+        reason.contains("compensation of step `reserve` gave up after 3 attempts"),
+        "{reason}"
+    );
 
-        // The operator fixes the cause, then resumes from outside the engine.
-        reserve.compensation_broken.store(false, Ordering::SeqCst);
-        let store = operator_store(&db).await;
-        let report = ops::act(
-            &store,
-            id,
-            command("alice", "hold service restarted", OperatorAction::Resume),
-            &ActOptions::default(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(report.status_before, SagaStatus::Stuck);
-        assert_eq!(report.status, SagaStatus::Compensating);
-        assert_eq!(report.actor, "operator:alice");
-        let dispatched: Vec<_> = report
-            .dispatched
-            .iter()
-            .map(|d| (d.step.as_str(), d.direction, d.attempt))
-            .collect();
-        assert_eq!(dispatched, [("reserve", Direction::Compensate, 4)]);
+    // The operator fixes the cause, then resumes from outside the engine.
+    reserve.compensation_broken.store(false, Ordering::SeqCst);
+    let store = operator_store(&db).await;
+    let report = ops::act(
+        &store,
+        id,
+        command("alice", "hold service restarted", OperatorAction::Resume),
+        &ActOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.status_before, SagaStatus::Stuck);
+    assert_eq!(report.status, SagaStatus::Compensating);
+    assert_eq!(report.actor, "operator:alice");
+    let dispatched: Vec<_> = report
+        .dispatched
+        .iter()
+        .map(|d| (d.step.as_str(), d.direction, d.attempt))
+        .collect();
+    assert_eq!(dispatched, [("reserve", Direction::Compensate, 4)]);
 
-        wait_for_status(&store, id, SagaStatus::Compensated).await;
-        assert_eq!(reserve.compensations.load(Ordering::SeqCst), 1);
-        let history = store.history(id).await.unwrap();
-        check_compensations(&history, id);
+    wait_for_status(&store, id, SagaStatus::Compensated).await;
+    assert_eq!(reserve.compensations.load(Ordering::SeqCst), 1);
+    let history = store.history(id).await.unwrap();
+    check_compensations(&history, id);
 
-        let actions = operator_actions(&history);
-        assert_eq!(actions.len(), 1, "{history:#?}");
-        let action = actions[0];
-        assert_eq!(action.actor, "operator:alice");
-        assert_eq!(action.detail["action"], "resume");
-        assert_eq!(action.detail["reason"], "hold service restarted");
-        assert_eq!(action.step.as_deref(), Some("reserve"));
-        // Attempts before and after, numbered on: 1-3 failed, the operator resumed, 4 succeeded.
-        assert_eq!(
-            attempts(&history, "attempt_dispatched", "reserve", "compensate"),
-            [1, 2, 3, 4]
-        );
-        assert_eq!(
-            attempts(&history, "attempt_failed", "reserve", "compensate"),
-            [1, 2, 3]
-        );
-        assert_eq!(
-            attempts(&history, "attempt_succeeded", "reserve", "compensate"),
-            [4]
-        );
-        let resumed = position(&history, |h| h.kind == "operator_action");
-        let third_failure = position(&history, |h| {
-            h.kind == "attempt_failed" && h.attempt == Some(3)
-        });
-        let fourth = position(&history, |h| {
-            h.kind == "attempt_dispatched"
-                && h.direction.as_deref() == Some("compensate")
-                && h.attempt == Some(4)
-        });
-        assert!(
-            third_failure < resumed && resumed < fourth,
-            "{backend:?}: {history:#?}"
-        );
-        engine.shutdown().await;
-    }
+    let actions = operator_actions(&history);
+    assert_eq!(actions.len(), 1, "{history:#?}");
+    let action = actions[0];
+    assert_eq!(action.actor, "operator:alice");
+    assert_eq!(action.detail["action"], "resume");
+    assert_eq!(action.detail["reason"], "hold service restarted");
+    assert_eq!(action.step.as_deref(), Some("reserve"));
+    // Attempts before and after, numbered on: 1-3 failed, the operator resumed, 4 succeeded.
+    assert_eq!(
+        attempts(&history, "attempt_dispatched", "reserve", "compensate"),
+        [1, 2, 3, 4]
+    );
+    assert_eq!(
+        attempts(&history, "attempt_failed", "reserve", "compensate"),
+        [1, 2, 3]
+    );
+    assert_eq!(
+        attempts(&history, "attempt_succeeded", "reserve", "compensate"),
+        [4]
+    );
+    let resumed = position(&history, |h| h.kind == RecordKind::OperatorAction);
+    let third_failure = position(&history, |h| {
+        h.kind == RecordKind::AttemptFailed && h.attempt == Some(3)
+    });
+    let fourth = position(&history, |h| {
+        h.kind == RecordKind::AttemptDispatched
+            && h.direction == Some(Direction::Compensate)
+            && h.attempt == Some(4)
+    });
+    assert!(
+        third_failure < resumed && resumed < fourth,
+        "{backend:?}: {history:#?}"
+    );
+    engine.shutdown().await;
 }
 
 // ----- skip -----
 
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn skip_step_of_a_stuck_step_moves_on_with_the_output_given() {
-    for backend in BACKENDS {
-        let db = TestDb::new(backend).await;
-        let one = Steered::default();
-        one.retryable_failures.store(1_000, Ordering::SeqCst);
-        let engine = launch(&db.url, vec![manual_saga(&one)]).await;
-        let id = engine
-            .start("manual", json!({"sku": "A", "quantity": 1}), None)
-            .await
-            .unwrap();
-        let stuck = wait_for_status(engine.store(), id, SagaStatus::Stuck).await;
-        let reason = stuck.state.stuck.expect("a stuck reason").reason;
-        assert!(reason.contains("pivot `one`"), "{reason}");
-
-        let store = operator_store(&db).await;
-        // The operator's program knows nothing of the saga: the definition carries the step's
-        // output schema.
-        let options = ActOptions::default();
-
-        // Refused: an output that does not fit the step's output schema (twice: a wrong type,
-        // a value out of range); an unknown step.
-        let before = fingerprint(&store, id).await;
-        let error = ops::act(
-            &store,
-            id,
-            command(
-                "alice",
-                "done by hand",
-                skip("one", Some(json!({"n": "many"}))),
-            ),
-            &options,
-        )
-        .await
-        .unwrap_err();
-        let message = error.to_string();
-        assert!(matches!(error, EngineError::Refused(_)), "{message}");
-        assert!(
-            message.contains("does not fit what step `one` returns")
-                && message.contains("Counted")
-                && message.contains("n"),
-            "says which step, which type and which field: {message}"
-        );
-        let error = ops::act(
-            &store,
-            id,
-            command("alice", "done by hand", skip("nope", Some(json!({"n": 1})))),
-            &options,
-        )
-        .await
-        .unwrap_err();
-        let message = error.to_string();
-        assert!(
-            message.contains("no step `nope`") && message.contains("one, two"),
-            "{message}"
-        );
-        let error = ops::act(
-            &store,
-            id,
-            command("alice", "done by hand", skip("one", Some(json!({"n": -1})))),
-            &options,
-        )
-        .await
-        .unwrap_err();
-        let message = error.to_string();
-        assert!(
-            message.contains("does not fit what step `one` returns (Counted)")
-                && message.contains("-1 is less than the minimum of 0")
-                && message.contains("at JSON path /n"),
-            "{message}"
-        );
-        assert_eq!(
-            fingerprint(&store, id).await,
-            before,
-            "refusals change nothing"
-        );
-
-        let report = ops::act(
-            &store,
-            id,
-            command(
-                "alice",
-                "confirmed with the partner by phone",
-                skip("one", Some(json!({"n": 41}))),
-            ),
-            &options,
-        )
+async fn skip_step_of_a_stuck_step_moves_on_with_the_output_given(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let one = Steered::default();
+    one.retryable_failures.store(1_000, Ordering::SeqCst);
+    let engine = launch(&db.url, vec![manual_saga(&one)]).await;
+    let id = engine
+        .start("manual", json!({"sku": "A", "quantity": 1}), None)
         .await
         .unwrap();
-        assert_eq!(report.output_check, OutputCheck::Checked);
-        assert_eq!(report.status, SagaStatus::Running);
-        assert_eq!(report.dispatched.len(), 1);
-        assert_eq!(report.dispatched[0].step, "two");
+    let stuck = wait_for_status(engine.store(), id, SagaStatus::Stuck).await;
+    let reason = stuck.state.stuck.expect("a stuck reason").reason;
+    assert!(reason.contains("pivot `one`"), "{reason}");
 
-        let done = wait_for_status(&store, id, SagaStatus::Completed).await;
-        assert_eq!(done.state.outputs["one"], json!({"n": 41}));
-        assert_eq!(
-            done.state.outputs["two"],
-            json!({"n": 42}),
-            "the next step read the output the operator gave"
-        );
-        let history = store.history(id).await.unwrap();
-        let actions = operator_actions(&history);
-        assert_eq!(actions.len(), 1);
-        assert_eq!(actions[0].actor, "operator:alice");
-        assert_eq!(actions[0].detail["action"], "skip");
-        assert_eq!(actions[0].detail["output"], json!({"n": 41}));
-        assert_eq!(actions[0].detail["output_checked"], true);
-        assert_eq!(
-            actions[0].detail["reason"],
-            "confirmed with the partner by phone"
-        );
-        assert_eq!(one.calls.load(Ordering::SeqCst), 2, "{backend:?}");
-        engine.shutdown().await;
-    }
+    let store = operator_store(&db).await;
+    // The operator's program knows nothing of the saga: the definition carries the step's
+    // output schema.
+    let options = ActOptions::default();
+
+    // Refused: an output that does not fit the step's output schema (twice: a wrong type,
+    // a value out of range); an unknown step.
+    let before = fingerprint(&store, id).await;
+    let error = ops::act(
+        &store,
+        id,
+        command(
+            "alice",
+            "done by hand",
+            skip("one", Some(json!({"n": "many"}))),
+        ),
+        &options,
+    )
+    .await
+    .unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, EngineError::Refused(_)), "{message}");
+    assert!(
+        message.contains("does not fit what step `one` returns")
+            && message.contains("Counted")
+            && message.contains("n"),
+        "says which step, which type and which field: {message}"
+    );
+    let error = ops::act(
+        &store,
+        id,
+        command("alice", "done by hand", skip("nope", Some(json!({"n": 1})))),
+        &options,
+    )
+    .await
+    .unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains("no step `nope`") && message.contains("one, two"),
+        "{message}"
+    );
+    let error = ops::act(
+        &store,
+        id,
+        command("alice", "done by hand", skip("one", Some(json!({"n": -1})))),
+        &options,
+    )
+    .await
+    .unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains("does not fit what step `one` returns (Counted)")
+            && message.contains("-1 is less than the minimum of 0")
+            && message.contains("at JSON path /n"),
+        "{message}"
+    );
+    assert_eq!(
+        fingerprint(&store, id).await,
+        before,
+        "refusals change nothing"
+    );
+
+    let report = ops::act(
+        &store,
+        id,
+        command(
+            "alice",
+            "confirmed with the partner by phone",
+            skip("one", Some(json!({"n": 41}))),
+        ),
+        &options,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.output_check, OutputCheck::Checked);
+    assert_eq!(report.status, SagaStatus::Running);
+    assert_eq!(report.dispatched.len(), 1);
+    assert_eq!(report.dispatched[0].step, "two");
+
+    let done = wait_for_status(&store, id, SagaStatus::Completed).await;
+    assert_eq!(done.state.outputs["one"], json!({"n": 41}));
+    assert_eq!(
+        done.state.outputs["two"],
+        json!({"n": 42}),
+        "the next step read the output the operator gave"
+    );
+    let history = store.history(id).await.unwrap();
+    let actions = operator_actions(&history);
+    assert_eq!(actions.len(), 1);
+    assert_eq!(actions[0].actor, "operator:alice");
+    assert_eq!(actions[0].detail["action"], "skip");
+    assert_eq!(actions[0].detail["output"], json!({"n": 41}));
+    assert_eq!(actions[0].detail["output_checked"], true);
+    assert_eq!(
+        actions[0].detail["reason"],
+        "confirmed with the partner by phone"
+    );
+    assert_eq!(one.calls.load(Ordering::SeqCst), 2, "{backend:?}");
+    engine.shutdown().await;
 }
 
 // ----- cancel and retry-step during a long backoff -----
 
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_of_a_running_saga_compensates_what_it_completed() {
-    for backend in BACKENDS {
-        let db = TestDb::new(backend).await;
-        let first = Steered::default();
-        let second = Steered::default();
-        second.retryable_failures.store(1, Ordering::SeqCst);
-        let engine = launch(&db.url, vec![slow_saga(&first, &second)]).await;
-        let id = engine.start("slow", json!({}), None).await.unwrap();
-        // `second` failed once and waits an hour for its retry; the engine has the saga in
-        // memory.
-        wait_for_record(engine.store(), id, "retry_scheduled").await;
-        assert_eq!(
-            load(engine.store(), id).await.state.status,
-            SagaStatus::Running
-        );
+async fn cancel_of_a_running_saga_compensates_what_it_completed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let first = Steered::default();
+    let second = Steered::default();
+    second.retryable_failures.store(1, Ordering::SeqCst);
+    let engine = launch(&db.url, vec![slow_saga(&first, &second)]).await;
+    let id = engine.start("slow", json!({}), None).await.unwrap();
+    // `second` failed once and waits an hour for its retry; the engine has the saga in
+    // memory.
+    wait_for_record(engine.store(), id, "retry_scheduled").await;
+    assert_eq!(
+        load(engine.store(), id).await.state.status,
+        SagaStatus::Running
+    );
 
-        let store = operator_store(&db).await;
-        let started = Instant::now();
-        let report = ops::act(
-            &store,
-            id,
-            command("bob", "customer withdrew the order", OperatorAction::Cancel),
-            &ActOptions::default(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(report.status_before, SagaStatus::Running);
-        assert_eq!(report.status, SagaStatus::Compensating);
-        assert!(!report.dispatched.is_empty());
-        assert!(
-            report
-                .dispatched
-                .iter()
-                .all(|d| d.direction == Direction::Compensate)
-        );
-
-        wait_for_status(&store, id, SagaStatus::Compensated).await;
-        assert!(started.elapsed() < Duration::from_secs(60));
-        assert_eq!(first.compensations.load(Ordering::SeqCst), 1);
-        assert_eq!(second.calls.load(Ordering::SeqCst), 1, "never retried");
-        let history = store.history(id).await.unwrap();
-        check_compensations(&history, id);
-        let actions = operator_actions(&history);
-        assert_eq!(actions.len(), 1);
-        assert_eq!(actions[0].actor, "operator:bob");
-        assert_eq!(actions[0].detail["action"], "cancel");
-        assert_eq!(actions[0].detail["reason"], "customer withdrew the order");
-        let cancelled = position(&history, |h| h.kind == "operator_action");
-        let compensation = position(&history, |h| h.kind == "compensation_started");
-        assert!(cancelled < compensation, "{backend:?}: {history:#?}");
-        engine.shutdown().await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retry_step_skips_a_long_backoff() {
-    for backend in BACKENDS {
-        let db = TestDb::new(backend).await;
-        let first = Steered::default();
-        let second = Steered::default();
-        second.retryable_failures.store(1, Ordering::SeqCst);
-        let engine = launch(&db.url, vec![slow_saga(&first, &second)]).await;
-        let id = engine.start("slow", json!({}), None).await.unwrap();
-        let scheduled = wait_for_record(engine.store(), id, "retry_scheduled").await;
-        let due = scheduled.detail["at"].as_i64().expect("retry time");
-        assert!(due - scheduled.at.as_millis() >= 3_600_000, "{scheduled:?}");
-
-        let store = operator_store(&db).await;
-        let report = ops::act(
-            &store,
-            id,
-            command("carol", "rate limit lifted", OperatorAction::RetryNow),
-            &ActOptions::default(),
-        )
-        .await
-        .unwrap();
-        let dispatched: Vec<_> = report
+    let store = operator_store(&db).await;
+    let started = Instant::now();
+    let report = ops::act(
+        &store,
+        id,
+        command("bob", "customer withdrew the order", OperatorAction::Cancel),
+        &ActOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.status_before, SagaStatus::Running);
+    assert_eq!(report.status, SagaStatus::Compensating);
+    assert!(!report.dispatched.is_empty());
+    assert!(
+        report
             .dispatched
             .iter()
-            .map(|d| (d.step.as_str(), d.direction, d.attempt))
-            .collect();
-        assert_eq!(dispatched, [("second", Direction::Forward, 2)]);
+            .all(|d| d.direction == Direction::Compensate)
+    );
 
-        let done = wait_for_status(&store, id, SagaStatus::Completed).await;
-        assert_eq!(done.state.wake_at(), None);
-        let history = store.history(id).await.unwrap();
-        let actions = operator_actions(&history);
-        assert_eq!(actions.len(), 1);
-        assert_eq!(actions[0].actor, "operator:carol");
-        assert_eq!(actions[0].detail["action"], "retry");
-        let retried = history
+    wait_for_status(&store, id, SagaStatus::Compensated).await;
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert_eq!(first.compensations.load(Ordering::SeqCst), 1);
+    assert_eq!(second.calls.load(Ordering::SeqCst), 1, "never retried");
+    let history = store.history(id).await.unwrap();
+    check_compensations(&history, id);
+    let actions = operator_actions(&history);
+    assert_eq!(actions.len(), 1);
+    assert_eq!(actions[0].actor, "operator:bob");
+    assert_eq!(actions[0].detail["action"], "cancel");
+    assert_eq!(actions[0].detail["reason"], "customer withdrew the order");
+    let cancelled = position(&history, |h| h.kind == RecordKind::OperatorAction);
+    let compensation = position(&history, |h| h.kind == RecordKind::CompensationStarted);
+    assert!(cancelled < compensation, "{backend:?}: {history:#?}");
+    engine.shutdown().await;
+}
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_step_skips_a_long_backoff(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let first = Steered::default();
+    let second = Steered::default();
+    second.retryable_failures.store(1, Ordering::SeqCst);
+    let engine = launch(&db.url, vec![slow_saga(&first, &second)]).await;
+    let id = engine.start("slow", json!({}), None).await.unwrap();
+    let scheduled = wait_for_record(engine.store(), id, "retry_scheduled").await;
+    let due = scheduled.detail["at"].as_i64().expect("retry time");
+    assert!(due - scheduled.at.as_millis() >= 3_600_000, "{scheduled:?}");
+
+    let store = operator_store(&db).await;
+    let report = ops::act(
+        &store,
+        id,
+        command("carol", "rate limit lifted", OperatorAction::RetryNow),
+        &ActOptions::default(),
+    )
+    .await
+    .unwrap();
+    let dispatched: Vec<_> = report
+        .dispatched
+        .iter()
+        .map(|d| (d.step.as_str(), d.direction, d.attempt))
+        .collect();
+    assert_eq!(dispatched, [("second", Direction::Forward, 2)]);
+
+    let done = wait_for_status(&store, id, SagaStatus::Completed).await;
+    assert_eq!(done.state.wake_at(), None);
+    let history = store.history(id).await.unwrap();
+    let actions = operator_actions(&history);
+    assert_eq!(actions.len(), 1);
+    assert_eq!(actions[0].actor, "operator:carol");
+    assert_eq!(actions[0].detail["action"], "retry");
+    let retried = history
+        .iter()
+        .find(|h| h.kind == RecordKind::AttemptDispatched && h.attempt == Some(2))
+        .expect("attempt 2 dispatched");
+    assert!(
+        retried.at.as_millis() < due,
+        "{backend:?}: not an hour later"
+    );
+    assert!(
+        !history
             .iter()
-            .find(|h| h.kind == "attempt_dispatched" && h.attempt == Some(2))
-            .expect("attempt 2 dispatched");
-        assert!(
-            retried.at.as_millis() < due,
-            "{backend:?}: not an hour later"
-        );
-        assert!(
-            !history.iter().any(|h| h.kind == "retry_timer_fired"),
-            "the timer never had to fire"
-        );
-        engine.shutdown().await;
-    }
+            .any(|h| h.kind == RecordKind::RetryTimerFired),
+        "the timer never had to fire"
+    );
+    engine.shutdown().await;
 }
 
 // ----- refusals and races -----
 
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_actions_say_why_and_change_nothing() {
-    for backend in BACKENDS {
-        let db = TestDb::new(backend).await;
-        let reserve = Steered::default();
-        reserve.compensation_broken.store(true, Ordering::SeqCst);
-        let charge = Steered::default();
-        charge.fail_permanently.store(true, Ordering::SeqCst);
-        let engine = launch(&db.url, vec![refund_saga(&reserve, &charge)]).await;
-        let stuck_id = engine.start("refund", json!({}), None).await.unwrap();
-        wait_for_status(engine.store(), stuck_id, SagaStatus::Stuck).await;
-        charge.fail_permanently.store(false, Ordering::SeqCst);
-        let done_id = engine.start("refund", json!({}), None).await.unwrap();
-        wait_for_status(engine.store(), done_id, SagaStatus::Completed).await;
-        let store = operator_store(&db).await;
+async fn refused_actions_say_why_and_change_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let reserve = Steered::default();
+    reserve.compensation_broken.store(true, Ordering::SeqCst);
+    let charge = Steered::default();
+    charge.fail_permanently.store(true, Ordering::SeqCst);
+    let engine = launch(&db.url, vec![refund_saga(&reserve, &charge)]).await;
+    let stuck_id = engine.start("refund", json!({}), None).await.unwrap();
+    wait_for_status(engine.store(), stuck_id, SagaStatus::Stuck).await;
+    charge.fail_permanently.store(false, Ordering::SeqCst);
+    let done_id = engine.start("refund", json!({}), None).await.unwrap();
+    wait_for_status(engine.store(), done_id, SagaStatus::Completed).await;
+    let store = operator_store(&db).await;
 
-        let refusals: Vec<(Uuid, OperatorCommand, &str)> = vec![
-            (
-                done_id,
-                command("alice", "try again", OperatorAction::Resume),
-                "cannot resume saga",
+    let refusals: Vec<(Uuid, OperatorCommand, &str)> = vec![
+        (
+            done_id,
+            command("alice", "try again", OperatorAction::Resume),
+            "cannot resume saga",
+        ),
+        (
+            done_id,
+            command("alice", "try again", OperatorAction::Cancel),
+            "it is already completed",
+        ),
+        (
+            stuck_id,
+            command("alice", "done by hand", skip("refund_it", None)),
+            "it has no step `refund_it`; its steps are: reserve, charge",
+        ),
+        (
+            stuck_id,
+            command(
+                "alice",
+                "done by hand",
+                skip("reserve", Some(json!({"n": 1}))),
             ),
-            (
-                done_id,
-                command("alice", "try again", OperatorAction::Cancel),
-                "it is already completed",
-            ),
-            (
-                stuck_id,
-                command("alice", "done by hand", skip("refund_it", None)),
-                "it has no step `refund_it`; its steps are: reserve, charge",
-            ),
-            (
-                stuck_id,
-                command(
-                    "alice",
-                    "done by hand",
-                    skip("reserve", Some(json!({"n": 1}))),
-                ),
-                "skipping a compensation takes no output",
-            ),
-            (
-                stuck_id,
-                command("alice", "give up", OperatorAction::Cancel),
-                "only a saga moving forward can be cancelled",
-            ),
-            (
-                stuck_id,
-                command("alice", "now", OperatorAction::RetryNow),
-                "no retry is waiting",
-            ),
-            (
-                stuck_id,
-                command("alice", "  ", OperatorAction::Resume),
-                "no reason was given",
-            ),
-        ];
-        for (id, cmd, expected) in refusals {
-            let before = fingerprint(&store, id).await;
-            let error = ops::act(&store, id, cmd.clone(), &ActOptions::default())
-                .await
-                .unwrap_err();
-            let message = error.to_string();
-            assert!(
-                matches!(error, EngineError::Refused(_)),
-                "{cmd:?}: {message}"
-            );
-            assert!(
-                message.contains(expected) && message.contains(&id.to_string()),
-                "{cmd:?}: {message}"
-            );
-            assert_eq!(
-                fingerprint(&store, id).await,
-                before,
-                "{backend:?}: {cmd:?} changed nothing"
-            );
-        }
-        let unknown = Uuid::from_u128(42);
-        let error = ops::act(
-            &store,
-            unknown,
-            command("alice", "why not", OperatorAction::Resume),
-            &ActOptions::default(),
-        )
-        .await
-        .unwrap_err();
-        assert!(matches!(error, EngineError::UnknownSaga(_)), "{error}");
-
-        // Two operators act on the same stored version: the first commits, the second is told
-        // of the conflict and writes nothing.
-        let resume = |actor: &str| command(actor, "second try", OperatorAction::Resume);
-        let first = ops::plan(&store, stuck_id, resume("alice"), &ActOptions::default())
+            "skipping a compensation takes no output",
+        ),
+        (
+            stuck_id,
+            command("alice", "give up", OperatorAction::Cancel),
+            "only a saga moving forward can be cancelled",
+        ),
+        (
+            stuck_id,
+            command("alice", "now", OperatorAction::RetryNow),
+            "no retry is waiting",
+        ),
+        (
+            stuck_id,
+            command("alice", "  ", OperatorAction::Resume),
+            "no reason was given",
+        ),
+    ];
+    for (id, cmd, expected) in refusals {
+        let before = fingerprint(&store, id).await;
+        let error = ops::act(&store, id, cmd.clone(), &ActOptions::default())
             .await
-            .unwrap();
-        let second = ops::plan(&store, stuck_id, resume("bob"), &ActOptions::default())
-            .await
-            .unwrap();
-        assert_eq!(first.report().row_version, second.report().row_version);
-        let committed = first.commit(&store).await.unwrap();
-        let error = second.commit(&store).await.unwrap_err();
-        assert!(matches!(error, EngineError::Conflict(id) if id == stuck_id));
+            .unwrap_err();
+        let message = error.to_string();
         assert!(
-            error
-                .to_string()
-                .contains("changed by another writer at the same time; nothing was changed"),
-            "{error}"
+            matches!(error, EngineError::Refused(_)),
+            "{cmd:?}: {message}"
         );
-        let history = store.history(stuck_id).await.unwrap();
-        let actors: Vec<&str> = operator_actions(&history)
-            .iter()
-            .map(|h| h.actor.as_str())
-            .collect();
-        assert_eq!(actors, ["operator:alice"], "only the winner is recorded");
-        assert!(load(&store, stuck_id).await.row_version >= committed.row_version);
-
-        // The compensation is still broken: the saga gets stuck again. Then eight operators
-        // resume it at once: exactly one succeeds.
-        let stuck_again = async {
-            loop {
-                let saga = load(&store, stuck_id).await;
-                if saga.state.status == SagaStatus::Stuck
-                    && saga.row_version > committed.row_version
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(30), stuck_again)
-            .await
-            .expect("stuck again");
-        let racers: Vec<_> = (0..8)
-            .map(|n| {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    ops::act(
-                        &store,
-                        stuck_id,
-                        command(&format!("racer-{n}"), "all at once", OperatorAction::Resume),
-                        &ActOptions::default(),
-                    )
-                    .await
-                })
-            })
-            .collect();
-        let mut wins = 0;
-        for racer in racers {
-            match racer.await.unwrap() {
-                Ok(_) => wins += 1,
-                Err(EngineError::Conflict(_)) => {}
-                Err(EngineError::Refused(refusal)) => {
-                    assert!(refusal.to_string().contains("not stuck"), "{refusal}")
-                }
-                Err(other) => panic!("{backend:?}: unexpected {other}"),
-            }
-        }
-        assert_eq!(wins, 1, "{backend:?}: exactly one concurrent resume wins");
-        let history = store.history(stuck_id).await.unwrap();
-        assert_eq!(operator_actions(&history).len(), 2, "{history:#?}");
-        engine.shutdown().await;
+        assert!(
+            message.contains(expected) && message.contains(&id.to_string()),
+            "{cmd:?}: {message}"
+        );
+        assert_eq!(
+            fingerprint(&store, id).await,
+            before,
+            "{backend:?}: {cmd:?} changed nothing"
+        );
     }
+    let unknown = Uuid::from_u128(42);
+    let error = ops::act(
+        &store,
+        unknown,
+        command("alice", "why not", OperatorAction::Resume),
+        &ActOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(error, EngineError::UnknownSaga(_)), "{error}");
+
+    // Two operators act on the same stored version: the first commits, the second is told
+    // of the conflict and writes nothing.
+    let resume = |actor: &str| command(actor, "second try", OperatorAction::Resume);
+    let first = ops::plan(&store, stuck_id, resume("alice"), &ActOptions::default())
+        .await
+        .unwrap();
+    let second = ops::plan(&store, stuck_id, resume("bob"), &ActOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(first.report().row_version, second.report().row_version);
+    let committed = first.commit(&store).await.unwrap();
+    let error = second.commit(&store).await.unwrap_err();
+    assert!(matches!(error, EngineError::Conflict(id) if id == stuck_id));
+    assert!(
+        error
+            .to_string()
+            .contains("changed by another writer at the same time; nothing was changed"),
+        "{error}"
+    );
+    let history = store.history(stuck_id).await.unwrap();
+    let actors: Vec<&str> = operator_actions(&history)
+        .iter()
+        .map(|h| h.actor.as_str())
+        .collect();
+    assert_eq!(actors, ["operator:alice"], "only the winner is recorded");
+    assert!(load(&store, stuck_id).await.row_version >= committed.row_version);
+
+    // The compensation is still broken: the saga gets stuck again. Then eight operators
+    // resume it at once: exactly one succeeds.
+    let stuck_again = async {
+        loop {
+            let saga = load(&store, stuck_id).await;
+            if saga.state.status == SagaStatus::Stuck && saga.row_version > committed.row_version {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), stuck_again)
+        .await
+        .expect("stuck again");
+    let racers: Vec<_> = (0..8)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                ops::act(
+                    &store,
+                    stuck_id,
+                    command(&format!("racer-{n}"), "all at once", OperatorAction::Resume),
+                    &ActOptions::default(),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for racer in racers {
+        match racer.await.unwrap() {
+            Ok(_) => wins += 1,
+            Err(EngineError::Conflict(_)) => {}
+            Err(EngineError::Refused(refusal)) => {
+                assert!(refusal.to_string().contains("not stuck"), "{refusal}")
+            }
+            Err(other) => panic!("{backend:?}: unexpected {other}"),
+        }
+    }
+    assert_eq!(wins, 1, "{backend:?}: exactly one concurrent resume wins");
+    let history = store.history(stuck_id).await.unwrap();
+    assert_eq!(operator_actions(&history).len(), 2, "{history:#?}");
+    engine.shutdown().await;
 }
 
 // ----- bulk -----
 
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_resume_dry_run_counts_and_execute_resumes_them_all() {
-    for backend in BACKENDS {
-        let db = TestDb::new(backend).await;
-        let reserve = Steered::default();
-        reserve.compensation_broken.store(true, Ordering::SeqCst);
-        let charge = Steered::default();
-        charge.fail_permanently.store(true, Ordering::SeqCst);
-        let engine = launch(&db.url, vec![refund_saga(&reserve, &charge)]).await;
-        let mut stuck = Vec::new();
-        for _ in 0..3 {
-            stuck.push(engine.start("refund", json!({}), None).await.unwrap());
-        }
-        for id in &stuck {
-            wait_for_status(engine.store(), *id, SagaStatus::Stuck).await;
-        }
-        charge.fail_permanently.store(false, Ordering::SeqCst);
-        let completed = engine.start("refund", json!({}), None).await.unwrap();
-        wait_for_status(engine.store(), completed, SagaStatus::Completed).await;
-        let store = operator_store(&db).await;
-        let mut all = stuck.clone();
-        all.push(completed);
-        let mut before = Vec::new();
-        for id in &all {
-            before.push(fingerprint(&store, *id).await);
-        }
-
-        let request = |filter: ListFilter, execute: bool| BulkRequest {
-            filter,
-            action: BulkAction::Resume,
-            actor: "dave".into(),
-            reason: "hold service restarted".into(),
-            execute,
-        };
-        let by_name = ListFilter {
-            name: Some("refund".into()),
-            ..ListFilter::default()
-        };
-        // No status given: resume selects the stuck ones.
-        let dry = ops::act_in_bulk(&store, &request(by_name.clone(), false))
-            .await
-            .unwrap();
-        assert!(!dry.executed);
-        assert_eq!((dry.matched, dry.changed, dry.refused), (3, 3, 0));
-        let ids: Vec<Uuid> = dry.sagas.iter().map(|s| s.saga_id).collect();
-        let mut expected = stuck.clone();
-        expected.sort();
-        let mut found = ids.clone();
-        found.sort();
-        assert_eq!(found, expected);
-        assert!(dry.sagas.iter().all(|s| s.outcome
-            == BulkOutcome::WouldChange {
-                status: SagaStatus::Compensating
-            }));
-        // Naming the statuses includes the completed saga, which would be refused.
-        let wider = ListFilter {
-            statuses: vec![SagaStatus::Stuck, SagaStatus::Completed],
-            ..by_name.clone()
-        };
-        let dry_wider = ops::act_in_bulk(&store, &request(wider, false))
-            .await
-            .unwrap();
-        assert_eq!(
-            (dry_wider.matched, dry_wider.changed, dry_wider.refused),
-            (4, 3, 1)
-        );
-        let refused = dry_wider
-            .sagas
-            .iter()
-            .find(|s| s.saga_id == completed)
-            .expect("the completed saga is listed");
-        assert!(
-            matches!(&refused.outcome, BulkOutcome::Refused { message } if message.contains("already completed")),
-            "{refused:?}"
-        );
-        for (id, fingerprint_before) in all.iter().zip(&before) {
-            assert_eq!(
-                &fingerprint(&store, *id).await,
-                fingerprint_before,
-                "{backend:?}: a dry run changes nothing"
-            );
-        }
-
-        reserve.compensation_broken.store(false, Ordering::SeqCst);
-        let done = ops::act_in_bulk(&store, &request(by_name, true))
-            .await
-            .unwrap();
-        assert!(done.executed);
-        assert_eq!(
-            (done.matched, done.changed, done.refused, done.failed),
-            (3, 3, 0, 0)
-        );
-        for id in &stuck {
-            wait_for_status(&store, *id, SagaStatus::Compensated).await;
-            let history = store.history(*id).await.unwrap();
-            let actions = operator_actions(&history);
-            assert_eq!(actions.len(), 1);
-            assert_eq!(actions[0].actor, "operator:dave");
-            assert_eq!(actions[0].detail["reason"], "hold service restarted");
-        }
-        assert_eq!(
-            fingerprint(&store, completed).await,
-            before[3],
-            "the completed saga was not touched"
-        );
-        engine.shutdown().await;
+async fn bulk_resume_dry_run_counts_and_execute_resumes_them_all(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let reserve = Steered::default();
+    reserve.compensation_broken.store(true, Ordering::SeqCst);
+    let charge = Steered::default();
+    charge.fail_permanently.store(true, Ordering::SeqCst);
+    let engine = launch(&db.url, vec![refund_saga(&reserve, &charge)]).await;
+    let mut stuck = Vec::new();
+    for _ in 0..3 {
+        stuck.push(engine.start("refund", json!({}), None).await.unwrap());
     }
+    for id in &stuck {
+        wait_for_status(engine.store(), *id, SagaStatus::Stuck).await;
+    }
+    charge.fail_permanently.store(false, Ordering::SeqCst);
+    let completed = engine.start("refund", json!({}), None).await.unwrap();
+    wait_for_status(engine.store(), completed, SagaStatus::Completed).await;
+    let store = operator_store(&db).await;
+    let mut all = stuck.clone();
+    all.push(completed);
+    let mut before = Vec::new();
+    for id in &all {
+        before.push(fingerprint(&store, *id).await);
+    }
+
+    let request = |filter: ListFilter, execute: bool| BulkRequest {
+        filter,
+        action: BulkAction::Resume,
+        actor: "dave".into(),
+        reason: "hold service restarted".into(),
+        execute,
+    };
+    let by_name = ListFilter {
+        name: Some("refund".into()),
+        ..ListFilter::default()
+    };
+    // No status given: resume selects the stuck ones.
+    let dry = ops::act_in_bulk(&store, &request(by_name.clone(), false))
+        .await
+        .unwrap();
+    assert!(!dry.executed);
+    assert_eq!((dry.matched, dry.changed, dry.refused), (3, 3, 0));
+    let ids: Vec<Uuid> = dry.sagas.iter().map(|s| s.saga_id).collect();
+    let mut expected = stuck.clone();
+    expected.sort();
+    let mut found = ids.clone();
+    found.sort();
+    assert_eq!(found, expected);
+    assert!(dry.sagas.iter().all(|s| s.outcome
+        == BulkOutcome::WouldChange {
+            status: SagaStatus::Compensating
+        }));
+    // Naming the statuses includes the completed saga, which would be refused.
+    let wider = ListFilter {
+        statuses: vec![SagaStatus::Stuck, SagaStatus::Completed],
+        ..by_name.clone()
+    };
+    let dry_wider = ops::act_in_bulk(&store, &request(wider, false))
+        .await
+        .unwrap();
+    assert_eq!(
+        (dry_wider.matched, dry_wider.changed, dry_wider.refused),
+        (4, 3, 1)
+    );
+    let refused = dry_wider
+        .sagas
+        .iter()
+        .find(|s| s.saga_id == completed)
+        .expect("the completed saga is listed");
+    assert!(
+        matches!(&refused.outcome, BulkOutcome::Refused { message } if message.contains("already completed")),
+        "{refused:?}"
+    );
+    for (id, fingerprint_before) in all.iter().zip(&before) {
+        assert_eq!(
+            &fingerprint(&store, *id).await,
+            fingerprint_before,
+            "{backend:?}: a dry run changes nothing"
+        );
+    }
+
+    reserve.compensation_broken.store(false, Ordering::SeqCst);
+    let done = ops::act_in_bulk(&store, &request(by_name, true))
+        .await
+        .unwrap();
+    assert!(done.executed);
+    assert_eq!(
+        (done.matched, done.changed, done.refused, done.failed),
+        (3, 3, 0, 0)
+    );
+    for id in &stuck {
+        wait_for_status(&store, *id, SagaStatus::Compensated).await;
+        let history = store.history(*id).await.unwrap();
+        let actions = operator_actions(&history);
+        assert_eq!(actions.len(), 1);
+        assert_eq!(actions[0].actor, "operator:dave");
+        assert_eq!(actions[0].detail["reason"], "hold service restarted");
+    }
+    assert_eq!(
+        fingerprint(&store, completed).await,
+        before[3],
+        "the completed saga was not touched"
+    );
+    engine.shutdown().await;
 }
 
 // ----- the `sagaflow` binary -----
@@ -1036,70 +1033,69 @@ async fn cli_skip_step_on_postgres() {
     cli_skips_a_stuck_pivot_of_the_order_saga(Backend::Postgres).await;
 }
 
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_bulk_resume_is_a_dry_run_until_execute() {
-    for backend in BACKENDS {
-        let binary = sagaflow_binary();
-        let db = TestDb::new(backend).await;
-        let reserve = Steered::default();
-        reserve.compensation_broken.store(true, Ordering::SeqCst);
-        let charge = Steered::default();
-        charge.fail_permanently.store(true, Ordering::SeqCst);
-        let engine = launch(&db.url, vec![refund_saga(&reserve, &charge)]).await;
-        let mut ids = Vec::new();
-        for _ in 0..2 {
-            ids.push(engine.start("refund", json!({}), None).await.unwrap());
-        }
-        for id in &ids {
-            wait_for_status(engine.store(), *id, SagaStatus::Stuck).await;
-        }
-        let store = engine.store().clone();
-        let url = db.url.as_str();
-        let args = [
-            "resume",
-            "--all",
-            "--name",
-            "refund",
-            "--reason",
-            "restarted",
-            "--actor",
-            "gil",
-            "--database-url",
-            url,
-        ];
-        let before: Vec<_> =
-            futures::future::join_all(ids.iter().map(|id| fingerprint(&store, *id))).await;
-        let run = sagaflow(&binary, &args, None).await;
-        assert!(run.ok, "{}", run.stderr);
-        assert!(
-            run.stdout
-                .starts_with("Dry run: 2 sagas matched; 2 would change, 0 would be refused."),
-            "{}",
-            run.stdout
-        );
-        for id in &ids {
-            assert!(run.stdout.contains(&id.to_string()), "{}", run.stdout);
-        }
-        let after: Vec<_> =
-            futures::future::join_all(ids.iter().map(|id| fingerprint(&store, *id))).await;
-        assert_eq!(before, after, "{backend:?}: the dry run changed nothing");
-
-        reserve.compensation_broken.store(false, Ordering::SeqCst);
-        let mut execute = args.to_vec();
-        execute.push("--execute");
-        let run = sagaflow(&binary, &execute, None).await;
-        assert!(run.ok, "{}", run.stderr);
-        assert!(
-            run.stdout
-                .starts_with("2 sagas matched: 2 changed, 0 refused, 0 failed."),
-            "{}",
-            run.stdout
-        );
-        for id in &ids {
-            wait_for_status(&store, *id, SagaStatus::Compensated).await;
-        }
-        engine.shutdown().await;
+async fn cli_bulk_resume_is_a_dry_run_until_execute(backend: Backend) {
+    let binary = sagaflow_binary();
+    let db = TestDb::new(backend).await;
+    let reserve = Steered::default();
+    reserve.compensation_broken.store(true, Ordering::SeqCst);
+    let charge = Steered::default();
+    charge.fail_permanently.store(true, Ordering::SeqCst);
+    let engine = launch(&db.url, vec![refund_saga(&reserve, &charge)]).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(engine.start("refund", json!({}), None).await.unwrap());
     }
+    for id in &ids {
+        wait_for_status(engine.store(), *id, SagaStatus::Stuck).await;
+    }
+    let store = engine.store().clone();
+    let url = db.url.as_str();
+    let args = [
+        "resume",
+        "--all",
+        "--name",
+        "refund",
+        "--reason",
+        "restarted",
+        "--actor",
+        "gil",
+        "--database-url",
+        url,
+    ];
+    let before: Vec<_> =
+        futures::future::join_all(ids.iter().map(|id| fingerprint(&store, *id))).await;
+    let run = sagaflow(&binary, &args, None).await;
+    assert!(run.ok, "{}", run.stderr);
+    assert!(
+        run.stdout
+            .starts_with("Dry run: 2 sagas matched; 2 would change, 0 would be refused."),
+        "{}",
+        run.stdout
+    );
+    for id in &ids {
+        assert!(run.stdout.contains(&id.to_string()), "{}", run.stdout);
+    }
+    let after: Vec<_> =
+        futures::future::join_all(ids.iter().map(|id| fingerprint(&store, *id))).await;
+    assert_eq!(before, after, "{backend:?}: the dry run changed nothing");
+
+    reserve.compensation_broken.store(false, Ordering::SeqCst);
+    let mut execute = args.to_vec();
+    execute.push("--execute");
+    let run = sagaflow(&binary, &execute, None).await;
+    assert!(run.ok, "{}", run.stderr);
+    assert!(
+        run.stdout
+            .starts_with("2 sagas matched: 2 changed, 0 refused, 0 failed."),
+        "{}",
+        run.stdout
+    );
+    for id in &ids {
+        wait_for_status(&store, *id, SagaStatus::Compensated).await;
+    }
+    engine.shutdown().await;
 }
 
 // ----- the history of a resumed saga, reproducibly -----
@@ -1181,7 +1177,7 @@ async fn resumed_history(backend: Backend) {
         .collect();
     let persisted: Vec<(String, Value, String)> = stored
         .iter()
-        .map(|h| (h.kind.clone(), h.detail.clone(), h.actor.clone()))
+        .map(|h| (h.kind.to_string(), h.detail.clone(), h.actor.clone()))
         .collect();
     assert_eq!(
         persisted, oracle,
@@ -1240,42 +1236,43 @@ impl Compensate for HangsOnce {
 /// the compensation the cancel dispatched times out without a reply. The timeout is only in the
 /// database: the engine must re-read the saga when that timer falls due, not apply the wake to
 /// its stale copy (where nothing is due) forever.
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timeout_set_by_an_operator_action_fires_in_an_engine_that_had_the_saga_cached() {
-    for backend in BACKENDS {
-        let db = TestDb::new(backend).await;
-        let first = Steered::default();
-        let second = HangsOnce::default();
-        second.retryable_failures.store(1, Ordering::SeqCst);
-        let saga = Saga::builder("hangs", 1)
-            .step(Step::compensatable("first", first.clone()).retry(fast_policy(3)))
-            .step(
-                Step::compensatable("second", second.clone())
-                    .retry(hourly_policy())
-                    .compensation_retry(fast_policy(3))
-                    .timeout(Duration::from_secs(1)),
-            )
-            .build()
-            .unwrap();
-        let engine = launch(&db.url, vec![saga]).await;
-        let id = engine.start("hangs", json!({}), None).await.unwrap();
-        wait_for_record(engine.store(), id, "retry_scheduled").await;
-        let store = operator_store(&db).await;
-        ops::act(
-            &store,
-            id,
-            command("bob", "customer withdrew", OperatorAction::Cancel),
-            &ActOptions::default(),
+async fn a_timeout_set_by_an_operator_action_fires_in_an_engine_that_had_the_saga_cached(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let first = Steered::default();
+    let second = HangsOnce::default();
+    second.retryable_failures.store(1, Ordering::SeqCst);
+    let saga = Saga::builder("hangs", 1)
+        .step(Step::compensatable("first", first.clone()).retry(fast_policy(3)))
+        .step(
+            Step::compensatable("second", second.clone())
+                .retry(hourly_policy())
+                .compensation_retry(fast_policy(3))
+                .timeout(Duration::from_secs(1)),
         )
-        .await
+        .build()
         .unwrap();
-        wait_for_status(&store, id, SagaStatus::Compensated).await;
-        let history = store.history(id).await.unwrap();
-        // Attempt 1 timed out (the outbox sweep may even deliver it after its timeout, and
-        // the retry may meet the still hanging handler): the saga moved on by its timers.
-        let timed_out = attempts(&history, "attempt_timed_out", "second", "compensate");
-        assert_eq!(timed_out.first(), Some(&1), "{backend:?}: {history:#?}");
-        assert_eq!(first.compensations.load(Ordering::SeqCst), 1);
-        engine.shutdown().await;
-    }
+    let engine = launch(&db.url, vec![saga]).await;
+    let id = engine.start("hangs", json!({}), None).await.unwrap();
+    wait_for_record(engine.store(), id, "retry_scheduled").await;
+    let store = operator_store(&db).await;
+    ops::act(
+        &store,
+        id,
+        command("bob", "customer withdrew", OperatorAction::Cancel),
+        &ActOptions::default(),
+    )
+    .await
+    .unwrap();
+    wait_for_status(&store, id, SagaStatus::Compensated).await;
+    let history = store.history(id).await.unwrap();
+    // Attempt 1 timed out (the outbox sweep may even deliver it after its timeout, and
+    // the retry may meet the still hanging handler): the saga moved on by its timers.
+    let timed_out = attempts(&history, "attempt_timed_out", "second", "compensate");
+    assert_eq!(timed_out.first(), Some(&1), "{backend:?}: {history:#?}");
+    assert_eq!(first.compensations.load(Ordering::SeqCst), 1);
+    engine.shutdown().await;
 }

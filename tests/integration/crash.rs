@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use sagaflow_engine::store::Store;
+use sagaflow_sdk::Direction;
 use sagaflow_tests::{Backend, TestDb};
 
 use crate::support::{build_binary, check_compensations};
@@ -125,7 +126,7 @@ async fn crash_and_recover(backend: Backend) {
         assert!(
             !history
                 .iter()
-                .any(|h| h.direction.as_deref() == Some("compensate")),
+                .any(|h| h.direction == Some(Direction::Compensate)),
             "completed saga {id} ran a compensation"
         );
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use sagaflow_engine::machine::SagaStatus;
+use sagaflow_engine::machine::{RecordKind, SagaStatus};
 use sagaflow_engine::ops;
 use sagaflow_engine::runtime::{Engine, EngineOptions};
 use sagaflow_engine::store::Store;
@@ -158,7 +158,7 @@ async fn outputs_and_commands_too_large_to_carry_end_cleanly() {
         .entries
         .iter()
         .filter(|e| {
-            e.kind == "attempt_failed"
+            e.kind == RecordKind::AttemptFailed
                 && e.error
                     .as_deref()
                     .is_some_and(|error| error.contains("over the 262144 byte limit"))

@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use rstest_reuse::apply;
 use sagaflow_engine::EngineError;
 use sagaflow_engine::machine::scenarios::{self, START, Scenario};
 use sagaflow_engine::machine::{Event, Inputs, Record, RecordKind, SagaState, SagaStatus, decide};
@@ -19,10 +20,12 @@ use sagaflow_engine::ops::{
 use sagaflow_engine::store::{SagaWrite, Store, WriteOutcome, attempt, history, saga};
 use sagaflow_protocol::backoff::ExactDelays;
 use sagaflow_sdk::{Direction, SagaSpec, Timestamp};
-use sagaflow_tests::{BACKENDS, Backend, TestDb};
+use sagaflow_tests::{Backend, TestDb};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use serde_json::Value;
 use uuid::Uuid;
+
+use crate::support::backends;
 
 /// A saga built for a test, with what the pure machine says about it (the oracle).
 #[derive(Debug, Clone)]
@@ -348,103 +351,102 @@ async fn list_all(store: &Store, filter: &ListFilter) -> Result<Vec<Uuid>, Engin
     Ok(page.sagas.iter().map(|s| s.id).collect())
 }
 
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cursor_walk_returns_every_saga_once_in_order() {
-    for backend in BACKENDS {
-        let db = TestDb::new(backend).await;
-        let store = Store::connect(&db.url).await.unwrap();
-        let built = fleet(&store).await;
-        let expected = in_list_order(&built);
+async fn a_cursor_walk_returns_every_saga_once_in_order(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = Store::connect(&db.url).await.unwrap();
+    let built = fleet(&store).await;
+    let expected = in_list_order(&built);
 
-        for limit in [1, 3, 4, 14, 50] {
-            let mut walked = Vec::new();
-            let mut page = Page::first(limit);
-            let mut pages = 0;
-            loop {
-                let result = ops::list(&store, &ListFilter::default(), &page)
-                    .await
-                    .unwrap();
-                assert!(result.sagas.len() as u64 <= limit);
-                walked.extend(result.sagas.iter().map(|s| s.id));
-                pages += 1;
-                match result.next {
-                    Some(next) => page.after = Some(next),
-                    None => break,
-                }
-            }
-            assert_eq!(walked, expected, "{backend:?}, pages of {limit}");
-            assert_eq!(
-                pages,
-                expected.len().div_ceil(limit as usize),
-                "{backend:?}"
-            );
-        }
-
-        // A filtered walk pages through the filtered set only.
-        let stuck_or_running = ListFilter {
-            statuses: vec![SagaStatus::Running, SagaStatus::Stuck],
-            ..ListFilter::default()
-        };
+    for limit in [1, 3, 4, 14, 50] {
         let mut walked = Vec::new();
-        let mut page = Page::first(1);
+        let mut page = Page::first(limit);
+        let mut pages = 0;
         loop {
-            let result = ops::list(&store, &stuck_or_running, &page).await.unwrap();
+            let result = ops::list(&store, &ListFilter::default(), &page)
+                .await
+                .unwrap();
+            assert!(result.sagas.len() as u64 <= limit);
             walked.extend(result.sagas.iter().map(|s| s.id));
+            pages += 1;
             match result.next {
                 Some(next) => page.after = Some(next),
                 None => break,
             }
         }
-        let want = in_list_order(
-            built
-                .iter()
-                .filter(|b| matches!(b.state.status, SagaStatus::Running | SagaStatus::Stuck)),
-        );
-        assert_eq!(walked, want, "{backend:?}");
-
-        // A saga created after the walk began shows on a later page, not twice or never.
-        let first = ops::list(&store, &ListFilter::default(), &Page::first(5))
-            .await
-            .unwrap();
-        let late = drive(
-            &store,
-            Uuid::from_u128(99),
-            &scenarios::order_spec(),
-            at(500_000),
-            None,
-            &scenario("happy_path").script,
-        )
-        .await;
-        let rest = list_all_after(&store, first.next.clone()).await;
-        let mut seen: Vec<Uuid> = first.sagas.iter().map(|s| s.id).collect();
-        seen.extend(rest);
-        let mut want = expected.clone();
-        want.push(late.id);
-        assert_eq!(seen, want, "{backend:?}");
-
-        // Bad pages are refused with what to do.
-        let zero = ops::list(&store, &ListFilter::default(), &Page::first(0)).await;
-        assert!(
-            matches!(&zero, Err(EngineError::InvalidQuery { .. })),
-            "{zero:?}"
-        );
-        let garbage: Cursor = "not-a-cursor".parse().unwrap();
-        let error = ops::list(
-            &store,
-            &ListFilter::default(),
-            &Page {
-                limit: 10,
-                after: Some(garbage),
-            },
-        )
-        .await
-        .unwrap_err()
-        .to_string();
-        assert!(
-            error.contains("is not a cursor of `sagaflow list`"),
-            "{error}"
+        assert_eq!(walked, expected, "{backend:?}, pages of {limit}");
+        assert_eq!(
+            pages,
+            expected.len().div_ceil(limit as usize),
+            "{backend:?}"
         );
     }
+
+    // A filtered walk pages through the filtered set only.
+    let stuck_or_running = ListFilter {
+        statuses: vec![SagaStatus::Running, SagaStatus::Stuck],
+        ..ListFilter::default()
+    };
+    let mut walked = Vec::new();
+    let mut page = Page::first(1);
+    loop {
+        let result = ops::list(&store, &stuck_or_running, &page).await.unwrap();
+        walked.extend(result.sagas.iter().map(|s| s.id));
+        match result.next {
+            Some(next) => page.after = Some(next),
+            None => break,
+        }
+    }
+    let want = in_list_order(
+        built
+            .iter()
+            .filter(|b| matches!(b.state.status, SagaStatus::Running | SagaStatus::Stuck)),
+    );
+    assert_eq!(walked, want, "{backend:?}");
+
+    // A saga created after the walk began shows on a later page, not twice or never.
+    let first = ops::list(&store, &ListFilter::default(), &Page::first(5))
+        .await
+        .unwrap();
+    let late = drive(
+        &store,
+        Uuid::from_u128(99),
+        &scenarios::order_spec(),
+        at(500_000),
+        None,
+        &scenario("happy_path").script,
+    )
+    .await;
+    let rest = list_all_after(&store, first.next.clone()).await;
+    let mut seen: Vec<Uuid> = first.sagas.iter().map(|s| s.id).collect();
+    seen.extend(rest);
+    let mut want = expected.clone();
+    want.push(late.id);
+    assert_eq!(seen, want, "{backend:?}");
+
+    // Bad pages are refused with what to do.
+    let zero = ops::list(&store, &ListFilter::default(), &Page::first(0)).await;
+    assert!(
+        matches!(&zero, Err(EngineError::InvalidQuery { .. })),
+        "{zero:?}"
+    );
+    let garbage: Cursor = "not-a-cursor".parse().unwrap();
+    let error = ops::list(
+        &store,
+        &ListFilter::default(),
+        &Page {
+            limit: 10,
+            after: Some(garbage),
+        },
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("is not a cursor of `sagaflow list`"),
+        "{error}"
+    );
 }
 
 async fn list_all_after(store: &Store, after: Option<Cursor>) -> Vec<Uuid> {
@@ -461,238 +463,237 @@ async fn list_all_after(store: &Store, after: Option<Cursor>) -> Vec<Uuid> {
     page.sagas.iter().map(|s| s.id).collect()
 }
 
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_list_filter_narrows_to_exactly_its_sagas() {
-    for backend in BACKENDS {
-        let db = TestDb::new(backend).await;
-        let store = Store::connect(&db.url).await.unwrap();
-        let built = fleet(&store).await;
-        let everything = list_all(&store, &ListFilter::default()).await.unwrap();
-        assert_eq!(everything, in_list_order(&built), "{backend:?}");
+async fn each_list_filter_narrows_to_exactly_its_sagas(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = Store::connect(&db.url).await.unwrap();
+    let built = fleet(&store).await;
+    let everything = list_all(&store, &ListFilter::default()).await.unwrap();
+    assert_eq!(everything, in_list_order(&built), "{backend:?}");
 
-        type Oracle = Box<dyn Fn(&Built) -> bool>;
-        let cases: Vec<(&str, ListFilter, Oracle)> = vec![
-            (
-                "stuck",
-                ListFilter {
-                    statuses: vec![SagaStatus::Stuck],
-                    ..ListFilter::default()
-                },
-                Box::new(|b| b.state.status == SagaStatus::Stuck),
-            ),
-            (
-                "completed or compensated",
-                ListFilter {
-                    statuses: vec![SagaStatus::Completed, SagaStatus::Compensated],
-                    ..ListFilter::default()
-                },
-                Box::new(|b| b.state.status.is_terminal()),
-            ),
-            (
-                "name",
-                ListFilter {
-                    name: Some("place_order".into()),
-                    ..ListFilter::default()
-                },
-                Box::new(|b| b.spec.name == "place_order"),
-            ),
-            (
-                "name and version",
-                ListFilter {
-                    name: Some("place_order".into()),
-                    version: Some(2),
-                    ..ListFilter::default()
-                },
-                Box::new(|b| b.spec.name == "place_order" && b.spec.version == 2),
-            ),
-            (
-                "version alone",
-                ListFilter {
-                    version: Some(1),
-                    ..ListFilter::default()
-                },
-                Box::new(|b| b.spec.version == 1),
-            ),
-            (
-                "current step",
-                ListFilter {
-                    current_step: Some("authorize_payment".into()),
-                    ..ListFilter::default()
-                },
-                Box::new(|b| b.current_step().as_deref() == Some("authorize_payment")),
-            ),
-            (
-                "current step of version 2",
-                ListFilter {
-                    current_step: Some("authorize_payment".into()),
-                    version: Some(2),
-                    ..ListFilter::default()
-                },
-                Box::new(|b| {
-                    b.spec.version == 2 && b.current_step().as_deref() == Some("authorize_payment")
-                }),
-            ),
-            (
-                "created range",
-                ListFilter {
-                    created: TimeRange {
-                        from: Some(at(20_000)),
-                        until: Some(at(60_000)),
-                    },
-                    ..ListFilter::default()
-                },
-                Box::new(|b| b.created >= at(20_000) && b.created < at(60_000)),
-            ),
-            (
-                "updated since",
-                ListFilter {
-                    updated: TimeRange {
-                        from: Some(at(72_000)),
-                        until: None,
-                    },
-                    ..ListFilter::default()
-                },
-                Box::new(|b| b.updated >= at(72_000)),
-            ),
-            (
-                "updated before",
-                ListFilter {
-                    updated: TimeRange {
-                        from: None,
-                        until: Some(at(50_100)),
-                    },
-                    ..ListFilter::default()
-                },
-                Box::new(|b| b.updated < at(50_100)),
-            ),
-            (
-                "error text, any case",
-                ListFilter {
-                    error_contains: Some("DECLINED".into()),
-                    ..ListFilter::default()
-                },
-                Box::new(|b| {
-                    b.last_error()
-                        .is_some_and(|e| e.to_lowercase().contains("declined"))
-                }),
-            ),
-            (
-                // `_` is a LIKE wildcard; here it must mean an underscore.
-                "error text with a wildcard character",
-                ListFilter {
-                    error_contains: Some("authorize_payment".into()),
-                    ..ListFilter::default()
-                },
-                Box::new(|b| {
-                    b.last_error()
-                        .is_some_and(|e| e.contains("authorize_payment"))
-                }),
-            ),
-            (
-                "error text that is a wildcard",
-                ListFilter {
-                    error_contains: Some("%".into()),
-                    ..ListFilter::default()
-                },
-                Box::new(|b| b.last_error().is_some_and(|e| e.contains('%'))),
-            ),
-            (
-                "start key",
-                ListFilter {
-                    start_key: Some("k-103".into()),
-                    ..ListFilter::default()
-                },
-                Box::new(|b| b.start_key.as_deref() == Some("k-103")),
-            ),
-            (
-                "several at once",
-                ListFilter {
-                    statuses: vec![SagaStatus::Compensated],
-                    name: Some("place_order".into()),
-                    created: TimeRange {
-                        from: Some(at(10_000)),
-                        until: None,
-                    },
-                    ..ListFilter::default()
-                },
-                Box::new(|b| {
-                    b.state.status == SagaStatus::Compensated
-                        && b.spec.name == "place_order"
-                        && b.created >= at(10_000)
-                }),
-            ),
-        ];
-        for (what, filter, oracle) in cases {
-            let got = list_all(&store, &filter).await.unwrap();
-            let want = in_list_order(built.iter().filter(|b| oracle(b)));
-            assert_eq!(got, want, "{backend:?}: {what}");
-            assert!(
-                !got.is_empty() || what == "error text that is a wildcard",
-                "{backend:?}: {what} selects something, so it shows narrowing"
-            );
-            assert!(
-                got.len() < built.len(),
-                "{backend:?}: {what} narrows ({} of {})",
-                got.len(),
-                built.len()
-            );
-        }
-        // Spot checks of the oracle itself, by id.
-        let ids = |ns: &[u128]| ns.iter().map(|&n| Uuid::from_u128(n)).collect::<Vec<_>>();
-        let stuck = ListFilter {
-            statuses: vec![SagaStatus::Stuck],
-            ..ListFilter::default()
-        };
-        assert_eq!(list_all(&store, &stuck).await.unwrap(), ids(&[103, 106]));
-        let at_authorize = ListFilter {
-            current_step: Some("authorize_payment".into()),
-            ..ListFilter::default()
-        };
-        assert_eq!(
-            list_all(&store, &at_authorize).await.unwrap(),
-            ids(&[103, 104, 107])
-        );
-
-        // The summary names the step and carries the error.
-        let page = ops::list(&store, &stuck, &Page::default()).await.unwrap();
-        let first = &page.sagas[0];
-        assert_eq!(first.current_step.as_deref(), Some("authorize_payment"));
-        assert_eq!(first.start_key.as_deref(), Some("k-103"));
-        assert!(
-            first
-                .last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("gave up after 3 attempts")),
-            "{first:?}"
-        );
-
-        // Refusals say what to do.
-        let unknown_step = ListFilter {
-            current_step: Some("refund".into()),
-            ..ListFilter::default()
-        };
-        let error = list_all(&store, &unknown_step)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("`refund` is not a step of any registered saga")
-                && error.contains("authorize_payment"),
-            "{error}"
-        );
-        let empty_range = ListFilter {
-            created: TimeRange {
-                from: Some(at(10)),
-                until: Some(at(10)),
+    type Oracle = Box<dyn Fn(&Built) -> bool>;
+    let cases: Vec<(&str, ListFilter, Oracle)> = vec![
+        (
+            "stuck",
+            ListFilter {
+                statuses: vec![SagaStatus::Stuck],
+                ..ListFilter::default()
             },
-            ..ListFilter::default()
-        };
-        let error = list_all(&store, &empty_range)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("the created range is empty"), "{error}");
+            Box::new(|b| b.state.status == SagaStatus::Stuck),
+        ),
+        (
+            "completed or compensated",
+            ListFilter {
+                statuses: vec![SagaStatus::Completed, SagaStatus::Compensated],
+                ..ListFilter::default()
+            },
+            Box::new(|b| b.state.status.is_terminal()),
+        ),
+        (
+            "name",
+            ListFilter {
+                name: Some("place_order".into()),
+                ..ListFilter::default()
+            },
+            Box::new(|b| b.spec.name == "place_order"),
+        ),
+        (
+            "name and version",
+            ListFilter {
+                name: Some("place_order".into()),
+                version: Some(2),
+                ..ListFilter::default()
+            },
+            Box::new(|b| b.spec.name == "place_order" && b.spec.version == 2),
+        ),
+        (
+            "version alone",
+            ListFilter {
+                version: Some(1),
+                ..ListFilter::default()
+            },
+            Box::new(|b| b.spec.version == 1),
+        ),
+        (
+            "current step",
+            ListFilter {
+                current_step: Some("authorize_payment".into()),
+                ..ListFilter::default()
+            },
+            Box::new(|b| b.current_step().as_deref() == Some("authorize_payment")),
+        ),
+        (
+            "current step of version 2",
+            ListFilter {
+                current_step: Some("authorize_payment".into()),
+                version: Some(2),
+                ..ListFilter::default()
+            },
+            Box::new(|b| {
+                b.spec.version == 2 && b.current_step().as_deref() == Some("authorize_payment")
+            }),
+        ),
+        (
+            "created range",
+            ListFilter {
+                created: TimeRange {
+                    from: Some(at(20_000)),
+                    until: Some(at(60_000)),
+                },
+                ..ListFilter::default()
+            },
+            Box::new(|b| b.created >= at(20_000) && b.created < at(60_000)),
+        ),
+        (
+            "updated since",
+            ListFilter {
+                updated: TimeRange {
+                    from: Some(at(72_000)),
+                    until: None,
+                },
+                ..ListFilter::default()
+            },
+            Box::new(|b| b.updated >= at(72_000)),
+        ),
+        (
+            "updated before",
+            ListFilter {
+                updated: TimeRange {
+                    from: None,
+                    until: Some(at(50_100)),
+                },
+                ..ListFilter::default()
+            },
+            Box::new(|b| b.updated < at(50_100)),
+        ),
+        (
+            "error text, any case",
+            ListFilter {
+                error_contains: Some("DECLINED".into()),
+                ..ListFilter::default()
+            },
+            Box::new(|b| {
+                b.last_error()
+                    .is_some_and(|e| e.to_lowercase().contains("declined"))
+            }),
+        ),
+        (
+            // `_` is a LIKE wildcard; here it must mean an underscore.
+            "error text with a wildcard character",
+            ListFilter {
+                error_contains: Some("authorize_payment".into()),
+                ..ListFilter::default()
+            },
+            Box::new(|b| {
+                b.last_error()
+                    .is_some_and(|e| e.contains("authorize_payment"))
+            }),
+        ),
+        (
+            "error text that is a wildcard",
+            ListFilter {
+                error_contains: Some("%".into()),
+                ..ListFilter::default()
+            },
+            Box::new(|b| b.last_error().is_some_and(|e| e.contains('%'))),
+        ),
+        (
+            "start key",
+            ListFilter {
+                start_key: Some("k-103".into()),
+                ..ListFilter::default()
+            },
+            Box::new(|b| b.start_key.as_deref() == Some("k-103")),
+        ),
+        (
+            "several at once",
+            ListFilter {
+                statuses: vec![SagaStatus::Compensated],
+                name: Some("place_order".into()),
+                created: TimeRange {
+                    from: Some(at(10_000)),
+                    until: None,
+                },
+                ..ListFilter::default()
+            },
+            Box::new(|b| {
+                b.state.status == SagaStatus::Compensated
+                    && b.spec.name == "place_order"
+                    && b.created >= at(10_000)
+            }),
+        ),
+    ];
+    for (what, filter, oracle) in cases {
+        let got = list_all(&store, &filter).await.unwrap();
+        let want = in_list_order(built.iter().filter(|b| oracle(b)));
+        assert_eq!(got, want, "{backend:?}: {what}");
+        assert!(
+            !got.is_empty() || what == "error text that is a wildcard",
+            "{backend:?}: {what} selects something, so it shows narrowing"
+        );
+        assert!(
+            got.len() < built.len(),
+            "{backend:?}: {what} narrows ({} of {})",
+            got.len(),
+            built.len()
+        );
     }
+    // Spot checks of the oracle itself, by id.
+    let ids = |ns: &[u128]| ns.iter().map(|&n| Uuid::from_u128(n)).collect::<Vec<_>>();
+    let stuck = ListFilter {
+        statuses: vec![SagaStatus::Stuck],
+        ..ListFilter::default()
+    };
+    assert_eq!(list_all(&store, &stuck).await.unwrap(), ids(&[103, 106]));
+    let at_authorize = ListFilter {
+        current_step: Some("authorize_payment".into()),
+        ..ListFilter::default()
+    };
+    assert_eq!(
+        list_all(&store, &at_authorize).await.unwrap(),
+        ids(&[103, 104, 107])
+    );
+
+    // The summary names the step and carries the error.
+    let page = ops::list(&store, &stuck, &Page::default()).await.unwrap();
+    let first = &page.sagas[0];
+    assert_eq!(first.current_step.as_deref(), Some("authorize_payment"));
+    assert_eq!(first.start_key.as_deref(), Some("k-103"));
+    assert!(
+        first
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("gave up after 3 attempts")),
+        "{first:?}"
+    );
+
+    // Refusals say what to do.
+    let unknown_step = ListFilter {
+        current_step: Some("refund".into()),
+        ..ListFilter::default()
+    };
+    let error = list_all(&store, &unknown_step)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("`refund` is not a step of any registered saga")
+            && error.contains("authorize_payment"),
+        "{error}"
+    );
+    let empty_range = ListFilter {
+        created: TimeRange {
+            from: Some(at(10)),
+            until: Some(at(10)),
+        },
+        ..ListFilter::default()
+    };
+    let error = list_all(&store, &empty_range)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("the created range is empty"), "{error}");
 }
 
 // ----- audit -----
@@ -729,123 +730,120 @@ async fn audit_all(store: &Store, filter: &AuditFilter) -> Vec<AuditEntry> {
 }
 
 fn keys(entries: &[AuditEntry]) -> Vec<(Uuid, i64)> {
-    entries.iter().map(|e| (e.saga_id, e.seq)).collect()
+    entries.iter().map(|e| (e.extra.saga_id, e.seq)).collect()
 }
 
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_by_saga_name_kind_and_time() {
-    for backend in BACKENDS {
-        let db = TestDb::new(backend).await;
-        let store = Store::connect(&db.url).await.unwrap();
-        let built = fleet(&store).await;
+async fn audit_by_saga_name_kind_and_time(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = Store::connect(&db.url).await.unwrap();
+    let built = fleet(&store).await;
 
-        // Which sagas compensated `authorize_payment` since "Monday" (here: 75 s in).
-        let monday = at(75_000);
-        let compensated_authorize = AuditFilter {
-            kinds: vec![RecordKind::AttemptSucceeded],
-            step: Some("authorize_payment".into()),
-            direction: Some(Direction::Compensate),
-            at: TimeRange {
-                from: Some(monday),
-                until: None,
-            },
+    // Which sagas compensated `authorize_payment` since "Monday" (here: 75 s in).
+    let monday = at(75_000);
+    let compensated_authorize = AuditFilter {
+        kinds: vec![RecordKind::AttemptSucceeded],
+        step: Some("authorize_payment".into()),
+        direction: Some(Direction::Compensate),
+        at: TimeRange {
+            from: Some(monday),
+            until: None,
+        },
+        ..AuditFilter::default()
+    };
+    let got = audit_all(&store, &compensated_authorize).await;
+    let want = audit_oracle(&built, |_, at, r| {
+        r.kind == RecordKind::AttemptSucceeded
+            && r.step.as_deref() == Some("authorize_payment")
+            && r.direction == Some(Direction::Compensate)
+            && at >= monday
+    });
+    assert_eq!(keys(&got), want, "{backend:?}");
+    let sagas: BTreeSet<Uuid> = got.iter().map(|e| e.extra.saga_id).collect();
+    assert_eq!(
+        sagas,
+        [109, 110].map(Uuid::from_u128).into(),
+        "{backend:?}: the resumed and the cancelled saga compensated authorize_payment \
+         after 75 s (the deadline saga did too, but before)"
+    );
+    for entry in &got {
+        assert_eq!(entry.extra.saga_name, "place_order");
+        assert_eq!(entry.kind, RecordKind::AttemptSucceeded);
+        assert!(entry.actor.starts_with("worker:"), "{entry:?}");
+    }
+
+    // By saga name and time range.
+    let range = TimeRange {
+        from: Some(at(40_000)),
+        until: Some(at(70_030)),
+    };
+    let by_name = AuditFilter {
+        saga_name: Some("place_order_with_deadline".into()),
+        at: range,
+        ..AuditFilter::default()
+    };
+    let want = audit_oracle(&built, |b, at, _| {
+        b.spec.name == "place_order_with_deadline" && at >= at_from(range) && at < at_until(range)
+    });
+    assert!(!want.is_empty());
+    assert_eq!(
+        keys(&audit_all(&store, &by_name).await),
+        want,
+        "{backend:?}"
+    );
+
+    // By saga: its whole history, in order.
+    let one = Uuid::from_u128(109);
+    let by_saga = audit_all(
+        &store,
+        &AuditFilter {
+            saga_id: Some(one),
             ..AuditFilter::default()
-        };
-        let got = audit_all(&store, &compensated_authorize).await;
-        let want = audit_oracle(&built, |_, at, r| {
-            r.kind == RecordKind::AttemptSucceeded
-                && r.step.as_deref() == Some("authorize_payment")
-                && r.direction == Some(Direction::Compensate)
-                && at >= monday
-        });
-        assert_eq!(keys(&got), want, "{backend:?}");
-        let sagas: BTreeSet<Uuid> = got.iter().map(|e| e.saga_id).collect();
+        },
+    )
+    .await;
+    let history = store.history(one).await.unwrap();
+    assert_eq!(by_saga.len(), history.len());
+    for (entry, h) in by_saga.iter().zip(&history) {
         assert_eq!(
-            sagas,
-            [109, 110].map(Uuid::from_u128).into(),
-            "{backend:?}: the resumed and the cancelled saga compensated authorize_payment \
-             after 75 s (the deadline saga did too, but before)"
-        );
-        for entry in &got {
-            assert_eq!(entry.saga_name, "place_order");
-            assert_eq!(entry.kind, "attempt_succeeded");
-            assert!(entry.actor.starts_with("worker:"), "{entry:?}");
-        }
-
-        // By saga name and time range.
-        let range = TimeRange {
-            from: Some(at(40_000)),
-            until: Some(at(70_030)),
-        };
-        let by_name = AuditFilter {
-            saga_name: Some("place_order_with_deadline".into()),
-            at: range,
-            ..AuditFilter::default()
-        };
-        let want = audit_oracle(&built, |b, at, _| {
-            b.spec.name == "place_order_with_deadline"
-                && at >= at_from(range)
-                && at < at_until(range)
-        });
-        assert!(!want.is_empty());
-        assert_eq!(
-            keys(&audit_all(&store, &by_name).await),
-            want,
-            "{backend:?}"
-        );
-
-        // By saga: its whole history, in order.
-        let one = Uuid::from_u128(109);
-        let by_saga = audit_all(
-            &store,
-            &AuditFilter {
-                saga_id: Some(one),
-                ..AuditFilter::default()
-            },
-        )
-        .await;
-        let history = store.history(one).await.unwrap();
-        assert_eq!(by_saga.len(), history.len());
-        for (entry, h) in by_saga.iter().zip(&history) {
-            assert_eq!(
-                (entry.seq, entry.at, &entry.kind, &entry.detail),
-                (h.seq, h.at, &h.kind, &h.detail)
-            );
-        }
-
-        // Several kinds at once, across every saga.
-        let ends = AuditFilter {
-            kinds: vec![RecordKind::SagaCompleted, RecordKind::SagaCompensated],
-            ..AuditFilter::default()
-        };
-        let want = audit_oracle(&built, |_, _, r| {
-            matches!(
-                r.kind,
-                RecordKind::SagaCompleted | RecordKind::SagaCompensated
-            )
-        });
-        assert_eq!(keys(&audit_all(&store, &ends).await), want, "{backend:?}");
-
-        // A cursor from `list` is refused here.
-        let list_page = ops::list(&store, &ListFilter::default(), &Page::first(1))
-            .await
-            .unwrap();
-        let error = ops::audit(
-            &store,
-            &AuditFilter::default(),
-            &Page {
-                limit: 5,
-                after: list_page.next,
-            },
-        )
-        .await
-        .unwrap_err()
-        .to_string();
-        assert!(
-            error.contains("not a cursor of `sagaflow audit`"),
-            "{error}"
+            (entry.seq, entry.at, &entry.kind, &entry.detail),
+            (h.seq, h.at, &h.kind, &h.detail)
         );
     }
+
+    // Several kinds at once, across every saga.
+    let ends = AuditFilter {
+        kinds: vec![RecordKind::SagaCompleted, RecordKind::SagaCompensated],
+        ..AuditFilter::default()
+    };
+    let want = audit_oracle(&built, |_, _, r| {
+        matches!(
+            r.kind,
+            RecordKind::SagaCompleted | RecordKind::SagaCompensated
+        )
+    });
+    assert_eq!(keys(&audit_all(&store, &ends).await), want, "{backend:?}");
+
+    // A cursor from `list` is refused here.
+    let list_page = ops::list(&store, &ListFilter::default(), &Page::first(1))
+        .await
+        .unwrap();
+    let error = ops::audit(
+        &store,
+        &AuditFilter::default(),
+        &Page {
+            limit: 5,
+            after: list_page.next,
+        },
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("not a cursor of `sagaflow audit`"),
+        "{error}"
+    );
 }
 
 fn at_from(range: TimeRange) -> Timestamp {
@@ -856,151 +854,148 @@ fn at_until(range: TimeRange) -> Timestamp {
     range.until.unwrap_or(Timestamp(i64::MAX))
 }
 
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_by_actor_finds_every_operator_action() {
-    for backend in BACKENDS {
-        let db = TestDb::new(backend).await;
-        let store = Store::connect(&db.url).await.unwrap();
-        let built = fleet(&store).await;
-        let operator = format!("operator:{}", scenarios::OPERATOR);
+async fn audit_by_actor_finds_every_operator_action(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = Store::connect(&db.url).await.unwrap();
+    let built = fleet(&store).await;
+    let operator = format!("operator:{}", scenarios::OPERATOR);
 
-        let want = audit_oracle(&built, |_, _, r| r.actor.to_string() == operator);
-        assert_eq!(want.len(), 2, "a resume and a cancel");
-        let every_operator = audit_all(
-            &store,
-            &AuditFilter {
-                actor: Some(ActorFilter::operators()),
-                ..AuditFilter::default()
-            },
-        )
-        .await;
-        assert_eq!(keys(&every_operator), want, "{backend:?}");
-        for entry in &every_operator {
-            assert_eq!(entry.kind, "operator_action");
-            assert_eq!(entry.actor, operator);
-            assert!(entry.detail["reason"].is_string(), "{entry:?}");
-        }
-        let reasons: Vec<&str> = every_operator
-            .iter()
-            .filter_map(|e| e.detail["reason"].as_str())
-            .collect();
-        assert_eq!(
-            reasons,
-            [
-                "the payment provider is back",
-                "the customer called to cancel"
-            ]
-        );
-
-        let exact = audit_all(
-            &store,
-            &AuditFilter {
-                actor: Some(ActorFilter::Exact(operator.clone())),
-                ..AuditFilter::default()
-            },
-        )
-        .await;
-        assert_eq!(keys(&exact), want, "{backend:?}");
-        let nobody = audit_all(
-            &store,
-            &AuditFilter {
-                actor: Some(ActorFilter::Exact("operator:bob".into())),
-                ..AuditFilter::default()
-            },
-        )
-        .await;
-        assert!(nobody.is_empty());
-        // A prefix is a prefix, not a pattern: `_` and `%` in it are plain characters.
-        let pattern = audit_all(
-            &store,
-            &AuditFilter {
-                actor: Some(ActorFilter::Prefix("%".into())),
-                ..AuditFilter::default()
-            },
-        )
-        .await;
-        assert!(pattern.is_empty(), "{backend:?}: {} records", pattern.len());
-        let workers = audit_all(
-            &store,
-            &AuditFilter {
-                actor: Some(ActorFilter::Prefix("worker:".into())),
-                ..AuditFilter::default()
-            },
-        )
-        .await;
-        let want = audit_oracle(&built, |_, _, r| r.actor.to_string().starts_with("worker:"));
-        assert_eq!(keys(&workers), want, "{backend:?}");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jsonl_export_parses_line_by_line() {
-    for backend in BACKENDS {
-        let db = TestDb::new(backend).await;
-        let store = Store::connect(&db.url).await.unwrap();
-        let built = fleet(&store).await;
-        let total: usize = built.iter().map(|b| b.records.len()).sum();
-
-        let mut out = Vec::new();
-        let written = ops::export_jsonl(&store, &AuditFilter::default(), &mut out)
-            .await
-            .unwrap();
-        assert_eq!(written as usize, total, "{backend:?}");
-        let text = String::from_utf8(out).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), total);
-        assert!(text.ends_with('\n'));
-        let paged = audit_all(&store, &AuditFilter::default()).await;
-        for (line, entry) in lines.iter().zip(&paged) {
-            let parsed: Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("{backend:?}: line {line:?} is not JSON: {e}"));
-            assert_eq!(
-                parsed,
-                serde_json::to_value(ops::Versioned::new(entry)).unwrap()
-            );
-            assert_eq!(parsed["v"], ops::JSON_FORMAT_VERSION, "{line}");
-            for field in ["saga_id", "saga_name", "seq", "at", "kind", "actor"] {
-                assert!(!parsed[field].is_null(), "{field} in {line}");
-            }
-        }
-
-        // A filtered export holds only what the filter selects.
-        let mut out = Vec::new();
-        let operators = AuditFilter {
+    let want = audit_oracle(&built, |_, _, r| r.actor.to_string() == operator);
+    assert_eq!(want.len(), 2, "a resume and a cancel");
+    let every_operator = audit_all(
+        &store,
+        &AuditFilter {
             actor: Some(ActorFilter::operators()),
             ..AuditFilter::default()
-        };
-        let written = ops::export_jsonl(&store, &operators, &mut out)
-            .await
-            .unwrap();
-        assert_eq!(written, 2);
-        for line in String::from_utf8(out).unwrap().lines() {
-            let parsed: Value = serde_json::from_str(line).unwrap();
-            assert_eq!(parsed["kind"], "operator_action");
+        },
+    )
+    .await;
+    assert_eq!(keys(&every_operator), want, "{backend:?}");
+    for entry in &every_operator {
+        assert_eq!(entry.kind, RecordKind::OperatorAction);
+        assert_eq!(entry.actor, operator);
+        assert!(entry.detail["reason"].is_string(), "{entry:?}");
+    }
+    let reasons: Vec<&str> = every_operator
+        .iter()
+        .filter_map(|e| e.detail["reason"].as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "the payment provider is back",
+            "the customer called to cancel"
+        ]
+    );
+
+    let exact = audit_all(
+        &store,
+        &AuditFilter {
+            actor: Some(ActorFilter::Exact(operator.clone())),
+            ..AuditFilter::default()
+        },
+    )
+    .await;
+    assert_eq!(keys(&exact), want, "{backend:?}");
+    let nobody = audit_all(
+        &store,
+        &AuditFilter {
+            actor: Some(ActorFilter::Exact("operator:bob".into())),
+            ..AuditFilter::default()
+        },
+    )
+    .await;
+    assert!(nobody.is_empty());
+    // A prefix is a prefix, not a pattern: `_` and `%` in it are plain characters.
+    let pattern = audit_all(
+        &store,
+        &AuditFilter {
+            actor: Some(ActorFilter::Prefix("%".into())),
+            ..AuditFilter::default()
+        },
+    )
+    .await;
+    assert!(pattern.is_empty(), "{backend:?}: {} records", pattern.len());
+    let workers = audit_all(
+        &store,
+        &AuditFilter {
+            actor: Some(ActorFilter::Prefix("worker:".into())),
+            ..AuditFilter::default()
+        },
+    )
+    .await;
+    let want = audit_oracle(&built, |_, _, r| r.actor.to_string().starts_with("worker:"));
+    assert_eq!(keys(&workers), want, "{backend:?}");
+}
+
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jsonl_export_parses_line_by_line(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = Store::connect(&db.url).await.unwrap();
+    let built = fleet(&store).await;
+    let total: usize = built.iter().map(|b| b.records.len()).sum();
+
+    let mut out = Vec::new();
+    let written = ops::export_jsonl(&store, &AuditFilter::default(), &mut out)
+        .await
+        .unwrap();
+    assert_eq!(written as usize, total, "{backend:?}");
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), total);
+    assert!(text.ends_with('\n'));
+    let paged = audit_all(&store, &AuditFilter::default()).await;
+    for (line, entry) in lines.iter().zip(&paged) {
+        let parsed: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("{backend:?}: line {line:?} is not JSON: {e}"));
+        assert_eq!(
+            parsed,
+            serde_json::to_value(ops::Versioned::new(entry)).unwrap()
+        );
+        assert_eq!(parsed["v"], ops::JSON_FORMAT_VERSION, "{line}");
+        for field in ["saga_id", "saga_name", "seq", "at", "kind", "actor"] {
+            assert!(!parsed[field].is_null(), "{field} in {line}");
         }
+    }
+
+    // A filtered export holds only what the filter selects.
+    let mut out = Vec::new();
+    let operators = AuditFilter {
+        actor: Some(ActorFilter::operators()),
+        ..AuditFilter::default()
+    };
+    let written = ops::export_jsonl(&store, &operators, &mut out)
+        .await
+        .unwrap();
+    assert_eq!(written, 2);
+    for line in String::from_utf8(out).unwrap().lines() {
+        let parsed: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(parsed["kind"], "operator_action");
     }
 }
 
 // ----- show / history refusals -----
 
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_saga_is_refused_with_what_to_do() {
-    for backend in BACKENDS {
-        let db = TestDb::new(backend).await;
-        let store = Store::connect(&db.url).await.unwrap();
-        four_sagas(&store).await;
-        let missing = Uuid::from_u128(0xdead);
-        for result in [
-            ops::show(&store, missing).await.map(|_| ()),
-            ops::history(&store, missing).await.map(|_| ()),
-        ] {
-            let error = result.unwrap_err();
-            assert!(matches!(error, EngineError::UnknownSaga(id) if id == missing));
-            assert_eq!(
-                error.to_string(),
-                format!("no saga has id {missing}; `sagaflow list` shows the sagas there are")
-            );
-        }
+async fn an_unknown_saga_is_refused_with_what_to_do(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = Store::connect(&db.url).await.unwrap();
+    four_sagas(&store).await;
+    let missing = Uuid::from_u128(0xdead);
+    for result in [
+        ops::show(&store, missing).await.map(|_| ()),
+        ops::history(&store, missing).await.map(|_| ()),
+    ] {
+        let error = result.unwrap_err();
+        assert!(matches!(error, EngineError::UnknownSaga(id) if id == missing));
+        assert_eq!(
+            error.to_string(),
+            format!("no saga has id {missing}; `sagaflow list` shows the sagas there are")
+        );
     }
 }
 
@@ -1020,78 +1015,77 @@ async fn rows_of(store: &Store, id: Uuid) -> (u64, u64) {
     (history, attempts)
 }
 
+#[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_removes_only_finished_sagas_older_than_the_cutoff() {
-    for backend in BACKENDS {
-        let db = TestDb::new(backend).await;
-        let store = Store::connect(&db.url).await.unwrap();
-        let built = fleet(&store).await;
-        let cutoff = at(86_000);
-        let doomed: BTreeSet<Uuid> = built
-            .iter()
-            .filter(|b| b.state.status.is_terminal() && b.updated < cutoff)
-            .map(|b| b.id)
-            .collect();
-        let kept: Vec<&Built> = built.iter().filter(|b| !doomed.contains(&b.id)).collect();
-        // Old stuck and running sagas are among the kept: age alone never removes a saga.
-        for n in [103, 104, 106, 107] {
-            assert!(kept.iter().any(|b| b.id == Uuid::from_u128(n)));
-        }
-        assert_eq!(doomed.len(), 5, "{doomed:?}");
-        let mut kept_histories = Vec::new();
-        for b in &kept {
-            kept_histories.push(store.history(b.id).await.unwrap());
-        }
-        for id in &doomed {
-            let (history, attempts) = rows_of(&store, *id).await;
-            assert!(history > 0 && attempts > 0);
-        }
-
-        let dry = ops::retention(&store, cutoff, true).await.unwrap();
-        assert_eq!((dry.sagas, dry.dry_run), (doomed.len() as u64, true));
-        assert_eq!(
-            list_all(&store, &ListFilter::default())
-                .await
-                .unwrap()
-                .len(),
-            built.len(),
-            "{backend:?}: a dry run removes nothing"
-        );
-
-        let done = ops::retention(&store, cutoff, false).await.unwrap();
-        assert_eq!((done.sagas, done.dry_run), (doomed.len() as u64, false));
-        assert_eq!(
-            render::retention_text(&done),
-            format!(
-                "Removed 5 finished sagas last changed before {}, with their history and attempts",
-                ops::time::format_time(cutoff)
-            )
-        );
-        let left = list_all(&store, &ListFilter::default()).await.unwrap();
-        assert_eq!(left, in_list_order(kept.iter().copied()), "{backend:?}");
-        for id in &doomed {
-            assert!(store.load(*id).await.unwrap().is_none());
-            assert_eq!(
-                rows_of(&store, *id).await,
-                (0, 0),
-                "{backend:?}: the history and attempts went with saga {id}"
-            );
-        }
-        for (b, before) in kept.iter().zip(&kept_histories) {
-            assert_eq!(
-                &store.history(b.id).await.unwrap(),
-                before,
-                "{backend:?}: history of kept saga {} untouched",
-                b.id
-            );
-        }
-        // Nothing more is that old and finished.
-        let again = ops::retention(&store, cutoff, false).await.unwrap();
-        assert_eq!(again.sagas, 0);
-        let remaining = saga::Entity::find()
-            .count(store.connection())
-            .await
-            .unwrap();
-        assert_eq!(remaining as usize, kept.len());
+async fn retention_removes_only_finished_sagas_older_than_the_cutoff(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = Store::connect(&db.url).await.unwrap();
+    let built = fleet(&store).await;
+    let cutoff = at(86_000);
+    let doomed: BTreeSet<Uuid> = built
+        .iter()
+        .filter(|b| b.state.status.is_terminal() && b.updated < cutoff)
+        .map(|b| b.id)
+        .collect();
+    let kept: Vec<&Built> = built.iter().filter(|b| !doomed.contains(&b.id)).collect();
+    // Old stuck and running sagas are among the kept: age alone never removes a saga.
+    for n in [103, 104, 106, 107] {
+        assert!(kept.iter().any(|b| b.id == Uuid::from_u128(n)));
     }
+    assert_eq!(doomed.len(), 5, "{doomed:?}");
+    let mut kept_histories = Vec::new();
+    for b in &kept {
+        kept_histories.push(store.history(b.id).await.unwrap());
+    }
+    for id in &doomed {
+        let (history, attempts) = rows_of(&store, *id).await;
+        assert!(history > 0 && attempts > 0);
+    }
+
+    let dry = ops::retention(&store, cutoff, true).await.unwrap();
+    assert_eq!((dry.sagas, dry.dry_run), (doomed.len() as u64, true));
+    assert_eq!(
+        list_all(&store, &ListFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        built.len(),
+        "{backend:?}: a dry run removes nothing"
+    );
+
+    let done = ops::retention(&store, cutoff, false).await.unwrap();
+    assert_eq!((done.sagas, done.dry_run), (doomed.len() as u64, false));
+    assert_eq!(
+        render::retention_text(&done),
+        format!(
+            "Removed 5 finished sagas last changed before {}, with their history and attempts",
+            ops::time::format_time(cutoff)
+        )
+    );
+    let left = list_all(&store, &ListFilter::default()).await.unwrap();
+    assert_eq!(left, in_list_order(kept.iter().copied()), "{backend:?}");
+    for id in &doomed {
+        assert!(store.load(*id).await.unwrap().is_none());
+        assert_eq!(
+            rows_of(&store, *id).await,
+            (0, 0),
+            "{backend:?}: the history and attempts went with saga {id}"
+        );
+    }
+    for (b, before) in kept.iter().zip(&kept_histories) {
+        assert_eq!(
+            &store.history(b.id).await.unwrap(),
+            before,
+            "{backend:?}: history of kept saga {} untouched",
+            b.id
+        );
+    }
+    // Nothing more is that old and finished.
+    let again = ops::retention(&store, cutoff, false).await.unwrap();
+    assert_eq!(again.sagas, 0);
+    let remaining = saga::Entity::find()
+        .count(store.connection())
+        .await
+        .unwrap();
+    assert_eq!(remaining as usize, kept.len());
 }

@@ -23,9 +23,10 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use sagaflow_engine::machine::SagaStatus;
+use sagaflow_engine::machine::{RecordKind, SagaStatus};
 use sagaflow_engine::runtime::{Engine, EngineOptions};
 use sagaflow_engine::store::{HistoryEntry, Store};
+use sagaflow_sdk::Direction;
 use sagaflow_tests::{Backend, NatsServer, TestDb};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
 use serde_json::{Value, json};
@@ -263,14 +264,16 @@ async fn history_until(
 }
 
 fn records<'a>(history: &'a [HistoryEntry], kind: &str) -> Vec<&'a HistoryEntry> {
-    history.iter().filter(|h| h.kind == kind).collect()
+    history.iter().filter(|h| h.kind.as_str() == kind).collect()
 }
 
 /// (step, attempt) of each record of `kind` in `direction`, in order.
 fn attempts(history: &[HistoryEntry], kind: &str, direction: &str) -> Vec<(String, u32)> {
     history
         .iter()
-        .filter(|h| h.kind == kind && h.direction.as_deref() == Some(direction))
+        .filter(|h| {
+            h.kind.as_str() == kind && h.direction.map(Direction::as_str) == Some(direction)
+        })
         .map(|h| (h.step.clone().unwrap_or_default(), h.attempt.unwrap_or(0)))
         .collect()
 }
@@ -296,7 +299,7 @@ fn check_saga(i: usize, id: Uuid, status: SagaStatus, history: &[HistoryEntry]) 
         assert_eq!(record.actor, expected, "saga {id} record {record:?}");
     }
     let first = &history[0];
-    assert_eq!(first.kind, "saga_started", "saga {id}");
+    assert_eq!(first.kind, RecordKind::SagaStarted, "saga {id}");
     assert_eq!(first.detail["input"], transfer_input(i), "saga {id}");
     let compensation_plan = records(history, "compensation_started")
         .first()
@@ -305,18 +308,18 @@ fn check_saga(i: usize, id: Uuid, status: SagaStatus, history: &[HistoryEntry]) 
         history
             .iter()
             .find(|h| {
-                h.kind == "attempt_succeeded"
+                h.kind == RecordKind::AttemptSucceeded
                     && h.step.as_deref() == Some(step)
-                    && h.direction.as_deref() == Some("forward")
+                    && h.direction == Some(Direction::Forward)
             })
             .map(|h| h.detail["output"].clone())
             .unwrap_or(Value::Null)
     };
     let failure = |step: &str| -> Option<&HistoryEntry> {
         history.iter().find(|h| {
-            h.kind == "attempt_failed"
+            h.kind == RecordKind::AttemptFailed
                 && h.step.as_deref() == Some(step)
-                && h.direction.as_deref() == Some("forward")
+                && h.direction == Some(Direction::Forward)
         })
     };
     match fate(i) {
@@ -354,7 +357,7 @@ fn check_saga(i: usize, id: Uuid, status: SagaStatus, history: &[HistoryEntry]) 
             );
             assert_eq!(compensation_plan, None, "saga {id}");
             assert!(attempts(history, "attempt_dispatched", "compensate").is_empty());
-            assert_eq!(history.last().unwrap().kind, "saga_completed");
+            assert_eq!(history.last().unwrap().kind, RecordKind::SagaCompleted);
         }
         Fate::CreditRefused => {
             assert_eq!(status, SagaStatus::Compensated, "saga {id}: {history:#?}");
@@ -380,7 +383,7 @@ fn check_saga(i: usize, id: Uuid, status: SagaStatus, history: &[HistoryEntry]) 
                 "saga {id}"
             );
             assert!(records(history, "retry_scheduled").is_empty(), "saga {id}");
-            assert_eq!(history.last().unwrap().kind, "saga_compensated");
+            assert_eq!(history.last().unwrap().kind, RecordKind::SagaCompensated);
         }
         Fate::DebitRefused => {
             assert_eq!(status, SagaStatus::Compensated, "saga {id}: {history:#?}");
@@ -395,7 +398,7 @@ fn check_saga(i: usize, id: Uuid, status: SagaStatus, history: &[HistoryEntry]) 
                 attempts(history, "attempt_dispatched", "forward"),
                 pairs(&[("debit", 1)])
             );
-            assert_eq!(history.last().unwrap().kind, "saga_compensated");
+            assert_eq!(history.last().unwrap().kind, RecordKind::SagaCompensated);
         }
     }
 }
@@ -646,7 +649,7 @@ async fn python_worker_built_from_the_protocol_document() {
         .await
         .unwrap()
         .iter()
-        .find(|h| h.kind == "attempt_succeeded" && h.step.as_deref() == Some("debit"))
+        .find(|h| h.kind == RecordKind::AttemptSucceeded && h.step.as_deref() == Some("debit"))
         .map(|h| h.detail["output"].clone())
         .expect("the first saga's debit succeeded");
     publish(

@@ -495,7 +495,7 @@ fn check_history(p: &mut Problems, got: &[HistoryEntry], want: &[(Timestamp, Rec
         );
         p.eq(
             || here("direction"),
-            entry.direction.as_deref(),
+            entry.direction.map(|d| d.as_str()),
             record.direction.map(|d| d.as_str()),
         );
         p.eq(|| here("attempt"), entry.attempt, record.attempt);

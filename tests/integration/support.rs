@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use sagaflow_engine::machine::SagaStatus;
+use sagaflow_engine::machine::{RecordKind, SagaStatus};
 use sagaflow_engine::runtime::{Engine, EngineOptions};
 use sagaflow_engine::store::{HistoryEntry, Store};
+use sagaflow_sdk::Direction;
 use sagaflow_sdk::{Compensate, RetryPolicy, Saga, StepContext, StepError, StepHandler};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -137,7 +138,7 @@ pub fn kinds(history: &[HistoryEntry]) -> Vec<String> {
         .map(|h| match (&h.step, &h.direction, h.attempt) {
             (Some(step), Some(dir), Some(attempt)) => format!("{} {step}/{dir}#{attempt}", h.kind),
             (Some(step), _, _) => format!("{} {step}", h.kind),
-            _ => h.kind.clone(),
+            _ => h.kind.to_string(),
         })
         .collect()
 }
@@ -164,7 +165,10 @@ pub fn check_compensations(history: &[HistoryEntry], id: Uuid) {
     let succeeded = |direction: &str| -> Vec<String> {
         history
             .iter()
-            .filter(|h| h.kind == "attempt_succeeded" && h.direction.as_deref() == Some(direction))
+            .filter(|h| {
+                h.kind == RecordKind::AttemptSucceeded
+                    && h.direction.map(Direction::as_str) == Some(direction)
+            })
             .filter_map(|h| h.step.clone())
             .collect()
     };
@@ -180,7 +184,7 @@ pub fn check_compensations(history: &[HistoryEntry], id: Uuid) {
     );
     let planned: Vec<String> = history
         .iter()
-        .find(|h| h.kind == "compensation_started")
+        .find(|h| h.kind == RecordKind::CompensationStarted)
         .and_then(|h| serde_json::from_value(h.detail["steps"].clone()).ok())
         .unwrap_or_default();
     assert_eq!(
@@ -200,7 +204,7 @@ pub fn check_compensations(history: &[HistoryEntry], id: Uuid) {
     assert_eq!(
         history
             .iter()
-            .filter(|h| h.kind == "saga_compensated")
+            .filter(|h| h.kind == RecordKind::SagaCompensated)
             .count(),
         1,
         "saga {id}: one terminal record"
@@ -209,9 +213,9 @@ pub fn check_compensations(history: &[HistoryEntry], id: Uuid) {
     assert!(
         history
             .iter()
-            .skip_while(|h| h.kind != "saga_compensated")
+            .skip_while(|h| h.kind != RecordKind::SagaCompensated)
             .skip(1)
-            .all(|h| h.kind == "reply_ignored"),
+            .all(|h| h.kind == RecordKind::ReplyIgnored),
         "saga {id}: nothing but ignored replies after the end, last was {last:?}"
     );
 }
@@ -243,3 +247,13 @@ pub async fn spawn_worker(
     }));
     (stop, task)
 }
+
+/// One test case per database backend, named for it (`NAME::case_1_sqlite`,
+/// `NAME::case_2_postgres`): put `#[apply(backends)]` above `#[tokio::test]` on a test that
+/// takes `backend: Backend`. Each case gets its own database from `TestDb`, so they run in
+/// parallel.
+#[rstest_reuse::template]
+#[rstest::rstest]
+#[case::sqlite(sagaflow_tests::Backend::Sqlite)]
+#[case::postgres(sagaflow_tests::Backend::Postgres)]
+pub fn backends(#[case] backend: sagaflow_tests::Backend) {}

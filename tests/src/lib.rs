@@ -20,9 +20,6 @@ pub enum Backend {
     Postgres,
 }
 
-/// Both backends, for tests that must pass on each.
-pub const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
-
 /// A database that exists for one test.
 pub struct TestDb {
     /// The URL to hand to the engine.

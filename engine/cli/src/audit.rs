@@ -6,11 +6,11 @@ use sagaflow_engine::ops::{self, ActorFilter, AuditFilter, Cursor, Page, TimeRan
 use sagaflow_sdk::{Direction, Timestamp};
 use uuid::Uuid;
 
-use crate::common::{DatabaseArgs, instant, print_json, print_text};
+use crate::common::{DatabaseArgs, instant, named, print_json, print_text};
 
 /// Options of `sagaflow audit`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = examples())]
+#[command(after_help = EXAMPLES)]
 pub struct AuditArgs {
     #[command(flatten)]
     database: DatabaseArgs,
@@ -21,13 +21,13 @@ pub struct AuditArgs {
     #[arg(long)]
     name: Option<String>,
     /// Only records of this kind (repeat it, or separate with commas, for several).
-    #[arg(long, value_delimiter = ',', value_parser = kind)]
+    #[arg(long, value_delimiter = ',', value_parser = named::<RecordKind>())]
     kind: Vec<RecordKind>,
     /// Only records about this step.
     #[arg(long)]
     step: Option<String>,
-    /// Only records in this direction: forward or compensate.
-    #[arg(long, value_parser = direction)]
+    /// Only records in this direction.
+    #[arg(long, value_parser = named::<Direction>())]
     direction: Option<Direction>,
     /// Only records by exactly this actor (engine, worker:ID, operator:NAME).
     #[arg(long, conflicts_with_all = ["actor_prefix", "operators"])]
@@ -58,33 +58,13 @@ pub struct AuditArgs {
     jsonl: bool,
 }
 
-fn examples() -> String {
-    format!(
-        "Examples:\n  \
-         # which sagas compensated authorize_payment since Monday\n  \
-         sagaflow audit --kind attempt_succeeded --direction compensate --step authorize_payment --since 2026-11-23\n  \
-         # every operator action, exported as JSON lines\n  \
-         sagaflow audit --operators --jsonl > operator-actions.jsonl\n  \
-         # what happened to place_order sagas last Tuesday\n  \
-         sagaflow audit --name place_order --since 2026-11-17 --until 2026-11-18\n\n\
-         Record kinds: {}",
-        ops::record_kinds().join(", ")
-    )
-}
-
-fn kind(text: &str) -> Result<RecordKind, String> {
-    ops::parse_kind(text).map_err(|e| e.to_string())
-}
-
-fn direction(text: &str) -> Result<Direction, String> {
-    match text {
-        "forward" => Ok(Direction::Forward),
-        "compensate" => Ok(Direction::Compensate),
-        other => Err(format!(
-            "`{other}` is not a direction; use forward or compensate"
-        )),
-    }
-}
+const EXAMPLES: &str = "Examples:\n  \
+    # which sagas compensated authorize_payment since Monday\n  \
+    sagaflow audit --kind attempt_succeeded --direction compensate --step authorize_payment --since 2026-11-23\n  \
+    # every operator action, exported as JSON lines\n  \
+    sagaflow audit --operators --jsonl > operator-actions.jsonl\n  \
+    # what happened to place_order sagas last Tuesday\n  \
+    sagaflow audit --name place_order --since 2026-11-17 --until 2026-11-18";
 
 pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
     let actor = match (args.actor, args.actor_prefix, args.operators) {

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::str::FromStr;
 
 use anyhow::bail;
 use sagaflow_engine::machine::SagaStatus;
@@ -11,6 +12,7 @@ use sagaflow_engine::ops::{ListFilter, TimeRange, Versioned};
 use sagaflow_engine::store::Store;
 use sagaflow_sdk::Timestamp;
 use serde::Serialize;
+use strum::VariantNames;
 
 /// The database a command reads.
 #[derive(Debug, clap::Args)]
@@ -56,7 +58,7 @@ fn sqlite_path(url: &str) -> Option<&str> {
 #[group(id = "filters", multiple = true)]
 pub struct SagaFilterArgs {
     /// Only sagas in this status (repeat it, or separate with commas, for several).
-    #[arg(long, value_delimiter = ',', value_parser = status)]
+    #[arg(long, value_delimiter = ',', value_parser = named::<SagaStatus>())]
     pub status: Vec<SagaStatus>,
     /// Only sagas of this definition name.
     #[arg(long)]
@@ -109,14 +111,16 @@ impl SagaFilterArgs {
     }
 }
 
-fn status(text: &str) -> Result<SagaStatus, String> {
-    use strum::VariantNames;
-    SagaStatus::parse(text).ok_or_else(|| {
-        format!(
-            "`{text}` is not a saga status; use one of: {}",
-            SagaStatus::VARIANTS.join(", ")
-        )
-    })
+/// For clap: one of the names of an enum that crosses layers (a status, a record kind, a
+/// direction), parsed into the enum. Like `clap::ValueEnum`, `--help` and shell completions
+/// list the names and a wrong one is refused with them; the names come from the enum itself
+/// (strum), so the CLI cannot drift from what the database and the JSON say.
+pub fn named<T>() -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: VariantNames + FromStr<Err = strum::ParseError> + Clone + Send + Sync + 'static,
+{
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(T::VARIANTS).try_map(|name| name.parse::<T>())
 }
 
 /// Table or JSON.
@@ -163,6 +167,34 @@ pub fn duration(text: &str) -> Result<std::time::Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `--kind` (and `--status`, `--direction`) accept: every name the enum has, and
+    /// nothing else, refused with the list.
+    #[test]
+    fn every_record_kind_is_listed_and_parses() {
+        use clap::builder::TypedValueParser;
+        use sagaflow_engine::machine::RecordKind;
+
+        let command = clap::Command::new("audit");
+        let parse = |text: &str| named::<RecordKind>().parse_ref(&command, None, text.as_ref());
+        for kind in RecordKind::VARIANTS {
+            assert_eq!(parse(kind).map(RecordKind::as_str).ok(), Some(*kind));
+        }
+        for expected in [
+            "saga_started",
+            "attempt_succeeded",
+            "operator_action",
+            "saga_compensated",
+        ] {
+            assert!(RecordKind::VARIANTS.contains(&expected), "{expected}");
+        }
+        let error = parse("compensated").expect_err("not a kind").to_string();
+        assert!(error.contains("invalid value 'compensated'"), "{error}");
+        assert!(
+            error.contains("attempt_succeeded"),
+            "the kinds are listed: {error}"
+        );
+    }
 
     #[test]
     fn sqlite_paths_are_found_in_every_url_form() {

@@ -7,15 +7,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use sagaflow_engine::machine::SagaStatus;
+use sagaflow_engine::ops::{self, render};
 use sagaflow_engine::runtime::{Engine, EngineOptions};
-use sagaflow_engine::store::{HistoryEntry, Store};
+use sagaflow_engine::store::Store;
 use sagaflow_sdk::Timestamp;
 use sagaflow_workflows::{
     DEMO_STOCK, FaultPlan, Faults, Inventory, OrderMix, OrderServices, SagaOutcomes, TripMix,
     TripServices, book_trip_saga, check_invariants, generate_orders, generate_trips, install,
     place_order_saga, seed_stock_once,
 };
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::table;
@@ -198,9 +198,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     ))?;
 
     if let Some((_, key, id)) = pick_compensated(&started, &states, &history_lengths) {
-        let history = store.history(*id).await?;
-        print_text(format_args!("\nHistory of compensated saga {id} ({key}):"))?;
-        print_text(history_table(&history))?;
+        let view = ops::history(&store, *id).await?;
+        print_text(format_args!("\nA compensated saga (start key {key}):"))?;
+        print_text(render::history_table(&view))?;
     }
 
     let report = check_invariants(&db, &outcomes).await?;
@@ -225,75 +225,6 @@ fn pick_compensated<'a>(
             saga == "place_order" && states.get(id) == Some(&SagaStatus::Compensated)
         })
         .max_by_key(|(_, _, id)| history_lengths.get(id).copied().unwrap_or(0))
-}
-
-/// A saga's history as a table, times relative to its first record.
-pub fn history_table(history: &[HistoryEntry]) -> String {
-    let start = history.first().map(|h| h.at).unwrap_or(Timestamp(0));
-    let rows: Vec<Vec<String>> = history
-        .iter()
-        .map(|h| {
-            vec![
-                h.seq.to_string(),
-                format!("+{}ms", h.at.as_millis() - start.as_millis()),
-                h.kind.clone(),
-                h.step.clone().unwrap_or_default(),
-                h.direction.clone().unwrap_or_default(),
-                h.attempt.map(|a| a.to_string()).unwrap_or_default(),
-                h.actor.clone(),
-                summary(h, start),
-            ]
-        })
-        .collect();
-    table::render(
-        &[
-            "seq",
-            "time",
-            "event",
-            "step",
-            "direction",
-            "attempt",
-            "actor",
-            "detail",
-        ],
-        &rows,
-    )
-}
-
-fn summary(entry: &HistoryEntry, start: Timestamp) -> String {
-    let mut parts = Vec::new();
-    if let Some(error) = &entry.error {
-        parts.push(error.clone());
-    }
-    match &entry.detail {
-        Value::Object(map) => {
-            for (key, value) in map {
-                if key == "input" || key == "idempotency_key" || value.is_null() {
-                    continue;
-                }
-                let text = match value {
-                    // Times read best relative to the saga's start, like the time column.
-                    Value::Number(n) if key == "deadline" || key == "at" => {
-                        format!("+{}ms", n.as_i64().unwrap_or(0) - start.as_millis())
-                    }
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                parts.push(format!("{key}={}", truncate(&text, 60)));
-            }
-        }
-        Value::Null => {}
-        other => parts.push(truncate(&other.to_string(), 60)),
-    }
-    parts.join("; ")
-}
-
-fn truncate(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        text.to_string()
-    } else {
-        format!("{}…", text.chars().take(max).collect::<String>())
-    }
 }
 
 fn describe(url: &str) -> String {

@@ -88,6 +88,7 @@ impl std::fmt::Display for Actor {
     Serialize,
     Deserialize,
     strum::IntoStaticStr,
+    strum::Display,
     strum::EnumString,
     strum::VariantNames,
 )]

@@ -1,4 +1,4 @@
-//! The state machine's tests: one snapshot per scenario of `scenarios.rs`, invariants checked in
+//! The state machine's tests: one snapshot per scenario of `scenarios/`, invariants checked in
 //! code over every scenario, and a seeded random walk over several definitions that checks the
 //! same invariants (and a few more) after every event.
 

@@ -6,15 +6,13 @@
 
 use std::io::Write;
 
-use sagaflow_protocol::{Direction, Timestamp};
+use sagaflow_protocol::Direction;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ColumnTrait, DbBackend, EntityTrait, FromQueryResult, JoinType, QueryFilter, QueryOrder,
     QuerySelect, Select,
 };
 use serde::Serialize;
-use serde_json::Value;
-use strum::VariantNames;
 use uuid::Uuid;
 
 use super::cursor::Cursor;
@@ -22,7 +20,7 @@ use super::json::Versioned;
 use super::page::{MAX_PAGE, Page, TimeRange, like_pattern};
 use crate::EngineError;
 use crate::machine::RecordKind;
-use crate::store::{Store, history, saga};
+use crate::store::{HistoryColumns, HistoryEntry, OfSaga, Store, history, saga};
 
 /// Whose records an audit query selects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,53 +85,8 @@ impl AuditFilter {
     }
 }
 
-/// Parses a record kind as stored (`attempt_succeeded`, `operator_action`, ...).
-pub fn parse_kind(text: &str) -> Result<RecordKind, EngineError> {
-    text.trim().parse().map_err(|_| {
-        EngineError::invalid_query(
-            format!("`{text}` is not a history record kind"),
-            format!("use one of: {}", record_kinds().join(", ")),
-        )
-    })
-}
-
-/// Every record kind, as stored, for help texts and messages.
-pub fn record_kinds() -> Vec<String> {
-    RecordKind::VARIANTS
-        .iter()
-        .map(|kind| kind.to_string())
-        .collect()
-}
-
 /// One history record with the saga it belongs to.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AuditEntry {
-    /// The saga.
-    pub saga_id: Uuid,
-    /// Its definition name.
-    pub saga_name: String,
-    /// Its pinned definition version.
-    pub saga_version: u32,
-    /// Position in the saga's history, from 1.
-    pub seq: i64,
-    /// When.
-    #[serde(serialize_with = "super::time::rfc3339::serialize")]
-    pub at: Timestamp,
-    /// The record kind.
-    pub kind: String,
-    /// The step, if any.
-    pub step: Option<String>,
-    /// The direction, if any.
-    pub direction: Option<String>,
-    /// The attempt, if any.
-    pub attempt: Option<u32>,
-    /// Who: `engine`, `worker:ID` or `operator:NAME`.
-    pub actor: String,
-    /// The error, if any.
-    pub error: Option<String>,
-    /// Details.
-    pub detail: Value,
-}
+pub type AuditEntry = HistoryEntry<OfSaga>;
 
 /// One page of [`audit`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -166,25 +119,25 @@ impl AuditRow {
             saga_id: self.saga_id.clone(),
             detail,
         };
-        Ok(AuditEntry {
+        let saga = OfSaga {
             saga_id: Uuid::parse_str(&self.saga_id).map_err(|e| corrupt(format!("id: {e}")))?,
-            saga_name: self.saga_name.clone(),
+            saga_name: self.saga_name,
             saga_version: u32::try_from(self.saga_version)
                 .map_err(|e| corrupt(format!("definition_version: {e}")))?,
+        };
+        let row = HistoryColumns {
+            saga_id: self.saga_id,
             seq: self.seq,
-            at: Timestamp(self.at),
+            at: self.at,
             kind: self.kind,
-            step: self.step_name,
+            step_name: self.step_name,
             direction: self.direction,
-            attempt: self.attempt.and_then(|a| u32::try_from(a).ok()),
-            actor: self.actor,
+            attempt: self.attempt,
+            payload: self.payload,
             error: self.error,
-            detail: match self.payload {
-                Some(text) => serde_json::from_str(&text)
-                    .map_err(|e| corrupt(format!("history #{} payload: {e}", self.seq)))?,
-                None => Value::Null,
-            },
-        })
+            actor: self.actor,
+        };
+        Ok(row.decode()?.with(saga))
     }
 }
 
@@ -353,7 +306,7 @@ pub async fn export_jsonl<W: Write>(
         for entry in &result.entries {
             let line = serde_json::to_string(&Versioned::new(entry)).map_err(|e| {
                 EngineError::Corrupt {
-                    saga_id: entry.saga_id.to_string(),
+                    saga_id: entry.extra.saga_id.to_string(),
                     detail: format!("history #{} cannot be written as JSON: {e}", entry.seq),
                 }
             })?;
@@ -372,37 +325,6 @@ pub async fn export_jsonl<W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_record_kind_is_listed_and_parses() {
-        let kinds = record_kinds();
-        for expected in [
-            "saga_started",
-            "attempt_succeeded",
-            "operator_action",
-            "saga_compensated",
-        ] {
-            assert!(
-                kinds.iter().any(|k| k == expected),
-                "{expected} in {kinds:?}"
-            );
-        }
-        for kind in &kinds {
-            let parsed = parse_kind(kind).map_err(|e| e.to_string());
-            assert_eq!(parsed.map(|k| k.as_str()), Ok(kind.as_str()));
-        }
-        let error = parse_kind("compensated")
-            .expect_err("not a kind")
-            .to_string();
-        assert!(
-            error.contains("`compensated` is not a history record kind"),
-            "{error}"
-        );
-        assert!(
-            error.contains("attempt_succeeded"),
-            "the kinds are listed: {error}"
-        );
-    }
 
     #[test]
     fn a_prefix_ends_where_its_last_character_moves_up() {

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::EngineError;
 use crate::machine::{Activity, SagaState, SagaStatus, StepStatus};
-use crate::store::{AttemptStatus, HistoryEntry, Store, attempt, definition, saga};
+use crate::store::{AttemptStatus, Elapsed, HistoryEntry, Store, attempt, definition, saga};
 
 /// Everything about one saga an operator needs to decide what to do.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -389,48 +389,9 @@ pub struct HistoryView {
     pub entries: Vec<TimelineEntry>,
 }
 
-/// One history record.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TimelineEntry {
-    /// Position in the saga's history, from 1, without gaps.
-    pub seq: i64,
-    /// When.
-    #[serde(serialize_with = "super::time::rfc3339::serialize")]
-    pub at: Timestamp,
-    /// Milliseconds since the saga's first record.
-    pub elapsed_ms: i64,
-    /// The record kind (`attempt_failed`, `operator_action`, ...).
-    pub kind: String,
-    /// The step, if any.
-    pub step: Option<String>,
-    /// The direction, if any.
-    pub direction: Option<String>,
-    /// The attempt, if any.
-    pub attempt: Option<u32>,
-    /// Who: `engine`, `worker:ID` or `operator:NAME`.
-    pub actor: String,
-    /// The error, if any.
-    pub error: Option<String>,
-    /// Details: an output, a retry time, an operator's reason.
-    pub detail: Value,
-}
-
-impl TimelineEntry {
-    fn from_entry(entry: HistoryEntry, start: Timestamp) -> Self {
-        TimelineEntry {
-            seq: entry.seq,
-            at: entry.at,
-            elapsed_ms: entry.at.as_millis() - start.as_millis(),
-            kind: entry.kind,
-            step: entry.step,
-            direction: entry.direction,
-            attempt: entry.attempt,
-            actor: entry.actor,
-            error: entry.error,
-            detail: entry.detail,
-        }
-    }
-}
+/// One history record on a saga's timeline: the stored row and how long after the saga's first
+/// record it was written.
+pub type TimelineEntry = HistoryEntry<Elapsed>;
 
 /// The complete, ordered history of saga `id` (read by the `(saga_id, seq)` primary key).
 pub async fn history(store: &Store, id: Uuid) -> Result<HistoryView, EngineError> {
@@ -456,7 +417,10 @@ pub async fn history(store: &Store, id: Uuid) -> Result<HistoryView, EngineError
         status,
         entries: entries
             .into_iter()
-            .map(|e| TimelineEntry::from_entry(e, start))
+            .map(|e| {
+                let elapsed_ms = e.at.as_millis() - start.as_millis();
+                e.with(Elapsed { elapsed_ms })
+            })
             .collect(),
     })
 }

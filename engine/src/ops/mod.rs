@@ -39,9 +39,7 @@ pub use act::{
     ActOptions, ActReport, BulkAction, BulkEntry, BulkOutcome, BulkReport, BulkRequest,
     DispatchedAttempt, OutputCheck, PlannedAct, act, act_in_bulk, plan,
 };
-pub use audit::{
-    ActorFilter, AuditEntry, AuditFilter, AuditPage, audit, export_jsonl, parse_kind, record_kinds,
-};
+pub use audit::{ActorFilter, AuditEntry, AuditFilter, AuditPage, audit, export_jsonl};
 pub use cursor::Cursor;
 pub use inspect::{
     ActivityView, AttemptView, HistoryView, SagaDetail, StepView, StuckView, TimelineEntry,

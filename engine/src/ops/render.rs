@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sagaflow_protocol::Timestamp;
+use sagaflow_protocol::{Direction, Timestamp};
 use serde_json::Value;
 
 use super::audit::AuditPage;
@@ -417,7 +417,7 @@ pub fn detail_summary(error: Option<&str>, detail: &Value) -> String {
 }
 
 fn elapsed(entry: &TimelineEntry) -> String {
-    let ms = entry.elapsed_ms.max(0) as u64;
+    let ms = entry.extra.elapsed_ms.max(0) as u64;
     format!("+{}", format_duration(Duration::from_millis(ms)))
 }
 
@@ -439,9 +439,9 @@ pub fn history_table(view: &HistoryView) -> String {
                 e.seq.to_string(),
                 format_time(e.at),
                 elapsed(e),
-                e.kind.clone(),
+                e.kind.as_str().to_string(),
                 or_dash(e.step.as_deref()),
-                or_dash(e.direction.as_deref()),
+                or_dash(e.direction.map(Direction::as_str)),
                 e.attempt.map_or_else(|| "-".into(), |a| a.to_string()),
                 e.actor.clone(),
                 detail_summary(e.error.as_deref(), &e.detail),
@@ -478,12 +478,12 @@ pub fn audit_table(page: &AuditPage) -> String {
         .map(|e| {
             vec![
                 format_time(e.at),
-                e.saga_id.to_string(),
-                format!("{}@{}", e.saga_name, e.saga_version),
+                e.extra.saga_id.to_string(),
+                format!("{}@{}", e.extra.saga_name, e.extra.saga_version),
                 e.seq.to_string(),
-                e.kind.clone(),
+                e.kind.as_str().to_string(),
                 or_dash(e.step.as_deref()),
-                or_dash(e.direction.as_deref()),
+                or_dash(e.direction.map(Direction::as_str)),
                 e.attempt.map_or_else(|| "-".into(), |a| a.to_string()),
                 e.actor.clone(),
                 detail_summary(e.error.as_deref(), &e.detail),

@@ -9,6 +9,7 @@ use sea_orm::{
     ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 use serde::Serialize;
+use serde_with::{DurationMilliSeconds, serde_as};
 use uuid::Uuid;
 
 use super::definitions::Definitions;
@@ -42,6 +43,7 @@ pub enum StuckKind {
 }
 
 /// One saga that needs looking at.
+#[serde_as]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StuckSaga {
     /// The saga.
@@ -50,23 +52,23 @@ pub struct StuckSaga {
     /// Stuck, or without progress.
     pub kind: StuckKind,
     /// How long since it last changed.
-    #[serde(rename = "idle_ms", serialize_with = "super::time::millis::serialize")]
+    #[serde(rename = "idle_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub idle_for: Duration,
     /// Why, in words: the stuck reason, or what it has been waiting on.
     pub reason: String,
 }
 
 /// The sagas that need an operator, and how many there are in all.
+#[serde_as]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StuckReport {
     /// The time the report was made at.
     #[serde(serialize_with = "super::time::rfc3339::serialize")]
     pub now: Timestamp,
     /// The no-progress threshold.
-    #[serde(
-        rename = "threshold_ms",
-        serialize_with = "super::time::millis::serialize"
-    )]
+    #[serde(rename = "threshold_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub threshold: Duration,
     /// Sagas in the stuck state, in all.
     pub stuck_total: u64,

@@ -128,18 +128,6 @@ pub(crate) mod rfc3339 {
     }
 }
 
-/// Serde helper: durations in JSON output are whole milliseconds.
-pub(crate) mod millis {
-    use std::time::Duration;
-
-    use serde::Serializer;
-
-    /// Serializes a [`Duration`] as milliseconds.
-    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_u64(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,12 +1,10 @@
 //! Writing a whole batch of transitions at once: the conditional saga updates, the new sagas,
 //! attempts, outbox commands and history rows of every saga in the batch.
 //!
-//! Each kind of row travels as one JSON parameter (read with `json_to_recordset` in PostgreSQL,
-//! `json_each` in SQLite), so a statement's text is the same for one row or five hundred and is
-//! prepared once per connection. On PostgreSQL the whole batch is then **one statement** (data-
-//! modifying `WITH` clauses, atomic on its own): one round trip per commit, where a statement per
-//! table cost seven, each waiting for a busy machine to schedule both ends. SQLite has no
-//! data-modifying `WITH`; it runs the same parts as statements in one transaction.
+//! Each kind of row travels as one JSON parameter, so a statement's text is the same for any
+//! batch size and is prepared once per connection; on PostgreSQL the whole batch is then one
+//! statement of data-modifying `WITH` clauses, one round trip per commit (docs/architecture.md
+//! §7.1). SQLite has no data-modifying `WITH`; it runs the same parts in one transaction.
 //!
 //! Either way the saga updates decide: rows of a saga whose version moved on (a stale write)
 //! are left out, and the caller learns which sagas were written.
@@ -49,9 +47,9 @@ fn json_rows(backend: DbBackend, param: usize, columns: &[(&str, SqlType)]) -> S
                 .iter()
                 .map(|(name, ty)| format!("{name} {}", ty.name()))
                 .collect();
-            // The batch writer's connections allow only index lookups for the joins (see
-            // `BATCH_WRITER_SETTINGS`), so the planner's guess at the row count cannot turn
-            // them into table scans.
+            // The batch writer's connections allow only index lookups for the joins
+            // (`BATCH_WRITER_SETTINGS` in connection.rs), so the planner's guess at the row
+            // count cannot turn them into table scans.
             format!(
                 "json_to_recordset(CAST(${param} AS json)) AS v({})",
                 fields.join(", ")

@@ -1,9 +1,9 @@
-//! Registered definitions: reading one back (the version a saga is pinned to), and what
-//! registering the same name and version again does.
+//! Registered definitions: registering one (and what registering the same name and version
+//! again does), listing them, and reading one back (the version a saga is pinned to).
 
-use sagaflow_protocol::{ProtocolError, SagaSpec};
+use sagaflow_protocol::{ProtocolError, SagaSpec, Timestamp};
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use tracing::info;
 
 use super::{Store, definition};
@@ -11,6 +11,59 @@ use crate::EngineError;
 use crate::schema::CompiledSchema;
 
 impl Store {
+    /// Registers a definition. Registering the same spec again is a no-op; a different spec
+    /// under an existing version is refused, because running sagas are pinned to it. The one
+    /// difference accepted is step schemas added where the stored definition has none: the
+    /// richer definition is stored ([`SagaSpec::merge_schemas`]).
+    pub async fn register_definition(&self, spec: &SagaSpec) -> Result<(), EngineError> {
+        // Definitions also arrive from workers over the network: check them like the SDK does.
+        spec.validate().map_err(EngineError::InvalidDefinition)?;
+        check_schemas(spec)?;
+        let text = serde_json::to_string(spec).map_err(|e| EngineError::CorruptDefinition {
+            name: spec.name.clone(),
+            version: i64::from(spec.version),
+            detail: e.to_string(),
+        })?;
+        let existing = definition::Entity::find_by_id((spec.name.clone(), spec.version as i32))
+            .one(&self.db)
+            .await
+            .map_err(EngineError::db("reading a saga definition"))?;
+        if let Some(row) = existing {
+            return self.register_again(spec, row).await;
+        }
+        let row = definition::ActiveModel {
+            name: Set(spec.name.clone()),
+            version: Set(spec.version as i32),
+            spec: Set(text),
+            registered_at: Set(Timestamp::now().as_millis()),
+        };
+        definition::Entity::insert(row)
+            .on_conflict_do_nothing()
+            .exec_without_returning(&self.db)
+            .await
+            .map_err(EngineError::db("registering a saga definition"))?;
+        Ok(())
+    }
+
+    /// Every registered definition, by name then version.
+    pub async fn definitions(&self) -> Result<Vec<SagaSpec>, EngineError> {
+        let rows = definition::Entity::find()
+            .order_by_asc(definition::Column::Name)
+            .order_by_asc(definition::Column::Version)
+            .all(&self.db)
+            .await
+            .map_err(EngineError::db("listing saga definitions"))?;
+        rows.into_iter()
+            .map(|row| {
+                serde_json::from_str(&row.spec).map_err(|e| EngineError::CorruptDefinition {
+                    name: row.name.clone(),
+                    version: i64::from(row.version),
+                    detail: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
     /// The definition registered as `name` at `version`, if there is one.
     pub async fn definition(
         &self,
@@ -33,13 +86,11 @@ impl Store {
         })
         .transpose()
     }
-}
 
-impl Store {
     /// `spec` registered again under a name and version that `row` already holds: a no-op when
     /// it is the stored definition (or the stored one with fewer schemas), an update when it
     /// adds step schemas the stored one lacks, refused as a changed definition otherwise.
-    pub(super) async fn register_again(
+    async fn register_again(
         &self,
         spec: &SagaSpec,
         mut row: definition::Model,
@@ -93,7 +144,7 @@ impl Store {
 
 /// Every step schema of `spec` must be a usable JSON Schema, self-contained: a worker's mistake
 /// in one is refused at registration rather than met later by every start or skip.
-pub(super) fn check_schemas(spec: &SagaSpec) -> Result<(), EngineError> {
+fn check_schemas(spec: &SagaSpec) -> Result<(), EngineError> {
     for step in &spec.steps {
         for (what, schema) in [
             ("input_schema", &step.input_schema),

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use serde_with::{DurationMilliSeconds, serde_as};
 
 use crate::ProtocolError;
 
@@ -30,12 +31,17 @@ pub struct RetryPolicy {
 }
 
 /// The serialized form: durations as integer milliseconds so any language can read them.
+#[serde_as]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RetryPolicyFields {
-    initial_interval_ms: u64,
+    #[serde(rename = "initial_interval_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
+    initial_interval: Duration,
     multiplier: f64,
-    max_interval_ms: u64,
+    #[serde(rename = "max_interval_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
+    max_interval: Duration,
     max_attempts: Option<u32>,
     jitter: f64,
     #[serde(default)]
@@ -47,9 +53,9 @@ impl TryFrom<RetryPolicyFields> for RetryPolicy {
 
     fn try_from(fields: RetryPolicyFields) -> Result<Self, ProtocolError> {
         RetryPolicy {
-            initial_interval: Duration::from_millis(fields.initial_interval_ms),
+            initial_interval: fields.initial_interval,
             multiplier: fields.multiplier,
-            max_interval: Duration::from_millis(fields.max_interval_ms),
+            max_interval: fields.max_interval,
             max_attempts: fields.max_attempts,
             jitter: fields.jitter,
             non_retryable: fields.non_retryable,
@@ -60,11 +66,10 @@ impl TryFrom<RetryPolicyFields> for RetryPolicy {
 
 impl From<RetryPolicy> for RetryPolicyFields {
     fn from(policy: RetryPolicy) -> Self {
-        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         RetryPolicyFields {
-            initial_interval_ms: millis(policy.initial_interval),
+            initial_interval: policy.initial_interval,
             multiplier: policy.multiplier,
-            max_interval_ms: millis(policy.max_interval),
+            max_interval: policy.max_interval,
             max_attempts: policy.max_attempts,
             jitter: policy.jitter,
             non_retryable: policy.non_retryable,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_with::{DurationMilliSeconds, serde_as};
 
 use crate::{ProtocolError, RetryPolicy};
 
@@ -62,6 +63,7 @@ impl std::fmt::Display for Direction {
 }
 
 /// One step of a [`SagaSpec`].
+#[serde_as]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepSpec {
     /// Unique within the saga; appears in history, idempotency keys and the CLI.
@@ -74,7 +76,8 @@ pub struct StepSpec {
     /// runs out the saga becomes stuck.
     pub compensation_retry: RetryPolicy,
     /// How long one attempt may take before it counts as failed (retryable) and is retried.
-    #[serde(with = "optional_millis", rename = "timeout_ms")]
+    #[serde(rename = "timeout_ms")]
+    #[serde_as(as = "Option<DurationMilliSeconds<u64>>", no_default)]
     pub timeout: Option<Duration>,
     /// The JSON Schema (draft 2020-12) of what the step reads from the saga input, when the
     /// worker sent one. The engine checks a start's input against the first step's schema.
@@ -95,6 +98,7 @@ impl StepSpec {
 }
 
 /// A saga definition as data: ordered steps plus an optional overall deadline.
+#[serde_as]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SagaSpec {
     /// The saga's name, e.g. `place_order`.
@@ -105,7 +109,8 @@ pub struct SagaSpec {
     pub steps: Vec<StepSpec>,
     /// If the saga has not passed its pivot (or finished, when it has none) this long after it
     /// started, it stops moving forward and compensates.
-    #[serde(with = "optional_millis", rename = "deadline_ms")]
+    #[serde(rename = "deadline_ms")]
+    #[serde_as(as = "Option<DurationMilliSeconds<u64>>", no_default)]
     pub deadline: Option<Duration>,
 }
 
@@ -230,23 +235,6 @@ fn is_plain_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-}
-
-mod optional_millis {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match value {
-            Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
-    }
 }
 
 #[cfg(test)]

@@ -13,8 +13,9 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sagaflow_engine::machine::SagaStatus;
+use sagaflow_engine::machine::{RecordKind, SagaStatus};
 use sagaflow_engine::store::{HistoryEntry, Store};
+use sagaflow_sdk::Direction;
 use sagaflow_sdk::protocol::{EngineAnswer, PROTOCOL_VERSION, StartRequest, names};
 use sagaflow_tests::{Backend, NatsServer, TestDb};
 use sagaflow_workflows::{
@@ -566,7 +567,7 @@ impl Cluster {
                     assert!(
                         !history
                             .iter()
-                            .any(|h| h.direction.as_deref() == Some("compensate")),
+                            .any(|h| h.direction == Some(Direction::Compensate)),
                         "{name}: completed saga {id} ran a compensation"
                     );
                     outcomes.completed_orders.push(order_id.clone());
@@ -687,7 +688,7 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             for h in self.store.history(id).await.expect("read a history") {
-                if h.kind == "attempt_succeeded" {
+                if h.kind == RecordKind::AttemptSucceeded {
                     served.insert(h.actor);
                 }
             }
@@ -767,17 +768,17 @@ pub(super) fn check_history(
     let mut keys: BTreeMap<(String, String), HashSet<String>> = BTreeMap::new();
     let mut dispatched: HashSet<(String, String, u32)> = HashSet::new();
     for h in history {
-        if h.kind == "attempt_dispatched"
+        if h.kind == RecordKind::AttemptDispatched
             && let (Some(step), Some(direction), Some(attempt)) = (&h.step, &h.direction, h.attempt)
         {
             let key = h.detail["idempotency_key"]
                 .as_str()
                 .unwrap_or_else(|| panic!("{name}: saga {id}: a dispatch without a key"))
                 .to_string();
-            keys.entry((step.clone(), direction.clone()))
+            keys.entry((step.clone(), direction.to_string()))
                 .or_default()
                 .insert(key);
-            dispatched.insert((step.clone(), direction.clone(), attempt));
+            dispatched.insert((step.clone(), direction.to_string(), attempt));
         }
     }
     for ((step, direction), set) in &keys {
@@ -792,7 +793,7 @@ pub(super) fn check_history(
         let (Some(step), Some(direction)) = (&h.step, &h.direction) else {
             continue;
         };
-        let slot = (step.clone(), direction.clone());
+        let slot = (step.clone(), direction.to_string());
         match h.kind.as_str() {
             "attempt_succeeded" => {
                 *succeeded.entry(slot.clone()).or_default() += 1;
@@ -804,7 +805,7 @@ pub(super) fn check_history(
                     outcome["status"], "succeeded",
                     "{name}: saga {id}: {step}/{direction}: the engine applied a success, the worker recorded {outcome}"
                 );
-                if direction == "forward" {
+                if *direction == Direction::Forward {
                     assert_eq!(
                         outcome["output"], h.detail["output"],
                         "{name}: saga {id}: {step}: the engine applied another output than the one recorded for {key}"
@@ -822,7 +823,7 @@ pub(super) fn check_history(
             "attempt_timed_out" => {
                 findings.timed_out += 1;
                 if let Some(attempt) = h.attempt
-                    && dispatched.contains(&(step.clone(), direction.clone(), attempt + 1))
+                    && dispatched.contains(&(step.clone(), direction.to_string(), attempt + 1))
                 {
                     findings.redispatched += 1;
                 }
@@ -838,7 +839,7 @@ pub(super) fn check_history(
     }
     let terminal = history
         .iter()
-        .filter(|h| h.kind == "saga_completed" || h.kind == "saga_compensated")
+        .filter(|h| h.kind == RecordKind::SagaCompleted || h.kind == RecordKind::SagaCompensated)
         .count();
     assert!(terminal <= 1, "{name}: saga {id} ended {terminal} times");
 }
