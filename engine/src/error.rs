@@ -139,6 +139,33 @@ pub enum EngineError {
         detail: String,
     },
 
+    /// The database was created with another partition count, which cannot change.
+    #[error(
+        "this database was created with {recorded} partitions, and the count cannot change; drop --partitions {wanted} (it applies only to a new database)"
+    )]
+    PartitionCountFixed {
+        /// The count the database records.
+        recorded: u32,
+        /// The count asked for.
+        wanted: u32,
+    },
+
+    /// A partition count out of range.
+    #[error("{0} partitions is not a usable count; give between 1 and 1024")]
+    InvalidPartitionCount(u32),
+
+    /// This engine node does not hold the lease of the saga's partition (any more): another
+    /// node drives the saga.
+    #[error(
+        "saga {saga_id} is in partition {partition}, which this engine node does not hold; the node that holds it (see `sagaflow nodes`) drives it, so send the request again"
+    )]
+    NotOwner {
+        /// The saga.
+        saga_id: Uuid,
+        /// Its partition.
+        partition: u32,
+    },
+
     /// Another writer changed the saga first; re-read and try again.
     #[error(
         "saga {0} was changed by another writer at the same time; nothing was changed, try again"

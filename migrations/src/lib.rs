@@ -11,6 +11,10 @@
 //! - `saga_history`: the append-only audit trail, `(saga_id, seq)` ordered.
 //! - `outbox`: step commands committed with their transition, until a relay has published them
 //!   (then deleted).
+//! - `cluster_settings`, `partition_leases`, `engine_nodes` (`m20261202_000001_partitions`):
+//!   how many partitions sagas are spread over, which node holds each partition's lease under
+//!   which fencing epoch, and the nodes themselves; each saga row names its partition and each
+//!   history row the node and epoch that wrote it.
 //!
 //! The indexes, and why each exists, are in the migration (and `docs/architecture.md` §7.1).
 //! The two databases differ on purpose in two places: PostgreSQL has no foreign keys from
@@ -32,6 +36,7 @@ use sea_orm_migration::sea_orm::{EntityTrait, QueryOrder};
 use sea_orm_migration::seaql_migrations;
 
 mod m20261201_000001_schema;
+mod m20261202_000001_partitions;
 
 /// How the names of the migrations squashed into `m20261201_000001_schema` begin.
 const SQUASHED_PREFIX: &str = "m20261126_";
@@ -42,7 +47,10 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261201_000001_schema::Migration)]
+        vec![
+            Box::new(m20261201_000001_schema::Migration),
+            Box::new(m20261202_000001_partitions::Migration),
+        ]
     }
 
     /// The applied migrations, as sea-orm-migration reads them (every operation of the

@@ -76,8 +76,11 @@ const POSTGRES_ACTOR_INDEX: (&str, &str, &str, Option<&str>) = (
     None,
 );
 
-const TABLES: [&str; 6] = [
+const TABLES: [&str; 9] = [
+    "cluster_settings",
+    "engine_nodes",
     "outbox",
+    "partition_leases",
     "saga_definitions",
     "saga_history",
     "sagas",
@@ -164,7 +167,7 @@ async fn migrate_twice(db: &DatabaseConnection) {
     );
     assert_eq!(
         column(db, "SELECT version FROM seaql_migrations").await,
-        owned(&["m20261201_000001_schema"])
+        owned(&["m20261201_000001_schema", "m20261202_000001_partitions"])
     );
 }
 
@@ -368,7 +371,10 @@ async fn postgres_schema_has_every_table_and_index_and_migrating_again_changes_n
     assert_eq!(
         constraints,
         vec![
+            owned(&["cluster_settings", "p", "PRIMARY KEY (id)"]),
+            owned(&["engine_nodes", "p", "PRIMARY KEY (id)"]),
             owned(&["outbox", "p", "PRIMARY KEY (id)"]),
+            owned(&["partition_leases", "p", "PRIMARY KEY (partition_id)"]),
             owned(&["saga_definitions", "p", "PRIMARY KEY (name, version)"]),
             owned(&["saga_history", "p", "PRIMARY KEY (saga_id, seq)"]),
             owned(&[

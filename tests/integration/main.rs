@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod distributed;
 mod embedded;
+mod fencing;
 mod limits;
 mod ops;
 mod python_worker;

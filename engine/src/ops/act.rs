@@ -141,7 +141,10 @@ impl PlannedAct {
                 row_version: *row_version,
                 ..self.report
             }),
-            Some(WriteOutcome::Stale) | None => Err(EngineError::Conflict(saga_id)),
+            // An unfenced write is never `Fenced`; were it, the saga was not written either.
+            Some(WriteOutcome::Stale | WriteOutcome::Fenced) | None => {
+                Err(EngineError::Conflict(saga_id))
+            }
         }
     }
 }

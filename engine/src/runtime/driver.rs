@@ -454,6 +454,19 @@ impl Driver {
                     }
                     acknowledge(work.events);
                 }
+                Some(WriteOutcome::Fenced) => {
+                    // The partition's lease is gone: its new owner drives the saga. Replies are
+                    // left unacknowledged, so the broker delivers them to that owner.
+                    let partition = self.store.partition_of(saga_id);
+                    warn!(saga = %saga_id, partition, "write fenced off: this node no longer holds the saga's partition");
+                    self.cache.remove(&saga_id);
+                    for respond in work.start_responders {
+                        let _ = respond.send(Err(EngineError::NotOwner { saga_id, partition }));
+                    }
+                    for respond in work.operator_responders {
+                        let _ = respond.send(Err(EngineError::NotOwner { saga_id, partition }));
+                    }
+                }
                 Some(WriteOutcome::Stale) | None => {
                     // Another writer got there first: forget what we knew, re-read, re-apply.
                     warn!(saga = %saga_id, "stale write refused; re-reading the saga");

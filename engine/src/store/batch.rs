@@ -114,10 +114,21 @@ impl Rows {
     /// `INSERT INTO table (...) SELECT ... FROM <parameter param>`, keeping only rows of the
     /// sagas `committed` names (a subquery), if given.
     fn insert_sql(&self, backend: DbBackend, param: usize, committed: Option<&str>) -> String {
+        let condition = committed.map(|ids| format!("v.saga_id IN ({ids})"));
+        self.insert_where_sql(backend, param, condition.as_deref())
+    }
+
+    /// [`Rows::insert_sql`] keeping only the rows that meet `condition`, if given.
+    fn insert_where_sql(
+        &self,
+        backend: DbBackend,
+        param: usize,
+        condition: Option<&str>,
+    ) -> String {
         let names: Vec<&str> = self.columns.iter().map(|(name, _)| *name).collect();
         let names = names.join(", ");
-        let filter = committed
-            .map(|ids| format!(" WHERE v.saga_id IN ({ids})"))
+        let filter = condition
+            .map(|condition| format!(" WHERE {condition}"))
             .unwrap_or_default();
         format!(
             "INSERT INTO {} ({names}) SELECT {names} FROM {}{filter}",
@@ -188,15 +199,41 @@ const SAGA_UPDATE_COLUMNS: [(&str, SqlType); 11] = [
     ("expected", SqlType::BigInt),
 ];
 
-fn update_sagas_sql(backend: DbBackend, param: usize) -> String {
+/// The saga updates, each conditional on its version and, when `held` names a subquery of
+/// partitions, on the saga's partition being among them.
+fn update_sagas_sql(backend: DbBackend, param: usize, held: Option<&str>) -> String {
+    let fence = held
+        .map(|held| format!(" AND sagas.partition_id IN ({held})"))
+        .unwrap_or_default();
     format!(
         "UPDATE sagas SET status = v.status, current_step = v.current_step, outputs = v.outputs, \
          progress = v.progress, last_error = v.last_error, wake_at = v.wake_at, \
          row_version = v.row_version, history_seq = v.history_seq, updated_at = v.updated_at \
-         FROM {} WHERE sagas.id = v.id AND sagas.row_version = v.expected RETURNING sagas.id",
+         FROM {} WHERE sagas.id = v.id AND sagas.row_version = v.expected{fence} \
+         RETURNING sagas.id",
         json_rows(backend, param, &SAGA_UPDATE_COLUMNS)
     )
 }
+
+/// The partitions of `fence` whose lease its node still holds under the epoch it names, now by
+/// the database's clock; each lease row read is share-locked until the batch commits, so a
+/// takeover (which updates the row) waits for this batch and cannot see the partition's sagas
+/// before it (docs/architecture.md §3.1).
+fn held_partitions_sql(leases_param: usize, node_param: usize) -> String {
+    format!(
+        "SELECT l.partition_id FROM partition_leases l \
+         JOIN json_to_recordset(CAST(${leases_param} AS json)) AS h(partition_id integer, epoch bigint) \
+         ON l.partition_id = h.partition_id AND l.epoch = h.epoch \
+         WHERE l.owner = ${node_param} AND l.expires_at > {DATABASE_NOW_MS} \
+         FOR SHARE OF l"
+    )
+}
+
+/// The database's clock in milliseconds since the epoch, on PostgreSQL: leases are measured by
+/// it, never by a node's own clock. (`clock_timestamp`, not `now`: the time of the check, not of
+/// the transaction's start.)
+pub(crate) const DATABASE_NOW_MS: &str =
+    "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS bigint)";
 
 fn saga_update_rows(updates: &[SagaUpdate]) -> Vec<Json> {
     updates
@@ -292,8 +329,28 @@ fn attempt_update_rows(
         .collect()
 }
 
+/// The leases a fenced batch is written under: the node, and the epoch of each partition its
+/// sagas are in.
+pub(super) struct FenceRows {
+    pub node: String,
+    pub epochs: Vec<(u32, u64)>,
+}
+
+/// What a batch wrote.
+pub(super) struct Written {
+    /// Existing sagas whose update was written.
+    pub updated: HashSet<String>,
+    /// New sagas inserted.
+    pub inserted: HashSet<String>,
+    /// For a fenced batch on PostgreSQL, the partitions whose lease held; `None` when the batch
+    /// was not fenced (or is on SQLite, where one engine holds every partition).
+    pub held: Option<HashSet<u32>>,
+}
+
 /// Everything one batch writes, assuming every saga update succeeds.
 pub(super) struct BatchWrite {
+    /// Leases to write under (PostgreSQL only), if any.
+    pub fence: Option<FenceRows>,
     pub saga_updates: Vec<SagaUpdate>,
     pub new_sagas: Rows,
     pub new_attempts: Rows,
@@ -304,13 +361,12 @@ pub(super) struct BatchWrite {
     pub history: Rows,
 }
 
-/// Writes the batch atomically; returns the ids of the existing sagas whose update was
-/// written. New sagas are always written; if one cannot be (a start key taken meanwhile),
-/// nothing is.
+/// Writes the batch atomically. New sagas are written whenever their partition's lease held
+/// (always, unfenced); if one cannot be (a start key taken meanwhile), nothing is.
 pub(super) async fn write(
     db: &DatabaseConnection,
     batch: BatchWrite,
-) -> Result<HashSet<String>, EngineError> {
+) -> Result<Written, EngineError> {
     match db.get_database_backend() {
         DbBackend::Postgres => write_in_one_statement(db, batch).await,
         backend => write_in_one_transaction(db, backend, batch).await,
@@ -320,26 +376,42 @@ pub(super) async fn write(
 async fn write_in_one_statement(
     db: &DatabaseConnection,
     batch: BatchWrite,
-) -> Result<HashSet<String>, EngineError> {
+) -> Result<Written, EngineError> {
     let backend = DbBackend::Postgres;
     let committed = Some("SELECT id FROM committed");
+    let held = batch
+        .fence
+        .as_ref()
+        .map(|_| "SELECT partition_id FROM held");
+    let (held_cte, held_rows) = match &batch.fence {
+        Some(_) => (
+            format!("held AS ({}), ", held_partitions_sql(7, 8)),
+            " UNION ALL SELECT 'h', CAST(partition_id AS text) FROM held",
+        ),
+        None => (String::new(), ""),
+    };
     let sql = format!(
-        "WITH updated AS ({}), \
+        "WITH {held_cte}updated AS ({}), \
          inserted AS ({} RETURNING id), \
          committed AS (SELECT id FROM updated UNION ALL SELECT id FROM inserted), \
          new_attempts AS ({}), \
          finished_attempts AS ({}), \
          new_commands AS ({}), \
          new_history AS ({}) \
-         SELECT id FROM updated",
-        update_sagas_sql(backend, 1),
-        batch.new_sagas.insert_sql(backend, 2, None),
+         SELECT 'u', id FROM updated UNION ALL SELECT 'i', id FROM inserted{held_rows}",
+        update_sagas_sql(backend, 1, held),
+        batch.new_sagas.insert_where_sql(
+            backend,
+            2,
+            held.map(|held| format!("v.partition_id IN ({held})"))
+                .as_deref()
+        ),
         batch.new_attempts.insert_sql(backend, 3, committed),
         update_attempts_sql(backend, 4, committed),
         batch.outbox.insert_sql(backend, 5, committed),
         batch.history.insert_sql(backend, 6, committed),
     );
-    let values = vec![
+    let mut values = vec![
         parameter(&saga_update_rows(&batch.saga_updates))?,
         parameter(&batch.new_sagas.rows)?,
         parameter(&batch.new_attempts.rows)?,
@@ -347,23 +419,52 @@ async fn write_in_one_statement(
         parameter(&batch.outbox.rows)?,
         parameter(&batch.history.rows)?,
     ];
+    if let Some(fence) = &batch.fence {
+        let leases: Vec<Json> = fence
+            .epochs
+            .iter()
+            .map(|(partition, epoch)| json!({ "partition_id": partition, "epoch": epoch }))
+            .collect();
+        values.push(parameter(&leases)?);
+        values.push(Value::from(fence.node.clone()));
+    }
     let rows = db
         .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
         .await
         .map_err(EngineError::db("committing a batch of transitions"))?;
-    rows.into_iter()
-        .map(|row| {
-            row.try_get_by_index::<String>(0)
-                .map_err(EngineError::db("reading updated saga ids"))
-        })
-        .collect()
+    let mut written = Written {
+        updated: HashSet::new(),
+        inserted: HashSet::new(),
+        held: batch.fence.as_ref().map(|_| HashSet::new()),
+    };
+    for row in rows {
+        let read = EngineError::db("reading what a batch wrote");
+        let tag: String = row.try_get_by_index(0).map_err(read)?;
+        let value: String = row
+            .try_get_by_index(1)
+            .map_err(EngineError::db("reading what a batch wrote"))?;
+        match tag.as_str() {
+            "u" => {
+                written.updated.insert(value);
+            }
+            "i" => {
+                written.inserted.insert(value);
+            }
+            _ => {
+                if let (Some(held), Ok(partition)) = (written.held.as_mut(), value.parse()) {
+                    held.insert(partition);
+                }
+            }
+        }
+    }
+    Ok(written)
 }
 
 async fn write_in_one_transaction(
     db: &DatabaseConnection,
     backend: DbBackend,
     mut batch: BatchWrite,
-) -> Result<HashSet<String>, EngineError> {
+) -> Result<Written, EngineError> {
     let txn = db
         .begin()
         .await
@@ -373,7 +474,7 @@ async fn write_in_one_transaction(
         let rows = txn
             .query_all_raw(Statement::from_sql_and_values(
                 backend,
-                update_sagas_sql(backend, 1),
+                update_sagas_sql(backend, 1, None),
                 [parameter(&saga_update_rows(&batch.saga_updates))?],
             ))
             .await
@@ -385,14 +486,14 @@ async fn write_in_one_transaction(
             );
         }
     }
+    let inserted: HashSet<String> = batch
+        .new_sagas
+        .rows
+        .iter()
+        .filter_map(|row| row.get("id").and_then(Json::as_str).map(str::to_string))
+        .collect();
     let mut committed = updated.clone();
-    committed.extend(
-        batch
-            .new_sagas
-            .rows
-            .iter()
-            .filter_map(|row| row.get("id").and_then(Json::as_str).map(str::to_string)),
-    );
+    committed.extend(inserted.iter().cloned());
     batch.new_attempts.retain_sagas(&committed);
     batch.outbox.retain_sagas(&committed);
     batch.history.retain_sagas(&committed);
@@ -439,5 +540,9 @@ async fn write_in_one_transaction(
     txn.commit()
         .await
         .map_err(EngineError::db("committing a transition"))?;
-    Ok(updated)
+    Ok(Written {
+        updated,
+        inserted,
+        held: None,
+    })
 }

@@ -148,11 +148,14 @@ pub(super) fn outbox_row(
     })
 }
 
+/// A history row; `writer` is the node and epoch it is written under (`None` for an operator's
+/// write from the CLI).
 pub(super) fn history_row(
     saga_id: &str,
     seq: i64,
     at: i64,
     record: &Record,
+    writer: Option<(&str, u64)>,
 ) -> history::ActiveModel {
     history::ActiveModel {
         saga_id: Set(saga_id.to_string()),
@@ -165,6 +168,8 @@ pub(super) fn history_row(
         payload: Set((!record.detail.is_null()).then(|| record.detail.to_string())),
         error: Set(record.error.clone()),
         actor: Set(record.actor.to_string()),
+        node: Set(writer.map(|(node, _)| node.to_string())),
+        epoch: Set(writer.map(|(_, epoch)| epoch as i64)),
     }
 }
 
@@ -209,6 +214,7 @@ mod tests {
                 history_seq: 0,
                 created_at: state.created_at.as_millis(),
                 updated_at: state.created_at.as_millis(),
+                partition_id: 0,
             };
             assert_eq!(
                 stored_from_row(row).unwrap().state,

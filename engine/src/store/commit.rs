@@ -1,7 +1,9 @@
 //! Assembling a commit: every saga's write of a batch turned into the rows `batch::write`
 //! writes at once, and the outcome of each.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+
+use sea_orm::DbBackend;
 
 use sea_orm::ActiveValue::Set;
 
@@ -10,11 +12,53 @@ use super::{AttemptStatus, SagaWrite, Store, WriteOutcome, attempt, batch, saga}
 use crate::EngineError;
 use crate::machine::{Activity, AttemptOutcome, Record, RecordKind};
 
+/// The leases an engine node writes under: its id and, for each partition it holds, the epoch
+/// it acquired the partition's lease with.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fence {
+    /// The node.
+    pub node: String,
+    /// Partition to epoch, for every partition the node believes it holds.
+    pub epochs: BTreeMap<u32, u64>,
+}
+
 impl Store {
     /// Commits several sagas' transitions in one transaction. Each saga's write is kept or
     /// dropped whole: a saga whose row changed since it was read comes back
     /// [`WriteOutcome::Stale`] and nothing of it is written; the others commit.
+    ///
+    /// Unfenced: for an operator's action from the CLI, which is conditional on the saga's
+    /// version only. Engine nodes commit with [`Store::commit_fenced`].
     pub async fn commit(&self, writes: &[SagaWrite<'_>]) -> Result<Vec<WriteOutcome>, EngineError> {
+        self.commit_as(writes, None).await
+    }
+
+    /// [`Store::commit`] by an engine node under `fence`: a saga's write is kept only while the
+    /// node holds its partition's lease under the epoch `fence` names, measured by the
+    /// database's clock at the commit, and otherwise comes back [`WriteOutcome::Fenced`] with
+    /// nothing written. Every history row records the node and the epoch.
+    ///
+    /// On SQLite the lease is not checked: one engine holds every partition there, and a
+    /// second engine is refused at start (docs/architecture.md §3.1).
+    pub async fn commit_fenced(
+        &self,
+        writes: &[SagaWrite<'_>],
+        fence: &Fence,
+    ) -> Result<Vec<WriteOutcome>, EngineError> {
+        self.commit_as(writes, Some(fence)).await
+    }
+
+    async fn commit_as(
+        &self,
+        writes: &[SagaWrite<'_>],
+        fence: Option<&Fence>,
+    ) -> Result<Vec<WriteOutcome>, EngineError> {
+        let partition_of = |write: &SagaWrite<'_>| self.partition_of(write.state.saga_id);
+        // A write in a partition the node does not believe it holds is refused without asking.
+        let unheld = |write: &SagaWrite<'_>| {
+            fence.is_some_and(|fence| !fence.epochs.contains_key(&partition_of(write)))
+        };
+        let mut used_epochs: BTreeMap<u32, u64> = BTreeMap::new();
         let mut saga_updates = Vec::new();
         let mut new_sagas = Vec::new();
         let mut history_rows = Vec::new();
@@ -23,7 +67,13 @@ impl Store {
         let mut outbox_rows = Vec::new();
         // Every saga's rows are built as if its update succeeds; the batch writer leaves out
         // those of sagas whose version moved on.
-        for write in writes {
+        for write in writes.iter().filter(|write| !unheld(write)) {
+            let partition = partition_of(write);
+            let writer = fence.and_then(|fence| {
+                let epoch = *fence.epochs.get(&partition)?;
+                used_epochs.insert(partition, epoch);
+                Some((fence.node.as_str(), epoch))
+            });
             let c = SagaColumns::of(write.state)?;
             let saga_id = write.state.saga_id.to_string();
             let now = write.now.as_millis();
@@ -47,6 +97,7 @@ impl Store {
                         history_seq: Set(write.records.len() as i64),
                         created_at: Set(write.state.created_at.as_millis()),
                         updated_at: Set(now),
+                        partition_id: Set(partition as i32),
                     });
                     1
                 }
@@ -73,6 +124,7 @@ impl Store {
                     first_seq + offset as i64,
                     now,
                     record,
+                    writer,
                 ));
                 attempt_changes(
                     write,
@@ -89,9 +141,14 @@ impl Store {
             }
         }
         let attempt_updates = fold_into_new_attempts(&mut new_attempts, attempt_updates);
-        let updated = batch::write(
+        let fenced_on_postgres = fence.filter(|_| self.backend() == DbBackend::Postgres);
+        let written = batch::write(
             &self.writer,
             batch::BatchWrite {
+                fence: fenced_on_postgres.map(|fence| batch::FenceRows {
+                    node: fence.node.clone(),
+                    epochs: used_epochs.into_iter().collect(),
+                }),
                 saga_updates,
                 new_sagas: batch::Rows::of(&new_sagas)?,
                 new_attempts: batch::Rows::of(&new_attempts)?,
@@ -104,18 +161,25 @@ impl Store {
         Ok(writes
             .iter()
             .map(|write| {
+                let lease_held = written
+                    .held
+                    .as_ref()
+                    .is_none_or(|held| held.contains(&partition_of(write)));
+                if unheld(write) || !lease_held {
+                    return WriteOutcome::Fenced;
+                }
+                let id = write.state.saga_id.to_string();
                 let last_seq = |base_seq: i64| base_seq + write.records.len() as i64;
                 match write.base {
-                    None => WriteOutcome::Committed {
+                    None if written.inserted.contains(&id) => WriteOutcome::Committed {
                         row_version: 1,
                         history_seq: last_seq(0),
                     },
-                    Some(base) if updated.contains(&write.state.saga_id.to_string()) => {
-                        WriteOutcome::Committed {
-                            row_version: base.row_version + 1,
-                            history_seq: last_seq(base.history_seq),
-                        }
-                    }
+                    None => WriteOutcome::Fenced,
+                    Some(base) if written.updated.contains(&id) => WriteOutcome::Committed {
+                        row_version: base.row_version + 1,
+                        history_seq: last_seq(base.history_seq),
+                    },
                     Some(_) => WriteOutcome::Stale,
                 }
             })

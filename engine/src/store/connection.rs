@@ -12,7 +12,8 @@ use sea_orm::{
 };
 use tracing::warn;
 
-use super::Store;
+use super::partitions::ensure_partitions;
+use super::{Store, StoreOptions};
 use crate::EngineError;
 
 /// Session settings of the connections that commit batches on PostgreSQL: a batch joins its
@@ -34,6 +35,14 @@ impl Store {
     /// SQLite runs in WAL mode with `synchronous=FULL`, so a committed transition survives a
     /// killed process or a power cut.
     pub async fn connect(url: &str) -> Result<Self, EngineError> {
+        Self::connect_with(url, &StoreOptions::default()).await
+    }
+
+    /// [`Store::connect`] with options: the partition count a new database is created with.
+    pub async fn connect_with(
+        url: &str,
+        store_options: &StoreOptions,
+    ) -> Result<Self, EngineError> {
         let url = sagaflow_protocol::database_url(url);
         let mut options = ConnectOptions::new(url.clone());
         options
@@ -52,7 +61,7 @@ impl Store {
             options.max_connections(16);
         }
         let db = connect_with_retries(&url, &options).await?;
-        migrate(&db).await?;
+        let partitions = migrate(&db, store_options.partitions).await?;
         let writer = if db.get_database_backend() == DbBackend::Postgres {
             let mut writer_options = options.clone();
             writer_options
@@ -62,7 +71,11 @@ impl Store {
         } else {
             db.clone()
         };
-        Ok(Store { db, writer })
+        Ok(Store {
+            db,
+            writer,
+            partitions,
+        })
     }
 }
 
@@ -80,11 +93,16 @@ const MIGRATION_LOCK: i64 = 7_036_815_063;
 /// the pool may hand each statement another connection, while a transaction keeps one, and its
 /// lock ends with it whatever happens, even if this process dies. The migrations' own
 /// transactions nest inside as savepoints; none of them needs to run outside a transaction.
-async fn migrate(db: &DatabaseConnection) -> Result<(), EngineError> {
+///
+/// The partition count is read (or, for a new database, recorded) in the same place, so
+/// engines starting together agree on it.
+async fn migrate(db: &DatabaseConnection, partitions: Option<u32>) -> Result<u32, EngineError> {
     let failed = EngineError::db("applying the schema migrations");
+    let now = sagaflow_protocol::Timestamp::now().as_millis();
     if db.get_database_backend() != DbBackend::Postgres {
         // SQLite takes a write lock per transaction and waits `busy_timeout` for it.
-        return Migrator::up(db, None).await.map_err(failed);
+        Migrator::up(db, None).await.map_err(failed)?;
+        return ensure_partitions(db, partitions, now).await;
     }
     let txn = db
         .begin()
@@ -98,7 +116,9 @@ async fn migrate(db: &DatabaseConnection) -> Result<(), EngineError> {
     Migrator::up(&txn, None)
         .await
         .map_err(EngineError::db("applying the schema migrations"))?;
-    txn.commit().await.map_err(failed)
+    let count = ensure_partitions(&txn, partitions, now).await?;
+    txn.commit().await.map_err(failed)?;
+    Ok(count)
 }
 
 /// Opens a pool; a database that is still starting (or restarting) gets a few seconds to come

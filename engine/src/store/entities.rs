@@ -71,6 +71,8 @@ pub mod saga {
         pub created_at: i64,
         /// When it was last written (ms since the epoch).
         pub updated_at: i64,
+        /// The partition it belongs to, fixed at creation: its writer is the partition's owner.
+        pub partition_id: i32,
     }
 
     /// No relations: the tables are joined by hand where needed.
@@ -156,6 +158,10 @@ pub mod history {
         pub error: Option<String>,
         /// Who: `engine`, `worker:ID` or `operator:NAME`.
         pub actor: String,
+        /// The engine node that wrote it; `None` for an operator's write from the CLI.
+        pub node: Option<String>,
+        /// The fencing epoch it was written under; `None` when `node` is.
+        pub epoch: Option<i64>,
     }
 
     /// No relations: the tables are joined by hand where needed.
@@ -186,6 +192,93 @@ pub mod outbox {
     }
 
     /// No relations: the tables are joined by hand where needed.
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `cluster_settings`: one row (id 1), the partition count fixed when the database was created.
+pub mod cluster {
+    use sea_orm::entity::prelude::*;
+
+    /// The row.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "cluster_settings")]
+    pub struct Model {
+        /// Always 1.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: i32,
+        /// How many partitions sagas are spread over.
+        pub partitions: i32,
+        /// When the first engine recorded it (ms since the epoch).
+        pub created_at: i64,
+    }
+
+    /// No relations.
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `partition_leases`: which node may write each partition's sagas, under which epoch, until
+/// when (by the database's clock).
+pub mod lease {
+    use sea_orm::entity::prelude::*;
+
+    /// One partition's lease.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "partition_leases")]
+    pub struct Model {
+        /// The partition.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub partition_id: i32,
+        /// The node holding it, if any.
+        pub owner: Option<String>,
+        /// The fencing epoch: one more at every acquisition, never less.
+        pub epoch: i64,
+        /// Until when the owner may write (ms since the epoch, the database's clock).
+        pub expires_at: i64,
+        /// When the current owner acquired it.
+        pub acquired_at: Option<i64>,
+        /// When the current owner last renewed it.
+        pub renewed_at: Option<i64>,
+    }
+
+    /// No relations.
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `engine_nodes`: the engine processes sharing the database, live while their heartbeat is.
+pub mod node {
+    use sea_orm::entity::prelude::*;
+
+    /// One node.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "engine_nodes")]
+    pub struct Model {
+        /// The node id (unique per process run).
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        /// The host it runs on.
+        pub host: String,
+        /// Its process id there.
+        pub pid: i32,
+        /// When it started (the database's clock, ms since the epoch).
+        pub started_at: i64,
+        /// Its last heartbeat.
+        pub last_seen: i64,
+        /// Live until then: the last heartbeat plus one lease.
+        pub expires_at: i64,
+        /// It is handing its partitions over and takes no new ones.
+        pub stopping: bool,
+    }
+
+    /// No relations.
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
     pub enum Relation {}
 

@@ -15,15 +15,19 @@ mod definitions;
 mod entities;
 mod history_row;
 mod outbox_cleanup;
+mod partitions;
 mod reads;
 
 use sagaflow_protocol::{SagaSpec, StepCommand, Timestamp};
 use sea_orm::{DatabaseConnection, DbBackend};
+use uuid::Uuid;
 
 pub use attempt_status::AttemptStatus;
-pub use entities::{attempt, definition, history, outbox, saga};
+pub use commit::Fence;
+pub use entities::{attempt, cluster, definition, history, lease, node, outbox, saga};
 pub(crate) use history_row::HistoryColumns;
 pub use history_row::{Elapsed, HistoryEntry, OfSaga};
+pub use partitions::{DEFAULT_PARTITIONS, MAX_PARTITIONS, partition_of};
 
 use crate::machine::{Record, SagaState};
 
@@ -72,6 +76,10 @@ pub enum WriteOutcome {
     },
     /// Another writer changed the saga since it was read: nothing of this write was kept.
     Stale,
+    /// The writer does not hold the saga's partition under the epoch it wrote with (its lease
+    /// lapsed or was taken over): nothing of this write was kept, and the node must stop
+    /// driving the partition until it acquires it again.
+    Fenced,
 }
 
 /// The database, opened and migrated.
@@ -82,12 +90,32 @@ pub struct Store {
     /// that plan only index lookups (see
     /// [`BATCH_WRITER_SETTINGS`](connection::BATCH_WRITER_SETTINGS)); on SQLite, `db`.
     writer: DatabaseConnection,
+    /// How many partitions the database spreads sagas over (fixed at its creation).
+    partitions: u32,
+}
+
+/// How to open a [`Store`].
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// The partition count for a database that has none yet (a new one): `None` for
+    /// [`DEFAULT_PARTITIONS`]. A database that has one refuses another.
+    pub partitions: Option<u32>,
 }
 
 impl Store {
     /// The connection, for components that keep their own tables in the same database.
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db
+    }
+
+    /// How many partitions the database spreads sagas over.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The partition of saga `id` in this database.
+    pub fn partition_of(&self, id: Uuid) -> u32 {
+        partition_of(id, self.partitions)
     }
 
     /// Whether this is SQLite (one writer at a time) or PostgreSQL.

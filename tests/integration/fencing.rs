@@ -1,0 +1,214 @@
+//! Writes fenced by partition leases on PostgreSQL: a node's write is kept only while it holds
+//! the saga's partition under the epoch it writes with, by the database's clock; every history
+//! row names the node and epoch; the partition count is fixed when the database is made.
+
+use sagaflow_engine::EngineError;
+use sagaflow_engine::machine::{Event, Inputs, Reply, SagaState, decide};
+use sagaflow_engine::store::{
+    DEFAULT_PARTITIONS, Fence, SagaWrite, Store, StoreOptions, WriteOutcome, history, lease,
+};
+use sagaflow_protocol::backoff::ExactDelays;
+use sagaflow_sdk::{Direction, Saga, Step, Timestamp};
+use sagaflow_tests::{Backend, TestDb};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::support::Flaky;
+
+/// Sets partition `partition`'s lease: `owner` under `epoch`, for `ms` more milliseconds of the
+/// database's clock (negative: lapsed that long ago).
+async fn set_lease(store: &Store, partition: u32, owner: &str, epoch: u64, ms: i64) {
+    store
+        .connection()
+        .execute_unprepared(&format!(
+            "UPDATE partition_leases SET owner = '{owner}', epoch = {epoch}, \
+             expires_at = CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS bigint) + {ms} \
+             WHERE partition_id = {partition}"
+        ))
+        .await
+        .expect("set a lease");
+}
+
+fn fence(node: &str, partition: u32, epoch: u64) -> Fence {
+    Fence {
+        node: node.into(),
+        epochs: [(partition, epoch)].into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_kept_only_under_the_current_epoch_of_a_live_lease() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = Store::connect(&db.url).await.unwrap();
+    assert_eq!(store.partitions(), DEFAULT_PARTITIONS);
+    let saga = Saga::builder("fenced", 1)
+        .step(Step::compensatable("a", Flaky::new(0, json!(1))))
+        .step(Step::pivot("b", Flaky::new(0, json!(2))))
+        .build()
+        .unwrap();
+    let spec = saga.spec().clone();
+    store.register_definition(&spec).await.unwrap();
+    let now = Timestamp::now();
+    let start = |id: Uuid| {
+        decide(
+            &SagaState::new(id, &spec, json!({}), now),
+            &spec,
+            Event::Start,
+            Inputs {
+                now,
+                delays: &mut ExactDelays,
+            },
+        )
+        .unwrap()
+    };
+    let id = Uuid::now_v7();
+    let partition = store.partition_of(id);
+    let started = start(id);
+    let write = || SagaWrite {
+        spec: &spec,
+        base: None,
+        state: &started.state,
+        records: &started.history,
+        start_key: None,
+        dispatches: &[],
+        now,
+    };
+
+    // No node holds the partition yet: refused, nothing written.
+    let outcome = store
+        .commit_fenced(&[write()], &fence("n1", partition, 1))
+        .await;
+    assert_eq!(outcome.unwrap(), [WriteOutcome::Fenced]);
+    assert!(store.load(id).await.unwrap().is_none());
+
+    // A fence that does not name the partition is refused without asking the database.
+    set_lease(&store, partition, "n1", 1, 60_000).await;
+    let other = (partition + 1) % store.partitions();
+    let outcome = store
+        .commit_fenced(&[write()], &fence("n1", other, 1))
+        .await;
+    assert_eq!(outcome.unwrap(), [WriteOutcome::Fenced]);
+
+    // n1 holds it under epoch 1: written, and every history row says so.
+    let outcome = store
+        .commit_fenced(&[write()], &fence("n1", partition, 1))
+        .await;
+    assert!(matches!(
+        outcome.unwrap()[..],
+        [WriteOutcome::Committed { row_version: 1, .. }]
+    ));
+    let rows = history::Entity::find()
+        .filter(history::Column::SagaId.eq(id.to_string()))
+        .order_by_asc(history::Column::Seq)
+        .all(store.connection())
+        .await
+        .unwrap();
+    assert!(!rows.is_empty());
+    for row in &rows {
+        assert_eq!(
+            (row.node.as_deref(), row.epoch),
+            (Some("n1"), Some(1)),
+            "{row:?}"
+        );
+    }
+
+    // n2 takes the partition over (epoch 2): n1's next write, under epoch 1, is refused and
+    // changes nothing; n2's, under epoch 2, is kept.
+    set_lease(&store, partition, "n2", 2, 60_000).await;
+    let stored = store.load(id).await.unwrap().unwrap();
+    let wake = decide(
+        &stored.state,
+        &spec,
+        Event::Reply(Reply {
+            step: 0,
+            direction: Direction::Forward,
+            attempt: 1,
+            result: Ok(json!(1)),
+            worker: "w1".into(),
+        }),
+        Inputs {
+            now,
+            delays: &mut ExactDelays,
+        },
+    )
+    .unwrap();
+    assert!(!wake.history.is_empty(), "the reply moves the saga on");
+    let next = || SagaWrite {
+        spec: &spec,
+        base: Some(&stored),
+        state: &wake.state,
+        records: &wake.history,
+        start_key: None,
+        dispatches: &[],
+        now,
+    };
+    let outcome = store
+        .commit_fenced(&[next()], &fence("n1", partition, 1))
+        .await;
+    assert_eq!(outcome.unwrap(), [WriteOutcome::Fenced]);
+    assert_eq!(store.load(id).await.unwrap().unwrap().row_version, 1);
+
+    // A lease that lapsed by the database's clock is no lease, whatever the node believes.
+    set_lease(&store, partition, "n2", 2, -1).await;
+    let outcome = store
+        .commit_fenced(&[next()], &fence("n2", partition, 2))
+        .await;
+    assert_eq!(outcome.unwrap(), [WriteOutcome::Fenced]);
+
+    set_lease(&store, partition, "n2", 2, 60_000).await;
+    let outcome = store
+        .commit_fenced(&[next()], &fence("n2", partition, 2))
+        .await;
+    assert!(matches!(
+        outcome.unwrap()[..],
+        [WriteOutcome::Committed { row_version: 2, .. }]
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_count_is_fixed_when_the_database_is_made() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let made = Store::connect_with(
+        &db.url,
+        &StoreOptions {
+            partitions: Some(6),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(made.partitions(), 6);
+    let leases = lease::Entity::find().all(made.connection()).await.unwrap();
+    assert_eq!(
+        leases.iter().map(|l| l.partition_id).collect::<Vec<_>>(),
+        (0..6).collect::<Vec<_>>(),
+        "one free lease row per partition"
+    );
+    assert!(leases.iter().all(|l| l.owner.is_none() && l.epoch == 0));
+    // Opened again without a count, it keeps its own; with another count, it refuses.
+    assert_eq!(Store::connect(&db.url).await.unwrap().partitions(), 6);
+    let refused = Store::connect_with(
+        &db.url,
+        &StoreOptions {
+            partitions: Some(8),
+        },
+    )
+    .await
+    .map(|_| ())
+    .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            EngineError::PartitionCountFixed {
+                recorded: 6,
+                wanted: 8
+            }
+        ),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("created with 6 partitions"),
+        "{refused}"
+    );
+}
+
