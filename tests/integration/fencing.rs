@@ -1,11 +1,13 @@
 //! Writes fenced by partition leases on PostgreSQL: a node's write is kept only while it holds
 //! the saga's partition under the epoch it writes with, by the database's clock; every history
-//! row names the node and epoch; the partition count is fixed when the database is made.
+//! row names the node and epoch; the partition count is fixed when the database is made; the
+//! lease table's operations take only what is free and never lower an epoch.
 
 use sagaflow_engine::EngineError;
 use sagaflow_engine::machine::{Event, Inputs, Reply, SagaState, decide};
 use sagaflow_engine::store::{
-    DEFAULT_PARTITIONS, Fence, SagaWrite, Store, StoreOptions, WriteOutcome, history, lease,
+    DEFAULT_PARTITIONS, Fence, NodeInfo, SagaWrite, Store, StoreOptions, WriteOutcome, history,
+    lease,
 };
 use sagaflow_protocol::backoff::ExactDelays;
 use sagaflow_sdk::{Direction, Saga, Step, Timestamp};
@@ -14,7 +16,9 @@ use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::support::Flaky;
+use rstest_reuse::apply;
+
+use crate::support::{Flaky, backends};
 
 /// Sets partition `partition`'s lease: `owner` under `epoch`, for `ms` more milliseconds of the
 /// database's clock (negative: lapsed that long ago).
@@ -212,3 +216,119 @@ async fn the_partition_count_is_fixed_when_the_database_is_made() {
     );
 }
 
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_taken_only_when_free_and_their_epochs_only_grow(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = Store::connect(&db.url).await.unwrap();
+    let node = |id: &str| NodeInfo {
+        id: id.into(),
+        host: "test".into(),
+        pid: 1,
+    };
+    const LEASE: i64 = 60_000;
+    store.heartbeat(&node("n1"), LEASE).await.unwrap();
+    store.heartbeat(&node("n2"), LEASE).await.unwrap();
+
+    // Free partitions are taken under epoch 1; a held one is not taken again.
+    let n1 = store
+        .acquire_partitions("n1", &[0, 1, 2], LEASE)
+        .await
+        .unwrap();
+    assert_eq!(n1, [(0, 1), (1, 1), (2, 1)]);
+    let n2 = store
+        .acquire_partitions("n2", &[1, 2, 3], LEASE)
+        .await
+        .unwrap();
+    assert_eq!(n2, [(3, 1)]);
+
+    // Renewal keeps what is held under the epoch named, and nothing else.
+    let renewed = store
+        .renew_partitions("n1", &[(0, 1), (1, 1), (3, 1)], LEASE)
+        .await
+        .unwrap();
+    assert_eq!(renewed, [(0, 1), (1, 1)]);
+    assert!(
+        store
+            .renew_partitions("n1", &[(0, 0)], LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A released partition goes to the next taker under a higher epoch; the old holder's
+    // renewal then finds it lost.
+    store.release_partitions("n1", &[(1, 1)]).await.unwrap();
+    assert_eq!(
+        store.acquire_partitions("n2", &[1], LEASE).await.unwrap(),
+        [(1, 2)]
+    );
+    assert!(
+        store
+            .renew_partitions("n1", &[(1, 1)], LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // After an unknown outcome the holder takes a new epoch for what it holds.
+    assert_eq!(
+        store
+            .refence_partitions("n2", &[(1, 2)], LEASE)
+            .await
+            .unwrap(),
+        [(1, 3)]
+    );
+
+    // A lease that lapsed by the database's clock is free for anyone, under a new epoch.
+    assert_eq!(
+        store.acquire_partitions("n1", &[5], 1).await.unwrap(),
+        [(5, 1)]
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(
+        store
+            .renew_partitions("n1", &[(5, 1)], LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.acquire_partitions("n2", &[5], LEASE).await.unwrap(),
+        [(5, 2)]
+    );
+
+    let cluster = store.cluster().await.unwrap();
+    let owners: Vec<(u32, Option<&str>, u64, bool)> = cluster
+        .leases
+        .iter()
+        .take(6)
+        .map(|l| (l.partition, l.owner.as_deref(), l.epoch, l.live))
+        .collect();
+    assert_eq!(
+        owners,
+        [
+            (0, Some("n1"), 1, true),
+            (1, Some("n2"), 3, true),
+            (2, Some("n1"), 1, true),
+            (3, Some("n2"), 1, true),
+            (4, None, 0, false),
+            (5, Some("n2"), 2, true),
+        ]
+    );
+    let nodes: Vec<(&str, bool, bool)> = cluster
+        .nodes
+        .iter()
+        .map(|n| (n.id.as_str(), n.live, n.stopping))
+        .collect();
+    assert_eq!(nodes, [("n1", true, false), ("n2", true, false)]);
+    store.mark_stopping("n1").await.unwrap();
+    store.forget_node("n2", LEASE).await.unwrap();
+    let cluster = store.cluster().await.unwrap();
+    let nodes: Vec<(&str, bool)> = cluster
+        .nodes
+        .iter()
+        .map(|n| (n.id.as_str(), n.stopping))
+        .collect();
+    assert_eq!(nodes, [("n1", true)]);
+}

@@ -14,6 +14,7 @@ mod connection;
 mod definitions;
 mod entities;
 mod history_row;
+mod leases;
 mod outbox_cleanup;
 mod partitions;
 mod reads;
@@ -27,6 +28,7 @@ pub use commit::Fence;
 pub use entities::{attempt, cluster, definition, history, lease, node, outbox, saga};
 pub(crate) use history_row::HistoryColumns;
 pub use history_row::{Elapsed, HistoryEntry, OfSaga};
+pub use leases::{ClusterRows, LEASE_CHANNEL, LeaseRow, NodeInfo, NodeRow};
 pub use partitions::{DEFAULT_PARTITIONS, MAX_PARTITIONS, partition_of};
 
 use crate::machine::{Record, SagaState};
