@@ -150,6 +150,17 @@ pub enum EngineError {
         wanted: u32,
     },
 
+    /// Lease settings that would let a lease lapse between two renewals.
+    #[error(
+        "a lease of {lease:?} renewed every {renew_every:?} could lapse between renewals; make the lease at least twice the renewal interval (the defaults are 5s and 1s)"
+    )]
+    InvalidLeaseSettings {
+        /// The lease length.
+        lease: std::time::Duration,
+        /// The renewal interval.
+        renew_every: std::time::Duration,
+    },
+
     /// A partition count out of range.
     #[error("{0} partitions is not a usable count; give between 1 and 1024")]
     InvalidPartitionCount(u32),
@@ -165,6 +176,32 @@ pub enum EngineError {
         /// Its partition.
         partition: u32,
     },
+
+    /// Another engine runs on this SQLite file.
+    #[error(
+        "another engine is running on the SQLite database {path}; a SQLite database has one engine at a time (stop the other one, or use PostgreSQL to run several engine nodes)"
+    )]
+    AnotherEngine {
+        /// The database file.
+        path: String,
+    },
+
+    /// The SQLite engine lock file cannot be opened or locked.
+    #[error("cannot lock {path} for this engine: {source}; check that its folder is writable")]
+    EngineLock {
+        /// The lock file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// This node holds no partition yet (it is starting, or has lost its leases): it can
+    /// start no saga.
+    #[error(
+        "this engine node holds no partition yet, so it cannot start sagas; try again in a moment, or check `sagaflow nodes` and that the database is reachable"
+    )]
+    NoPartitions,
 
     /// Another writer changed the saga first; re-read and try again.
     #[error(

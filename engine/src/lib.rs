@@ -7,7 +7,10 @@
 //! - [`machine`]: the saga state machine, a pure function `(state, event, now) -> (state,
 //!   commands, history)` with no I/O and no clock reads, plus its scripted scenarios.
 //! - [`store`]: definitions, instances, attempts and the append-only history in SQLite or
-//!   PostgreSQL (sea-orm); every write is conditional on the saga's version.
+//!   PostgreSQL (sea-orm); every write is conditional on the saga's version, and an engine
+//!   node's also on the fencing epoch of the saga's partition lease.
+//! - [`cluster`]: which partitions an engine node should take or give back, a pure function
+//!   of the nodes and leases it sees.
 //! - [`runtime`]: the shell: a driver that applies events in batches and commits each batch in
 //!   one transaction, a poller for durable timers, and the transports that carry step commands
 //!   (in-process for the embedded mode).
@@ -51,6 +54,7 @@
 //! # }
 //! ```
 
+pub mod cluster;
 mod error;
 pub mod machine;
 pub mod ops;

@@ -5,6 +5,7 @@
 
 use sagaflow_engine::EngineError;
 use sagaflow_engine::machine::{Event, Inputs, Reply, SagaState, decide};
+use sagaflow_engine::ops::{self, NodeState};
 use sagaflow_engine::store::{
     DEFAULT_PARTITIONS, Fence, NodeInfo, SagaWrite, Store, StoreOptions, WriteOutcome, history,
     lease,
@@ -322,6 +323,31 @@ async fn leases_are_taken_only_when_free_and_their_epochs_only_grow(backend: Bac
         .map(|n| (n.id.as_str(), n.live, n.stopping))
         .collect();
     assert_eq!(nodes, [("n1", true, false), ("n2", true, false)]);
+    // `sagaflow nodes` reads the same: each node with the live leases it holds.
+    let view = ops::nodes(&store).await.unwrap();
+    type Held<'a> = (&'a str, NodeState, Vec<(u32, u64)>);
+    let held: Vec<Held<'_>> = view
+        .nodes
+        .iter()
+        .map(|n| {
+            let leases = n.leases.iter().map(|l| (l.partition, l.epoch)).collect();
+            (n.id.as_str(), n.state, leases)
+        })
+        .collect();
+    assert_eq!(
+        held,
+        [
+            ("n1", NodeState::Live, vec![(0, 1), (2, 1)]),
+            ("n2", NodeState::Live, vec![(1, 3), (3, 1), (5, 2)]),
+        ]
+    );
+    assert_eq!(
+        view.unowned,
+        (4..16).filter(|p| *p != 5).collect::<Vec<u32>>()
+    );
+    let table = ops::render::nodes_table(&view);
+    assert!(table.contains("1@3 3@1 5@2"), "{table}");
+
     store.mark_stopping("n1").await.unwrap();
     store.forget_node("n2", LEASE).await.unwrap();
     let cluster = store.cluster().await.unwrap();

@@ -30,7 +30,7 @@ impl DatabaseArgs {
     /// Opens the database. A SQLite file that does not exist is refused rather than created:
     /// an empty new file would answer every query with nothing, hiding a mistyped path.
     pub async fn open(&self) -> anyhow::Result<Store> {
-        if let Some(path) = sqlite_path(&self.database_url)
+        if let Some(path) = sagaflow_protocol::sqlite_file(&self.database_url)
             && !Path::new(path).exists()
         {
             bail!(
@@ -41,16 +41,6 @@ impl DatabaseArgs {
         }
         Ok(Store::connect(&self.database_url).await?)
     }
-}
-
-/// The file of a SQLite URL (`sqlite://F`, `sqlite:F` or a bare path), without its options.
-fn sqlite_path(url: &str) -> Option<&str> {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .or_else(|| (!url.contains("://")).then_some(url))?;
-    let path = rest.split('?').next().unwrap_or(rest);
-    (!path.is_empty() && path != ":memory:").then_some(path)
 }
 
 /// Which sagas: the filters of `sagaflow list`, shared with the bulk actions.
@@ -194,14 +184,5 @@ mod tests {
             error.contains("attempt_succeeded"),
             "the kinds are listed: {error}"
         );
-    }
-
-    #[test]
-    fn sqlite_paths_are_found_in_every_url_form() {
-        assert_eq!(sqlite_path("sqlite://a/b.db?mode=rwc"), Some("a/b.db"));
-        assert_eq!(sqlite_path("sqlite:b.db"), Some("b.db"));
-        assert_eq!(sqlite_path("b.db"), Some("b.db"));
-        assert_eq!(sqlite_path("sqlite::memory:"), None);
-        assert_eq!(sqlite_path("postgres://u@h/db"), None);
     }
 }

@@ -6,6 +6,7 @@ mod common;
 mod demo;
 mod history;
 mod list;
+mod nodes;
 mod retention;
 mod serve;
 mod show;
@@ -51,6 +52,9 @@ enum Commands {
     /// Run the engine in distributed mode: step commands and replies over NATS JetStream,
     /// workers in their own processes. SIGTERM stops it gracefully.
     Serve(serve::ServeArgs),
+    /// The engine nodes sharing the database: each one's state, the partitions it holds with
+    /// their fencing epochs, lease expiry and last renewal, and the partitions nobody holds.
+    Nodes(nodes::NodesArgs),
     /// Start a saga through a running engine (over NATS) and print its id. Idempotent with
     /// --key.
     Start(start::StartArgs),
@@ -91,6 +95,7 @@ async fn run() -> anyhow::Result<()> {
         Commands::Audit(args) => audit::run(args).await,
         Commands::Retention(args) => retention::run(args).await,
         Commands::Serve(args) => serve::run(args).await,
+        Commands::Nodes(args) => nodes::run(args).await,
         Commands::Start(args) => start::run(args).await,
         Commands::Resume(args) => act::resume(args).await,
         Commands::RetryStep(args) => act::retry_step(args).await,

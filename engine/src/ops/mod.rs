@@ -18,6 +18,7 @@
 //! - [`act`] (and [`plan`]): resume, retry now, skip a step, cancel; each recorded with the
 //!   operator and the reason, committed conditionally with its step commands in the outbox.
 //! - [`act_in_bulk`]: resume or cancel every saga a [`ListFilter`] matches, dry run by default.
+//! - [`nodes`]: the engine nodes sharing the database and the partitions each holds.
 
 mod act;
 mod audit;
@@ -26,6 +27,7 @@ mod definitions;
 mod inspect;
 mod json;
 mod list;
+mod nodes;
 mod page;
 #[cfg(test)]
 mod plans;
@@ -47,6 +49,7 @@ pub use inspect::{
 };
 pub use json::{JSON_FORMAT_VERSION, Versioned};
 pub use list::{ListFilter, ListPage, SagaSummary, list};
+pub use nodes::{LeaseView, NodeState, NodeView, NodesView, nodes};
 pub use page::{DEFAULT_PAGE, MAX_PAGE, Page, TimeRange};
 pub use retention::{RetentionReport, retention};
 pub use stuck::{StuckKind, StuckQuery, StuckReport, StuckSaga, stuck};

@@ -532,3 +532,60 @@ pub fn retention_text(report: &RetentionReport) -> String {
         )
     }
 }
+
+/// `sagaflow nodes`: the engine nodes and their partitions.
+pub fn nodes_table(view: &super::nodes::NodesView) -> String {
+    let rows: Vec<Vec<String>> = view
+        .nodes
+        .iter()
+        .map(|node| {
+            let partitions: Vec<String> = node
+                .leases
+                .iter()
+                .map(|l| format!("{}@{}", l.partition, l.epoch))
+                .collect();
+            let expiry = node.leases.iter().map(|l| l.expires_at).min();
+            let renewed = node.leases.iter().filter_map(|l| l.renewed_at).max();
+            vec![
+                node.id.clone(),
+                <&str>::from(node.state).to_string(),
+                node.leases.len().to_string(),
+                or_dash(
+                    (!partitions.is_empty())
+                        .then(|| partitions.join(" "))
+                        .as_deref(),
+                ),
+                expiry.map_or_else(|| "-".into(), format_time),
+                renewed.map_or_else(|| "-".into(), format_time),
+                format_time(node.last_seen),
+            ]
+        })
+        .collect();
+    let mut out = if rows.is_empty() {
+        "No engine node has registered with this database.".to_string()
+    } else {
+        table(
+            &[
+                "node",
+                "state",
+                "held",
+                "partitions (partition@epoch)",
+                "first lease expiry",
+                "last renewal",
+                "last heartbeat",
+            ],
+            &rows,
+        )
+    };
+    let unowned: Vec<String> = view.unowned.iter().map(u32::to_string).collect();
+    out.push_str(&format!(
+        "\n\n{} partitions; not held by any node: {}",
+        view.partitions,
+        if unowned.is_empty() {
+            "none".into()
+        } else {
+            unowned.join(", ")
+        }
+    ));
+    out
+}

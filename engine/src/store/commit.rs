@@ -140,6 +140,10 @@ impl Store {
                 outbox_rows.push(outbox_row(command, now)?);
             }
         }
+        if saga_updates.is_empty() && new_sagas.is_empty() {
+            // Every write was refused before asking (no lease held): nothing to send.
+            return Ok(vec![WriteOutcome::Fenced; writes.len()]);
+        }
         let attempt_updates = fold_into_new_attempts(&mut new_attempts, attempt_updates);
         let fenced_on_postgres = fence.filter(|_| self.backend() == DbBackend::Postgres);
         let written = batch::write(

@@ -75,6 +75,8 @@ impl Store {
             db,
             writer,
             partitions,
+            sqlite_file: sagaflow_protocol::sqlite_file(&url).map(str::to_string),
+            url,
         })
     }
 }

@@ -483,6 +483,67 @@ impl Store {
     }
 }
 
+impl Store {
+    /// On SQLite, locks the database file for this engine (a lock file beside it, held until
+    /// the returned file is dropped, released by the system if the process dies): a second
+    /// engine on the same file is refused instead of racing the first. `None` on PostgreSQL,
+    /// where several engines share the database by their leases.
+    pub fn lock_for_one_engine(&self) -> Result<Option<std::fs::File>, EngineError> {
+        let Some(path) = &self.sqlite_file else {
+            return Ok(None);
+        };
+        let lock_path = format!("{path}.engine-lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| EngineError::EngineLock {
+                path: lock_path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                Err(EngineError::AnotherEngine { path: path.clone() })
+            }
+            Err(std::fs::TryLockError::Error(source)) => Err(EngineError::EngineLock {
+                path: lock_path,
+                source,
+            }),
+        }
+    }
+
+    /// On PostgreSQL, a listener on [`LEASE_CHANNEL`]: it hears at once when another node
+    /// releases partitions or stops. `None` on SQLite, which has one node.
+    pub async fn lease_changes(
+        &self,
+    ) -> Result<Option<sea_orm::sqlx::postgres::PgListener>, EngineError> {
+        if self.backend() != DbBackend::Postgres {
+            return Ok(None);
+        }
+        let failed = |source: sea_orm::sqlx::Error| EngineError::Database {
+            doing: "listening for lease changes",
+            source: sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(source.into())),
+        };
+        let mut listener = sea_orm::sqlx::postgres::PgListener::connect(&self.url)
+            .await
+            .map_err(failed)?;
+        listener.listen(LEASE_CHANNEL).await.map_err(failed)?;
+        Ok(Some(listener))
+    }
+
+    /// Frees every partition lease: only for an engine that knows it is the only one (it holds
+    /// [`Store::lock_for_one_engine`]'s lock), so leases left by an earlier run are its own.
+    pub async fn clear_leases(&self) -> Result<(), EngineError> {
+        self.db
+            .execute_unprepared("UPDATE partition_leases SET owner = NULL, expires_at = 0")
+            .await
+            .map_err(db_error("freeing the leases of an earlier run"))?;
+        Ok(())
+    }
+}
+
 /// The PostgreSQL notification channel on which nodes announce released partitions and
 /// stopping nodes, so the others rebalance at once instead of at their next renewal.
 pub const LEASE_CHANNEL: &str = "sagaflow_leases";

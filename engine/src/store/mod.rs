@@ -94,6 +94,11 @@ pub struct Store {
     writer: DatabaseConnection,
     /// How many partitions the database spreads sagas over (fixed at its creation).
     partitions: u32,
+    /// The database file, on SQLite.
+    sqlite_file: Option<String>,
+    /// The URL it was opened with, for a PostgreSQL listener (never logged: it may hold a
+    /// password).
+    url: String,
 }
 
 /// How to open a [`Store`].

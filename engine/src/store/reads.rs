@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use sagaflow_protocol::{StepCommand, Timestamp};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait};
 use uuid::Uuid;
 
 use super::codecs::stored_from_row;
@@ -65,10 +65,24 @@ impl Store {
 
     /// Sagas whose wake-up time has come, earliest first.
     pub async fn due(&self, now: Timestamp, limit: u64) -> Result<Vec<Uuid>, EngineError> {
+        self.due_in(now, limit, None).await
+    }
+
+    /// [`Store::due`] among the sagas of `partitions` only (all of them when `None`, or when
+    /// it names every partition: then the query is the plain one).
+    pub async fn due_in(
+        &self,
+        now: Timestamp,
+        limit: u64,
+        partitions: Option<&[u32]>,
+    ) -> Result<Vec<Uuid>, EngineError> {
         let ids: Vec<String> = saga::Entity::find()
             .select_only()
             .column(saga::Column::Id)
             .filter(saga::Column::WakeAt.lte(now.as_millis()))
+            .apply_if(self.partition_filter(partitions), |query, within| {
+                query.filter(saga::Column::PartitionId.is_in(within))
+            })
             .order_by_asc(saga::Column::WakeAt)
             .limit(limit)
             .into_tuple()
@@ -83,9 +97,20 @@ impl Store {
 
     /// The earliest wake-up time of any saga, if one is set.
     pub async fn next_wake(&self) -> Result<Option<Timestamp>, EngineError> {
+        self.next_wake_in(None).await
+    }
+
+    /// [`Store::next_wake`] among the sagas of `partitions` only (as in [`Store::due_in`]).
+    pub async fn next_wake_in(
+        &self,
+        partitions: Option<&[u32]>,
+    ) -> Result<Option<Timestamp>, EngineError> {
         let next: Option<Option<i64>> = saga::Entity::find()
             .select_only()
             .column_as(saga::Column::WakeAt.min(), "next")
+            .apply_if(self.partition_filter(partitions), |query, within| {
+                query.filter(saga::Column::PartitionId.is_in(within))
+            })
             .into_tuple()
             .one(&self.db)
             .await
@@ -190,5 +215,14 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// The partitions to filter on, as column values: `None` when that is every partition.
+    fn partition_filter(&self, partitions: Option<&[u32]>) -> Option<Vec<i32>> {
+        let partitions = partitions?;
+        if partitions.len() as u32 >= self.partitions {
+            return None;
+        }
+        Some(partitions.iter().map(|p| *p as i32).collect())
     }
 }

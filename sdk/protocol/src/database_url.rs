@@ -45,6 +45,26 @@ pub fn database_url(url: &str) -> String {
     }
 }
 
+/// The file of a SQLite URL (`sqlite://F`, `sqlite:F` or a bare path), without its options;
+/// `None` for another database or an in-memory one.
+///
+/// ```
+/// use sagaflow_protocol::sqlite_file;
+///
+/// assert_eq!(sqlite_file("sqlite://a/b.db?mode=rwc"), Some("a/b.db"));
+/// assert_eq!(sqlite_file("b.db"), Some("b.db"));
+/// assert_eq!(sqlite_file("sqlite::memory:"), None);
+/// assert_eq!(sqlite_file("postgres://u@h/db"), None);
+/// ```
+pub fn sqlite_file(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .or_else(|| (!url.contains("://")).then_some(url))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then_some(path)
+}
+
 fn separator(url: &str) -> char {
     if url.contains('?') { '&' } else { '?' }
 }

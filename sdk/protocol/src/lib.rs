@@ -28,7 +28,7 @@ mod step_error;
 mod streams;
 mod time;
 
-pub use database_url::{database_url, redact_database_url};
+pub use database_url::{database_url, redact_database_url, sqlite_file};
 pub use error::ProtocolError;
 pub use messages::{
     AnswerCode, EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StartRequest, StepCommand,
