@@ -103,6 +103,7 @@ pub fn options() -> EngineOptions {
     EngineOptions {
         worker_concurrency: 16,
         timer_poll_interval: Duration::from_millis(20),
+        ..EngineOptions::default()
     }
 }
 

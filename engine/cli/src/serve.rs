@@ -3,8 +3,10 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use sagaflow_engine::runtime::{Engine, EngineOptions};
-use sagaflow_engine::store::Store;
+use sagaflow_engine::runtime::{Engine, EngineOptions, LeaseSettings};
+use sagaflow_engine::store::{Store, StoreOptions};
+
+use crate::common::duration;
 
 /// Options of `sagaflow serve`.
 #[derive(Debug, clap::Args)]
@@ -22,14 +24,44 @@ pub struct ServeArgs {
     /// How long a SIGTERM waits for the transitions in progress before exiting anyway.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_secs: u64,
+    /// How long this node's partition leases last (by the database's clock) after each
+    /// renewal. A node that dies has its partitions taken over within about this long.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    lease: Duration,
+    /// How often this node renews its leases and rebalances the partitions; it stops writing
+    /// this long before a lease it could not renew would lapse. At most half of --lease.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    renew_every: Duration,
+    /// How many partitions a new database spreads sagas over (fixed once the database exists;
+    /// several engine nodes share them). Default: 16.
+    #[arg(long, env = "SAGAFLOW_PARTITIONS")]
+    partitions: Option<u32>,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let store = Store::connect(&args.database_url).await?;
-    let engine =
-        Engine::launch_distributed(store, &args.nats_url, Vec::new(), EngineOptions::default())
-            .await
-            .context("starting the engine")?;
+    let store = Store::connect_with(
+        &args.database_url,
+        &StoreOptions {
+            partitions: args.partitions,
+        },
+    )
+    .await?;
+    let options = EngineOptions {
+        leases: LeaseSettings {
+            lease: args.lease,
+            renew_every: args.renew_every,
+        },
+        ..EngineOptions::default()
+    };
+    let partitions = store.partitions();
+    let engine = Engine::launch_distributed(store, &args.nats_url, Vec::new(), options)
+        .await
+        .context("starting the engine")?;
+    let held = engine.ownership().fence.epochs.len();
+    eprintln!(
+        "engine node {} holds {held} of the database's {partitions} partitions",
+        engine.ownership().fence.node,
+    );
     eprintln!(
         "sagaflow engine serving on {} (start sagas with `sagaflow start` or a request on sagaflow.start)",
         args.nats_url

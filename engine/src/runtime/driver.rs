@@ -13,7 +13,7 @@ use std::time::Duration;
 use sagaflow_protocol::backoff::RandomizedDelays;
 use sagaflow_protocol::{SagaSpec, Timestamp};
 use serde_json::Value;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{debug, error, warn};
 use uuid::Uuid;
 
@@ -22,10 +22,11 @@ use crate::EngineError;
 use crate::machine::{
     Activity, Command, Event, Inputs, OperatorCommand, Record, Reply, SagaState, Transition, decide,
 };
-use crate::store::{SagaWrite, Store, StoredSaga, WriteOutcome};
+use crate::store::{Fence, SagaWrite, Store, StoredSaga, WriteOutcome};
 use sagaflow_protocol::{StepCommand, StepReply};
 
 use super::commands::command_for;
+use super::leases::{Ownership, changes};
 use super::relay::Outgoing;
 
 /// The most events folded into one commit.
@@ -90,6 +91,13 @@ pub(crate) struct Driver {
     pub cache: HashMap<Uuid, StoredSaga>,
     /// Told about every saga that reaches a terminal status or becomes stuck (after commit).
     pub settled: tokio::sync::broadcast::Sender<Settled>,
+    /// The partitions this node may drive, and the fence it writes under.
+    pub ownership: watch::Receiver<Ownership>,
+    /// Asks the lease keeper for new epochs after a commit whose outcome is unknown.
+    pub refence: Arc<Notify>,
+    /// The fence of the previous batch: a partition lost, gained or re-fenced since then may
+    /// have been written by another node, so what is cached of it is dropped.
+    pub seen_fence: Fence,
 }
 
 /// One saga's accumulated work within a batch.
@@ -112,7 +120,17 @@ impl Driver {
     pub async fn recover(&mut self) -> Result<usize, EngineError> {
         // Every outbox command is an in-flight attempt re-sent below (or a stale one).
         self.store.clear_outbox().await?;
-        let ids = self.store.active().await?;
+        let owned = self
+            .ownership
+            .borrow()
+            .partitions(tokio::time::Instant::now());
+        let store = &self.store;
+        let ids: Vec<Uuid> = store
+            .active()
+            .await?
+            .into_iter()
+            .filter(|id| owned.binary_search(&store.partition_of(*id)).is_ok())
+            .collect();
         let mut resent = 0;
         for chunk in ids.chunks(500) {
             for stored in self.store.load_many(chunk).await? {
@@ -162,8 +180,36 @@ impl Driver {
         self.catalog.spec(&state.name, Some(state.version))
     }
 
+    /// The ownership to drive this batch under; forgets what is cached of every partition
+    /// whose lease changed hands or epoch since the last batch.
+    fn current_ownership(&mut self) -> Ownership {
+        let ownership = self.ownership.borrow().clone();
+        if ownership.fence != self.seen_fence {
+            let (gained, lost) = changes(&self.seen_fence, &ownership.fence);
+            let store = &self.store;
+            self.cache.retain(|id, _| {
+                let partition = store.partition_of(*id);
+                !gained.contains(&partition) && !lost.contains(&partition)
+            });
+            self.seen_fence = ownership.fence.clone();
+        }
+        ownership
+    }
+
+    /// A new saga id in one of `owned` (sorted), so this node is its writer.
+    fn new_saga_id(&self, owned: &[u32]) -> Uuid {
+        loop {
+            let id = Uuid::now_v7();
+            if owned.binary_search(&self.store.partition_of(id)).is_ok() {
+                return id;
+            }
+        }
+    }
+
     async fn process(&mut self, batch: Vec<Inbound>) {
         let now = Timestamp::now();
+        let ownership = self.current_ownership();
+        let owned = ownership.partitions(tokio::time::Instant::now());
         let mut order: Vec<Uuid> = Vec::new();
         let mut pending: HashMap<Uuid, Pending> = HashMap::new();
         if let Err(error) = self.load_missing(&batch).await {
@@ -194,7 +240,11 @@ impl Driver {
                         let _ = respond.send(Ok(*id));
                         continue;
                     }
-                    let saga_id = Uuid::now_v7();
+                    if owned.is_empty() {
+                        let _ = respond.send(Err(EngineError::NoPartitions));
+                        continue;
+                    }
+                    let saga_id = self.new_saga_id(&owned);
                     let state = SagaState::new(saga_id, &spec, input.clone(), now);
                     let transition = match apply(&state, &spec, Event::Start, now) {
                         Ok(t) => t,
@@ -225,7 +275,7 @@ impl Driver {
                 other => self.fold_event(other, now, &mut order, &mut pending),
             }
         }
-        self.commit(order, pending, now).await;
+        self.commit(order, pending, now, &ownership).await;
     }
 
     /// Applies one reply, wake or operator command to the saga's latest state in this batch.
@@ -329,6 +379,7 @@ impl Driver {
         order: Vec<Uuid>,
         mut pending: HashMap<Uuid, Pending>,
         now: Timestamp,
+        ownership: &Ownership,
     ) {
         let works: Vec<Pending> = order.iter().filter_map(|id| pending.remove(id)).collect();
         let dispatches: Vec<Vec<StepCommand>> = works
@@ -363,7 +414,17 @@ impl Driver {
             Ok(Vec::new())
         } else {
             let began = std::time::Instant::now();
-            let result = self.store.commit(&writes).await;
+            // Leases that may have lapsed hold nothing: every write is then fenced off here,
+            // without asking the database.
+            let fence = if ownership.is_valid(tokio::time::Instant::now()) {
+                ownership.fence.clone()
+            } else {
+                Fence {
+                    node: ownership.fence.node.clone(),
+                    epochs: Default::default(),
+                }
+            };
+            let result = self.store.commit_fenced(&writes, &fence).await;
             tracing::trace!(
                 writes = writes.len(),
                 took_us = began.elapsed().as_micros() as u64,
@@ -376,6 +437,9 @@ impl Driver {
             Ok(outcomes) => outcomes,
             Err(error) => {
                 error!(%error, "commit failed; nothing of this batch was written");
+                // Whether it was written is not known for certain (a commit that timed out may
+                // have landed): new epochs make sure nothing written later races it.
+                self.refence.notify_one();
                 for work in works {
                     self.cache.remove(&work.state.saga_id);
                     for respond in work.start_responders {

@@ -7,6 +7,7 @@
 mod catalog;
 pub(crate) mod commands;
 mod driver;
+mod leases;
 mod nats;
 mod relay;
 mod timers;
@@ -20,9 +21,9 @@ use sagaflow_protocol::SagaSpec;
 use sagaflow_protocol::StepReply;
 use sagaflow_sdk::Saga;
 use serde_json::Value;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 use uuid::Uuid;
 
 pub use catalog::Catalog;
@@ -30,9 +31,11 @@ pub use transport::{InProcess, Transport, run_attempt};
 
 use crate::EngineError;
 use crate::machine::{OperatorCommand, SagaStatus};
-use crate::store::Store;
+use crate::store::{Fence, Store};
 pub use driver::Settled;
 use driver::{Driver, Inbound};
+use leases::LeaseKeeper;
+pub use leases::{LeaseSettings, Ownership, new_node};
 
 /// How many settle notifications a slow receiver may lag behind.
 const SETTLED_BUFFER: usize = 16_384;
@@ -67,6 +70,11 @@ pub struct EngineOptions {
     pub worker_concurrency: usize,
     /// The longest the timer poller sleeps between looks at the store.
     pub timer_poll_interval: Duration,
+    /// How long this node's partition leases last and how often it renews them.
+    pub leases: LeaseSettings,
+    /// The host name this node registers under (`sagaflow nodes` shows it); the system's when
+    /// `None`.
+    pub host: Option<String>,
 }
 
 impl Default for EngineOptions {
@@ -74,6 +82,8 @@ impl Default for EngineOptions {
         EngineOptions {
             worker_concurrency: 64,
             timer_poll_interval: Duration::from_millis(50),
+            leases: LeaseSettings::default(),
+            host: None,
         }
     }
 }
@@ -91,6 +101,12 @@ pub struct Engine {
     /// Tasks that end once the driver has: the relay, the in-process pool.
     rest: Vec<JoinHandle<()>>,
     settled: tokio::sync::broadcast::Sender<Settled>,
+    /// The lease keeper: stopped last, after the driver, when it hands the partitions over.
+    leases: JoinHandle<()>,
+    stop_leases: watch::Sender<bool>,
+    ownership: watch::Receiver<Ownership>,
+    /// On SQLite, the lock that keeps a second engine off the database file while this one runs.
+    _engine_lock: Option<std::fs::File>,
 }
 
 /// Starts sagas: shared by the library API and the NATS start subject.
@@ -99,6 +115,10 @@ pub(crate) struct Starter {
     store: Store,
     catalog: Arc<Catalog>,
     inbox: mpsc::UnboundedSender<Inbound>,
+    ownership: watch::Receiver<Ownership>,
+    /// How long a start waits for this node to hold a partition (it is starting or taking
+    /// over) before it is refused.
+    partition_wait: Duration,
 }
 
 impl Starter {
@@ -151,6 +171,12 @@ impl Starter {
                 path: violation.path,
             });
         }
+        let mut ownership = self.ownership.clone();
+        let _ = tokio::time::timeout(
+            self.partition_wait,
+            ownership.wait_for(|o| !o.partitions(tokio::time::Instant::now()).is_empty()),
+        )
+        .await;
         let (respond, response) = oneshot::channel();
         self.inbox
             .send(Inbound::Start {
@@ -262,6 +288,37 @@ impl Engine {
         recovery: Recovery,
         options: &EngineOptions,
     ) -> Result<Self, EngineError> {
+        options.leases.validated()?;
+        let engine_lock = store.lock_for_one_engine()?;
+        if engine_lock.is_some() {
+            // The lock proves no other engine runs on this file: leases an earlier run left
+            // behind (it was killed) are its own and can be taken at once.
+            store.clear_leases().await?;
+        }
+        let host = options.host.clone().unwrap_or_else(host_name);
+        let (mut keeper, lease_handle) =
+            LeaseKeeper::new(store.clone(), new_node(&host), options.leases);
+        // Take a share before serving anything: a node with no partition can start no saga.
+        // The share may not be free at once: a node restarted after a crash waits for its old
+        // leases to lapse, and a node joining waits for the others to hand over.
+        let waited = tokio::time::Instant::now();
+        loop {
+            if let Err(error) = keeper.round(false).await {
+                warn!(%error, "cannot take partition leases yet; retrying");
+            }
+            let holds = lease_handle
+                .ownership
+                .borrow()
+                .is_valid(tokio::time::Instant::now())
+                && !lease_handle.ownership.borrow().fence.epochs.is_empty();
+            if holds || waited.elapsed() > options.leases.lease * 2 {
+                break;
+            }
+            tokio::time::sleep(options.leases.renew_every / 2).await;
+        }
+        let (stop_leases, stop_leases_rx) = watch::channel(false);
+        let ownership = lease_handle.ownership.clone();
+        let leases_task = tokio::spawn(keeper.run(stop_leases_rx));
         let (relay_tx, relay_rx) = mpsc::unbounded_channel();
         let pending_wakes = Arc::new(Mutex::new(Default::default()));
         let timers_changed = Arc::new(Notify::new());
@@ -279,6 +336,9 @@ impl Engine {
             timers_changed: timers_changed.clone(),
             cache: HashMap::new(),
             settled: settled.clone(),
+            ownership: ownership.clone(),
+            refence: lease_handle.refence.clone(),
+            seen_fence: Fence::default(),
         };
         if recovery == Recovery::ResendInFlight {
             let resent = driver.recover().await?;
@@ -298,6 +358,7 @@ impl Engine {
             timers_changed,
             planned_wake,
             options.timer_poll_interval,
+            ownership.clone(),
         ));
         Ok(Engine {
             store: store.clone(),
@@ -305,12 +366,18 @@ impl Engine {
                 store,
                 catalog,
                 inbox: inbox.clone(),
+                ownership: ownership.clone(),
+                partition_wait: options.leases.lease * 2,
             },
             inbox,
             intake: vec![timer_poller],
             driver: driver_task,
             rest: vec![relay_task],
             settled,
+            leases: leases_task,
+            stop_leases,
+            ownership,
+            _engine_lock: engine_lock,
         })
     }
 
@@ -423,11 +490,16 @@ impl Engine {
         drop(self.starter);
         let driver = self.driver;
         let rest = self.rest;
+        let leases = self.leases;
+        let stop_leases = self.stop_leases;
         let finished = tokio::time::timeout(grace, async move {
             let _ = driver.await;
             for task in rest {
                 let _ = task.await;
             }
+            // Nothing more is written: hand the partitions over so other nodes take them now.
+            let _ = stop_leases.send(true);
+            let _ = leases.await;
         })
         .await;
         if finished.is_err() {
@@ -436,6 +508,12 @@ impl Engine {
                 "shutdown did not finish in time; the rest is recovered on the next start"
             );
         }
+    }
+
+    /// What this node may drive now: its partitions, the epochs it holds them under, and
+    /// until when without a renewal.
+    pub fn ownership(&self) -> Ownership {
+        self.ownership.borrow().clone()
     }
 
     /// [`Engine::shutdown_within`] ten seconds.
@@ -451,4 +529,14 @@ enum Recovery {
     ResendInFlight,
     /// Only unsent outbox commands (the relay's sweep): the broker kept the rest.
     OutboxOnly,
+}
+
+/// This machine's host name, for the node id; `localhost` when it cannot be read.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }

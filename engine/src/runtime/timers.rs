@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use sagaflow_protocol::Timestamp;
 use sagaflow_protocol::backoff::Backoff;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::driver::{Inbound, PendingWakes};
+use super::leases::Ownership;
 use crate::store::Store;
 
 /// How many due sagas one poll takes.
@@ -25,11 +26,21 @@ pub(crate) async fn run(
     timers_changed: Arc<Notify>,
     planned_wake: Arc<AtomicI64>,
     poll_interval: Duration,
+    ownership: watch::Receiver<Ownership>,
 ) {
     let mut backoff = Backoff::infrastructure();
     loop {
         let now = Timestamp::now();
-        match store.due(now, DUE_BATCH).await {
+        // Only the timers of the partitions this node holds: the others' owners fire theirs.
+        let partitions = ownership.borrow().partitions(tokio::time::Instant::now());
+        if partitions.is_empty() {
+            tokio::time::sleep(poll_interval).await;
+            if inbox.is_closed() {
+                return;
+            }
+            continue;
+        }
+        match store.due_in(now, DUE_BATCH, Some(&partitions)).await {
             Ok(ids) => {
                 backoff.succeeded("polling the timers");
                 for id in ids {
@@ -53,7 +64,7 @@ pub(crate) async fn run(
                 continue;
             }
         }
-        let sleep_for = match store.next_wake().await {
+        let sleep_for = match store.next_wake_in(Some(&partitions)).await {
             Ok(Some(next)) => Timestamp::now()
                 .until(next)
                 .clamp(Duration::from_millis(5), poll_interval),

@@ -282,6 +282,9 @@ impl Cluster {
         command
             .args(["serve", "--database-url", &self.engine_db.url])
             .args(["--nats-url", &self.nats.url()])
+            // A restarted engine waits for the leases of the one killed before it to lapse;
+            // short leases keep the many restarts of these tests inside their load windows.
+            .args(["--lease", "1s", "--renew-every", "250ms"])
             .env("RUST_LOG", CHILD_LOG)
             .env("RUST_BACKTRACE", "0")
             .env("NO_COLOR", "1");
