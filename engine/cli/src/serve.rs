@@ -57,10 +57,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let engine = Engine::launch_distributed(store, &args.nats_url, Vec::new(), options)
         .await
         .context("starting the engine")?;
-    let held = engine.ownership().fence.epochs.len();
+    let ownership = engine.ownership();
     eprintln!(
-        "engine node {} holds {held} of the database's {partitions} partitions",
-        engine.ownership().fence.node,
+        "engine node {} holds {} of the database's {partitions} partitions",
+        ownership.fence.node,
+        ownership.fence.epochs.len(),
     );
     eprintln!(
         "sagaflow engine serving on {} (start sagas with `sagaflow start` or a request on sagaflow.start)",

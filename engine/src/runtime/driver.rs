@@ -26,7 +26,7 @@ use crate::store::{Fence, SagaWrite, Store, StoredSaga, WriteOutcome};
 use sagaflow_protocol::{StepCommand, StepReply};
 
 use super::commands::command_for;
-use super::leases::{Ownership, changes};
+use super::leases::{Ownership, changed_partitions};
 use super::relay::Outgoing;
 
 /// The most events folded into one commit.
@@ -185,12 +185,10 @@ impl Driver {
     fn current_ownership(&mut self) -> Ownership {
         let ownership = self.ownership.borrow().clone();
         if ownership.fence != self.seen_fence {
-            let (gained, lost) = changes(&self.seen_fence, &ownership.fence);
+            let changed = changed_partitions(&self.seen_fence, &ownership.fence);
             let store = &self.store;
-            self.cache.retain(|id, _| {
-                let partition = store.partition_of(*id);
-                !gained.contains(&partition) && !lost.contains(&partition)
-            });
+            self.cache
+                .retain(|id, _| !changed.contains(&store.partition_of(*id)));
             self.seen_fence = ownership.fence.clone();
         }
         ownership

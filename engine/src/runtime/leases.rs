@@ -274,8 +274,8 @@ impl LeaseKeeper {
                 }
             };
             if let Err(error) = self.round(refencing).await {
+                // The ownership published lapses by itself (`valid_until`) if this goes on.
                 warn!(node = %self.node.id, %error, "cannot renew the partition leases; retrying");
-                self.publish();
             }
             if *stop.borrow() {
                 break;
@@ -320,20 +320,18 @@ pub fn new_node(host: &str) -> NodeInfo {
     }
 }
 
-/// The partitions of `ownership` gained and lost since `before`, by epoch: a partition held
-/// under a new epoch counts as both (what the node cached of it may be stale).
-pub(crate) fn changes(before: &Fence, after: &Fence) -> (BTreeSet<u32>, BTreeSet<u32>) {
-    let gained = after
-        .epochs
-        .iter()
-        .filter(|(p, e)| before.epochs.get(p) != Some(e))
-        .map(|(p, _)| *p)
-        .collect();
-    let lost = before
-        .epochs
-        .iter()
-        .filter(|(p, e)| after.epochs.get(p) != Some(e))
-        .map(|(p, _)| *p)
-        .collect();
-    (gained, lost)
+/// The partitions whose lease changed between `before` and `after`: gained, lost, or held
+/// under a new epoch (what the node cached of them may be stale).
+pub(crate) fn changed_partitions(before: &Fence, after: &Fence) -> BTreeSet<u32> {
+    let moved = |from: &Fence, to: &Fence| {
+        from.epochs
+            .iter()
+            .filter(|(p, e)| to.epochs.get(p) != Some(e))
+            .map(|(p, _)| *p)
+            .collect::<Vec<_>>()
+    };
+    moved(before, after)
+        .into_iter()
+        .chain(moved(after, before))
+        .collect()
 }

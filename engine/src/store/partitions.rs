@@ -5,13 +5,15 @@
 //! a saga's partition is a function of its id and the count, computed once, when the saga is
 //! created, and stored with it.
 
+use std::collections::BTreeMap;
+
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
     sea_query::OnConflict,
 };
 use uuid::Uuid;
 
-use super::{cluster, lease, saga};
+use super::{INSERT_CHUNK, cluster, lease, saga};
 use crate::EngineError;
 
 /// Partitions of a database created without `--partitions`: enough for a dozen nodes, few
@@ -93,7 +95,8 @@ pub(super) async fn ensure_partitions(
     Ok(partitions)
 }
 
-/// Gives every saga that predates partitions (all in partition 0) its partition.
+/// Gives every saga that predates partitions (all in partition 0) its partition: one update
+/// per partition and chunk of ids, not one per saga.
 async fn assign_existing_sagas(
     db: &impl ConnectionTrait,
     partitions: u32,
@@ -105,23 +108,28 @@ async fn assign_existing_sagas(
         .all(db)
         .await
         .map_err(EngineError::db("reading the sagas to partition"))?;
+    let mut by_partition: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for id in ids {
-        let Ok(uuid) = Uuid::parse_str(&id) else {
-            continue;
-        };
-        let partition = partition_of(uuid, partitions);
-        if partition == 0 {
-            continue;
+        if let Ok(uuid) = Uuid::parse_str(&id) {
+            by_partition
+                .entry(partition_of(uuid, partitions))
+                .or_default()
+                .push(id);
         }
-        saga::Entity::update_many()
-            .col_expr(
-                saga::Column::PartitionId,
-                sea_orm::sea_query::Expr::value(partition as i32),
-            )
-            .filter(saga::Column::Id.eq(id))
-            .exec(db)
-            .await
-            .map_err(EngineError::db("giving a saga its partition"))?;
+    }
+    by_partition.remove(&0);
+    for (partition, ids) in by_partition {
+        for chunk in ids.chunks(INSERT_CHUNK) {
+            saga::Entity::update_many()
+                .col_expr(
+                    saga::Column::PartitionId,
+                    sea_orm::sea_query::Expr::value(partition as i32),
+                )
+                .filter(saga::Column::Id.is_in(chunk.iter().cloned()))
+                .exec(db)
+                .await
+                .map_err(EngineError::db("giving sagas their partition"))?;
+        }
     }
     Ok(())
 }
