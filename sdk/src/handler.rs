@@ -44,6 +44,14 @@ pub struct StepContext {
     pub deadline: Option<Timestamp>,
     /// Outputs of the steps that completed before this one, by step name.
     pub outputs: Arc<BTreeMap<String, Value>>,
+    /// The saga's partition: the unit of ownership among engine nodes.
+    pub partition: u32,
+    /// The fencing epoch under which the engine node owning `partition` sent this attempt. It
+    /// only grows: a resource that keeps the highest epoch it has seen per partition can refuse
+    /// a request carrying a lower one, which comes from a node that lost the partition (the
+    /// worker itself already refuses those it knows to be stale, but a resource shared by
+    /// several workers sees more).
+    pub epoch: u64,
 }
 
 impl StepContext {
@@ -84,6 +92,8 @@ impl StepContext {
             forward_key: command.forward_key.clone(),
             deadline: command.deadline,
             outputs: Arc::new(command.outputs.clone()),
+            partition: command.partition,
+            epoch: command.epoch,
         }
     }
 }

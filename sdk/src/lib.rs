@@ -108,6 +108,8 @@
 //!     forward_key: StepContext::key_for(saga_id, "reserve_stock", Direction::Forward),
 //!     deadline: None,
 //!     outputs: Default::default(),
+//!     partition: 0,
+//!     epoch: 1,
 //! };
 //! let input = serde_json::json!({"sku": "A-1", "quantity": 2});
 //! let output = saga.run(StepRequest { step: 0, ctx, input, output: None }).await?;

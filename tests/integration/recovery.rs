@@ -89,12 +89,17 @@ async fn a_worker_serves_its_saga_again_after_the_broker_restarts() {
         .delete_consumer(&names::worker_consumer("resilient"))
         .await
         .expect("delete the worker's consumer");
-    js.get_stream(names::REPLY_STREAM)
+    let replies = js
+        .get_stream(names::REPLY_STREAM)
         .await
-        .expect("the reply stream")
-        .delete_consumer(names::ENGINE_CONSUMER)
-        .await
-        .expect("delete the engine's consumer");
+        .expect("the reply stream");
+    // The one engine owns every partition, so it reads (and made) every partition's consumer.
+    for partition in 0..store.partitions() {
+        replies
+            .delete_consumer(&names::engine_consumer(partition))
+            .await
+            .expect("delete a partition's reply consumer");
+    }
     let orphaned = engine
         .start("resilient", json!({}), None)
         .await

@@ -39,6 +39,7 @@
 //! | `running` | `Reply`, awaited | final failure of the pivot, retryable error | `stuck` | `attempt_failed`, `saga_stuck` (outcome unknown) |
 //! | `running` | `Reply`, awaited | final failure of a retriable step | `stuck` | `attempt_failed`, `saga_stuck` |
 //! | `running` | `Reply`, not awaited | | unchanged | `reply_ignored` with the reason |
+//! | `running`, `compensating` | `Reply`, awaited | a `stale_epoch` refusal | unchanged, the attempt still in flight | `reply_ignored` (the shell sends the attempt again under its epoch) |
 //! | `running` | `TimerFired` | saga deadline due, not past the pivot, current step is the attempted pivot | `stuck` | `deadline_exceeded`, `saga_stuck`; a pivot attempt in flight is abandoned |
 //! | `running` | `TimerFired` | saga deadline due, not past the pivot, otherwise | `compensating` (or `compensated`) | `deadline_exceeded`, compensation begins; the current step is marked failed and undone too if it is compensatable and was attempted |
 //! | `running` | `TimerFired` | attempt deadline due | as a retryable `timeout` failure (rows above) | `attempt_timed_out`, then as for a failed reply |
@@ -281,6 +282,20 @@ impl Machine<'_, '_> {
         );
         if !awaited {
             let why = self.why_not_awaited(&reply);
+            self.ignore_reply(reply, why);
+            return;
+        }
+        if reply
+            .result
+            .as_ref()
+            .is_err_and(|e| e.code == sagaflow_protocol::codes::STALE_EPOCH)
+        {
+            // The worker ran nothing: the command came from the partition's previous owner.
+            // The attempt stays in flight; the shell sends it again under the current epoch.
+            let why = "stale epoch: the worker refused a command sent under a superseded \
+                       ownership of the saga's partition, without running it; the attempt is \
+                       sent again under the current epoch"
+                .to_string();
             self.ignore_reply(reply, why);
             return;
         }

@@ -28,7 +28,7 @@ use crate::machine::{
     Command, Event, Inputs, MachineError, OperatorAction, OperatorCommand, RecordKind, SagaStatus,
     Transition, decide,
 };
-use crate::runtime::commands::command_for;
+use crate::runtime::commands::{Route, command_for};
 use crate::store::{SagaWrite, Store, StoredSaga, WriteOutcome};
 use sagaflow_protocol::names::MAX_OUTPUT_BYTES;
 
@@ -177,7 +177,8 @@ pub async fn plan(
         .await?
         .ok_or(EngineError::UnknownSaga(saga_id))?;
     let spec = pinned_definition(store, &stored).await?;
-    plan_loaded(stored, spec, command, options)
+    let route = current_route(store, saga_id).await?;
+    plan_loaded(stored, spec, command, route, options)
 }
 
 async fn pinned_definition(store: &Store, stored: &StoredSaga) -> Result<SagaSpec, EngineError> {
@@ -201,6 +202,19 @@ fn refusal_verb(action: &OperatorAction) -> &'static str {
     }
 }
 
+/// The partition of `saga_id` and the epoch its lease has now: the commands an action
+/// dispatches go out through the owner's outbox sweep, under the owner's epoch. (Should the
+/// partition change hands before then, workers refuse them as stale and the new owner sends
+/// the attempt again.)
+async fn current_route(store: &Store, saga_id: Uuid) -> Result<Route, EngineError> {
+    let partition = store.partition_of(saga_id);
+    let epoch = store
+        .partition_lease(partition)
+        .await?
+        .map_or(0, |lease| lease.epoch);
+    Ok(Route { partition, epoch })
+}
+
 fn refused(saga_id: Uuid, action: &OperatorAction, why: String) -> EngineError {
     EngineError::Refused(MachineError::Refused {
         saga_id,
@@ -214,6 +228,7 @@ fn plan_loaded(
     stored: StoredSaga,
     spec: SagaSpec,
     command: OperatorCommand,
+    route: Route,
     options: &ActOptions,
 ) -> Result<PlannedAct, EngineError> {
     let saga_id = stored.state.saga_id;
@@ -291,7 +306,9 @@ fn plan_loaded(
         .commands
         .iter()
         .filter_map(|c| match c {
-            Command::Dispatch(dispatch) => Some(command_for(&transition.state, dispatch.clone())),
+            Command::Dispatch(dispatch) => {
+                Some(command_for(&transition.state, dispatch.clone(), route))
+            }
             _ => None,
         })
         .collect();
@@ -589,7 +606,8 @@ async fn bulk_one(
             spec
         }
     };
-    let planned = plan_loaded(stored, spec, command.clone(), &ActOptions::default())?;
+    let route = current_route(store, entry.saga_id).await?;
+    let planned = plan_loaded(stored, spec, command.clone(), route, &ActOptions::default())?;
     if !execute {
         return Ok(BulkOutcome::WouldChange {
             status: planned.report().status,

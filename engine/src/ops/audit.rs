@@ -109,6 +109,8 @@ struct AuditRow {
     payload: Option<String>,
     error: Option<String>,
     actor: String,
+    node: Option<String>,
+    epoch: Option<i64>,
     saga_name: String,
     saga_version: i32,
 }
@@ -136,6 +138,8 @@ impl AuditRow {
             payload: self.payload,
             error: self.error,
             actor: self.actor,
+            node: self.node,
+            epoch: self.epoch,
         };
         Ok(row.decode()?.with(saga))
     }
@@ -182,6 +186,8 @@ pub(crate) fn audit_select(
             history::Column::Payload,
             history::Column::Error,
             history::Column::Actor,
+            history::Column::Node,
+            history::Column::Epoch,
         ])
         .column_as(saga::Column::Name, "saga_name")
         .column_as(saga::Column::DefinitionVersion, "saga_version")

@@ -32,6 +32,9 @@ pub struct SagaDetail {
     pub updated_at: Timestamp,
     /// Its row version (one per committed transition).
     pub row_version: i64,
+    /// Its partition, and the engine node that owns the partition now, if any: the one node
+    /// that drives the saga.
+    pub ownership: OwnershipView,
     /// How many history records it has.
     pub history_len: i64,
     /// What it is doing now.
@@ -54,6 +57,48 @@ pub struct SagaDetail {
     pub input: Value,
     /// Every step of the pinned definition, in order.
     pub steps: Vec<StepView>,
+}
+
+/// Who drives a saga: its partition's lease, as the database has it now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OwnershipView {
+    /// The saga's partition.
+    pub partition: u32,
+    /// The node holding the partition's lease, while the lease is live.
+    pub owner: Option<String>,
+    /// The partition's current fencing epoch (0 before any node took it).
+    pub epoch: u64,
+    /// When the lease runs out (or ran out) unless renewed, by the database's clock.
+    #[serde(serialize_with = "super::time::rfc3339::option::serialize")]
+    pub lease_expires_at: Option<Timestamp>,
+    /// The last holder, when the lease lapsed or was released and nobody took it since.
+    pub last_owner: Option<String>,
+}
+
+impl OwnershipView {
+    async fn of(store: &Store, id: Uuid) -> Result<Self, EngineError> {
+        let partition = store.partition_of(id);
+        let lease = store.partition_lease(partition).await?;
+        // Every partition has a row from the start; one no node ever took has epoch 0.
+        Ok(
+            match lease.filter(|lease| lease.epoch > 0 || lease.owner.is_some()) {
+                None => OwnershipView {
+                    partition,
+                    owner: None,
+                    epoch: 0,
+                    lease_expires_at: None,
+                    last_owner: None,
+                },
+                Some(lease) => OwnershipView {
+                    partition,
+                    owner: lease.owner.clone().filter(|_| lease.live),
+                    epoch: lease.epoch,
+                    lease_expires_at: Some(Timestamp(lease.expires_at)),
+                    last_owner: lease.owner.filter(|_| !lease.live),
+                },
+            },
+        )
+    }
 }
 
 /// What a saga is doing now.
@@ -353,6 +398,7 @@ pub async fn show(store: &Store, id: Uuid) -> Result<SagaDetail, EngineError> {
         created_at: state.created_at,
         updated_at: Timestamp(row.updated_at),
         row_version: row.row_version,
+        ownership: OwnershipView::of(store, id).await?,
         history_len: row.history_seq,
         activity,
         next_wake: state.wake_at(),

@@ -44,8 +44,8 @@ pub use act::{
 pub use audit::{ActorFilter, AuditEntry, AuditFilter, AuditPage, audit, export_jsonl};
 pub use cursor::Cursor;
 pub use inspect::{
-    ActivityView, AttemptView, HistoryView, SagaDetail, StepView, StuckView, TimelineEntry,
-    history, show,
+    ActivityView, AttemptView, HistoryView, OwnershipView, SagaDetail, StepView, StuckView,
+    TimelineEntry, history, show,
 };
 pub use json::{JSON_FORMAT_VERSION, Versioned};
 pub use list::{ListFilter, ListPage, SagaSummary, list};

@@ -7,11 +7,12 @@ use sagaflow_protocol::{Direction, Timestamp};
 use serde_json::Value;
 
 use super::audit::AuditPage;
-use super::inspect::{ActivityView, HistoryView, SagaDetail, TimelineEntry};
+use super::inspect::{ActivityView, HistoryView, OwnershipView, SagaDetail, TimelineEntry};
 use super::list::ListPage;
 use super::retention::RetentionReport;
 use super::stuck::{StuckKind, StuckReport};
 use super::time::{format_duration, format_time};
+use crate::store::HistoryEntry;
 
 /// Longest cell text in a table column that holds free text (errors, details, outputs).
 const CELL: usize = 60;
@@ -197,6 +198,24 @@ fn compact(value: &Value) -> String {
     }
 }
 
+/// Which node drives a saga, for `show`.
+fn ownership_line(view: &OwnershipView) -> String {
+    let partition = view.partition;
+    match (&view.owner, &view.last_owner, view.lease_expires_at) {
+        (Some(owner), _, Some(until)) => format!(
+            "node {owner} (partition {partition}, epoch {}, lease until {})",
+            view.epoch,
+            format_time(until)
+        ),
+        (None, Some(last), Some(until)) => format!(
+            "no node now (partition {partition}: {last}'s lease ran out at {}; \
+             a live engine takes it over within a lease)",
+            format_time(until)
+        ),
+        _ => format!("no node yet (partition {partition} was never taken: is an engine running?)"),
+    }
+}
+
 /// `sagaflow show`: the saga, its steps, the idempotency keys and every attempt.
 pub fn show_text(detail: &SagaDetail) -> String {
     let mut fields: Vec<(&str, String)> = vec![
@@ -207,6 +226,7 @@ pub fn show_text(detail: &SagaDetail) -> String {
         ),
         ("status", detail.status.as_str().to_string()),
         ("activity", activity_line(&detail.activity)),
+        ("driven by", ownership_line(&detail.ownership)),
         ("next wake-up", opt_time(detail.next_wake)),
         ("start key", or_dash(detail.start_key.as_deref())),
         ("created", format_time(detail.created_at)),
@@ -444,6 +464,7 @@ pub fn history_table(view: &HistoryView) -> String {
                 or_dash(e.direction.map(Direction::as_str)),
                 e.attempt.map_or_else(|| "-".into(), |a| a.to_string()),
                 e.actor.clone(),
+                written_by(e),
                 detail_summary(e.error.as_deref(), &e.detail),
             ]
         })
@@ -460,11 +481,21 @@ pub fn history_table(view: &HistoryView) -> String {
                 "direction",
                 "attempt",
                 "actor",
+                "written by",
                 "detail",
             ],
             &rows,
         )
     )
+}
+
+/// The node and epoch that wrote a record (`-` for an operator's write from the CLI).
+fn written_by<X>(entry: &HistoryEntry<X>) -> String {
+    match (&entry.node, entry.epoch) {
+        (Some(node), Some(epoch)) => format!("{node} e{epoch}"),
+        (Some(node), None) => node.clone(),
+        _ => "-".into(),
+    }
 }
 
 /// `sagaflow audit`: matching records of every saga, by time.

@@ -25,7 +25,7 @@ use crate::machine::{
 use crate::store::{Fence, SagaWrite, Store, StoredSaga, WriteOutcome};
 use sagaflow_protocol::{StepCommand, StepReply};
 
-use super::commands::command_for;
+use super::commands::{Route, command_for};
 use super::leases::{Ownership, changed_partitions};
 use super::relay::Outgoing;
 
@@ -67,8 +67,17 @@ pub struct Settled {
     pub status: crate::machine::SagaStatus,
 }
 
-/// Acknowledges a broker message once what it caused is durable.
-pub(crate) type Acker = Box<dyn FnOnce() + Send + Sync>;
+/// What becomes of a broker message once the driver is done with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// What it caused is durable: acknowledge it.
+    Done,
+    /// Another node must handle it: deliver it again now.
+    Redeliver,
+}
+
+/// Settles a broker message once the driver is done with it.
+pub(crate) type Acker = Box<dyn FnOnce(Settle) + Send + Sync>;
 
 /// Sagas the timer poller has sent a wake for that the driver has not handled yet.
 pub(crate) type PendingWakes = Arc<Mutex<HashSet<Uuid>>>;
@@ -136,7 +145,8 @@ impl Driver {
             for stored in self.store.load_many(chunk).await? {
                 if let Activity::InFlight { .. } = stored.state.activity {
                     let spec = self.spec_of(&stored.state)?;
-                    if let Some(command) = resend_command(&stored.state, &spec) {
+                    let route = self.route(&self.ownership.borrow().fence, stored.state.saga_id);
+                    if let Some(command) = resend_command(&stored.state, &spec, route) {
                         let _ = self.relay.send(Outgoing {
                             commands: vec![command],
                             in_outbox: false,
@@ -174,6 +184,45 @@ impl Driver {
                 return;
             }
         }
+    }
+
+    /// The partition of `saga_id` and this node's epoch for it (0 where it holds none: such a
+    /// write is fenced off, and its commands never sent).
+    fn route(&self, fence: &Fence, saga_id: Uuid) -> Route {
+        let partition = self.store.partition_of(saga_id);
+        Route {
+            partition,
+            epoch: fence.epochs.get(&partition).copied().unwrap_or(0),
+        }
+    }
+
+    /// A worker refused the attempt the saga waits on because it came under a superseded epoch
+    /// (sent by this partition's previous owner): the same attempt goes out again under this
+    /// node's epoch, instead of waiting for its deadline.
+    fn resend_after_stale_refusal(&self, work: &Pending, fence: &Fence) -> Option<StepCommand> {
+        let Activity::InFlight {
+            step,
+            direction,
+            attempt,
+            ..
+        } = work.state.activity
+        else {
+            return None;
+        };
+        let refused_now = work.events.iter().any(|event| match event {
+            Inbound::Reply(reply, _) => {
+                reply.step_index == step
+                    && reply.direction == direction
+                    && reply.attempt == attempt
+                    && reply.is_stale_epoch_refusal()
+            }
+            _ => false,
+        });
+        if !refused_now {
+            return None;
+        }
+        let route = self.route(fence, work.state.saga_id);
+        resend_command(&work.state, &work.spec, route)
     }
 
     fn spec_of(&self, state: &SagaState) -> Result<Arc<SagaSpec>, EngineError> {
@@ -383,11 +432,12 @@ impl Driver {
         let dispatches: Vec<Vec<StepCommand>> = works
             .iter()
             .map(|w| {
+                let route = self.route(&ownership.fence, w.state.saga_id);
                 w.commands
                     .iter()
                     .filter_map(|c| match c {
                         Command::Dispatch(dispatch) => {
-                            Some(command_for(&w.state, dispatch.clone()))
+                            Some(command_for(&w.state, dispatch.clone(), route))
                         }
                         _ => None,
                     })
@@ -459,6 +509,7 @@ impl Driver {
         let mut outcomes = outcomes.into_iter();
         let mut earliest_wake: Option<Timestamp> = None;
         let mut to_publish = Vec::new();
+        let mut to_resend = Vec::new();
         for (work, commands) in works.into_iter().zip(dispatches) {
             let saga_id = work.state.saga_id;
             if work.base.is_some() && work.records.is_empty() {
@@ -476,6 +527,9 @@ impl Driver {
                     history_seq,
                 }) => {
                     to_publish.extend(commands);
+                    if let Some(again) = self.resend_after_stale_refusal(&work, &ownership.fence) {
+                        to_resend.push(again);
+                    }
                     for command in &work.commands {
                         match command {
                             Command::Dispatch(_) => {}
@@ -517,9 +571,10 @@ impl Driver {
                     acknowledge(work.events);
                 }
                 Some(WriteOutcome::Fenced) => {
-                    // The partition's lease is gone: its new owner drives the saga. Replies are
-                    // left unacknowledged, so the broker delivers them to that owner.
+                    // The partition's lease is gone: its new owner drives the saga. Replies go
+                    // back to the broker at once, which delivers them to that owner.
                     let partition = self.store.partition_of(saga_id);
+                    redeliver(work.events);
                     warn!(saga = %saga_id, partition, "write fenced off: this node no longer holds the saga's partition");
                     self.cache.remove(&saga_id);
                     for respond in work.start_responders {
@@ -546,6 +601,13 @@ impl Driver {
             let _ = self.relay.send(Outgoing {
                 commands: to_publish,
                 in_outbox: self.write_outbox,
+            });
+        }
+        if !to_resend.is_empty() {
+            // Not in the outbox: if this send is lost, the attempt's deadline recovers it.
+            let _ = self.relay.send(Outgoing {
+                commands: to_resend,
+                in_outbox: false,
             });
         }
         let planned = self.planned_wake.load(std::sync::atomic::Ordering::Relaxed);
@@ -652,7 +714,17 @@ fn commit_failure(error: &EngineError, doing: &'static str) -> EngineError {
 fn acknowledge(events: Vec<Inbound>) {
     for event in events {
         if let Inbound::Reply(_, Some(acker)) = event {
-            acker();
+            acker(Settle::Done);
+        }
+    }
+}
+
+/// Hands the broker messages behind `events` back for another delivery now: this node may not
+/// write what they cause, the partition's owner will.
+fn redeliver(events: Vec<Inbound>) {
+    for event in events {
+        if let Inbound::Reply(_, Some(acker)) = event {
+            acker(Settle::Redeliver);
         }
     }
 }
@@ -686,7 +758,7 @@ fn machine_reply(reply: &StepReply) -> Reply {
 }
 
 /// The command for the attempt a saga is waiting on, rebuilt from its state.
-fn resend_command(state: &SagaState, spec: &SagaSpec) -> Option<StepCommand> {
+fn resend_command(state: &SagaState, spec: &SagaSpec, route: Route) -> Option<StepCommand> {
     let Activity::InFlight {
         step,
         direction,
@@ -710,5 +782,5 @@ fn resend_command(state: &SagaState, spec: &SagaSpec) -> Option<StepCommand> {
         attempt,
         deadline,
     };
-    Some(command_for(state, dispatch))
+    Some(command_for(state, dispatch, route))
 }

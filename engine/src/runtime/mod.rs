@@ -267,9 +267,11 @@ impl Engine {
             &options,
         )
         .await?;
-        engine
-            .intake
-            .push(broker.consume_replies(inbox.clone()).await?);
+        engine.intake.push(
+            broker
+                .consume_replies(inbox.clone(), engine.ownership.clone())
+                .await?,
+        );
         engine
             .intake
             .push(broker.serve_starts(engine.starter.clone()).await?);

@@ -2,6 +2,7 @@
 //! and reply for starting sagas and for workers announcing their definitions. The subjects,
 //! streams and messages are the wire protocol of `docs/protocol.md`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,20 +15,28 @@ use sagaflow_protocol::{
     StepReply, names,
 };
 use sagaflow_protocol::{durable_consumer, ensure_streams};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use super::Starter;
 use super::catalog::Catalog;
-use super::driver::{Acker, Inbound};
+use super::driver::{Acker, Inbound, Settle};
+use super::leases::Ownership;
 use super::transport::Transport;
 use crate::EngineError;
 use crate::store::Store;
 
-/// How long JetStream waits for the engine to acknowledge a reply before redelivering it.
-const REPLY_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long JetStream waits for the engine to acknowledge a reply before redelivering it: also
+/// how long replies a killed node had pulled wait before its partitions' next owners see them.
+const REPLY_ACK_WAIT: Duration = Duration::from_secs(10);
+/// How soon a reply this node may not handle (its partition moved) is delivered again.
+const REDELIVER_AFTER: Duration = Duration::from_millis(250);
+/// The most replies one pull of a partition asks for.
+const REPLY_BATCH: usize = 64;
+/// How often the broker says a pull is alive while no replies come.
+const REPLY_HEARTBEAT: Duration = Duration::from_secs(5);
 /// How often a reply is delivered at most.
 const REPLY_MAX_DELIVER: i64 = 10;
 
@@ -66,72 +75,78 @@ impl Broker {
         }
     }
 
-    /// Pulls replies and hands them to the driver, which acknowledges each once the transition
-    /// it caused is committed. Malformed replies are dropped without redelivery (and recorded
-    /// in the saga's history when they name one).
+    /// Pulls the replies of every partition this node owns and hands them to the driver, which
+    /// settles each once the transition it caused is committed (or hands it back when the
+    /// partition changed owner). A partition's consumer is read while the partition is held and
+    /// left the moment it is not, so its replies go to its next owner. Malformed replies are
+    /// dropped without redelivery (and recorded in the saga's history when they name one).
     pub(crate) async fn consume_replies(
         &self,
         inbox: mpsc::UnboundedSender<Inbound>,
+        mut ownership: watch::Receiver<Ownership>,
     ) -> Result<JoinHandle<()>, EngineError> {
-        let open = |js: jetstream::Context| async move {
-            durable_consumer(
-                &js,
-                names::REPLY_STREAM,
-                names::ENGINE_CONSUMER,
-                "sagaflow.reply.>",
-                REPLY_ACK_WAIT,
-                REPLY_MAX_DELIVER,
-            )
-            .await
-        };
-        let mut consumer = open(self.js.clone())
-            .await
-            .map_err(|e| broker_error("cannot create the reply consumer", e))?;
+        self.retire_legacy_consumer().await?;
         let js = self.js.clone();
         Ok(tokio::spawn(async move {
-            // One back-off for both ways pulling fails, so an outage that alternates between
-            // them (the stream opens, the next pull errs) still backs off instead of spinning.
-            let mut backoff = Backoff::infrastructure();
+            let mut readers: HashMap<u32, AbortOnDrop> = HashMap::new();
             loop {
-                if backoff.failures() > 0 {
-                    // After an outage the consumer may be gone (a broker that lost its store):
-                    // open it again; if that fails too, the pull below fails and waits longer.
-                    match open(js.clone()).await {
-                        Ok(fresh) => consumer = fresh,
-                        Err(e) => warn!(error = %e, "cannot open the reply consumer yet"),
-                    }
+                // Held partitions, valid or not: a lease that lapses is either renewed (then
+                // the replies are still ours to read) or lost (then it leaves the fence).
+                let held: Vec<u32> = ownership
+                    .borrow_and_update()
+                    .fence
+                    .epochs
+                    .keys()
+                    .copied()
+                    .collect();
+                readers.retain(|partition, _| held.contains(partition));
+                for partition in held {
+                    readers.entry(partition).or_insert_with(|| {
+                        AbortOnDrop(tokio::spawn(read_partition(
+                            js.clone(),
+                            partition,
+                            inbox.clone(),
+                        )))
+                    });
                 }
-                let mut messages = match consumer.messages().await {
-                    Ok(messages) => messages,
-                    Err(e) => {
-                        backoff.wait_after_failure("pulling replies", &e).await;
-                        continue;
-                    }
-                };
-                while let Some(next) = messages.next().await {
-                    let message = match next {
-                        Ok(message) => message,
-                        Err(e) => {
-                            // Opened again below: a stream whose consumer is gone never heals.
-                            backoff.wait_after_failure("pulling replies", &e).await;
-                            break;
-                        }
-                    };
-                    backoff.succeeded("pulling replies");
-                    if let Some(inbound) = admit_reply(message).await
-                        && inbox.send(inbound).is_err()
-                    {
-                        return;
-                    }
-                }
-                if backoff.failures() == 0 {
-                    // The pull stream ended by itself: open it again.
-                    backoff
-                        .wait_after_failure("pulling replies", &"the reply stream ended")
-                        .await;
+                if ownership.changed().await.is_err() {
+                    // The lease keeper ended: the engine is stopping.
+                    return;
                 }
             }
         }))
+    }
+
+    /// Deletes the one consumer of every reply that engines of protocol version 1 used: a
+    /// work-queue stream refuses a partition's consumer beside it.
+    async fn retire_legacy_consumer(&self) -> Result<(), EngineError> {
+        let stream = self
+            .js
+            .get_stream(names::REPLY_STREAM)
+            .await
+            .map_err(|e| broker_error("cannot open the reply stream", e))?;
+        if stream
+            .consumer_info(names::LEGACY_ENGINE_CONSUMER)
+            .await
+            .is_ok()
+        {
+            stream
+                .delete_consumer(names::LEGACY_ENGINE_CONSUMER)
+                .await
+                .map_err(|e| {
+                    broker_error(
+                        "cannot delete the reply consumer of protocol version 1 engines \
+                         (`sagaflow-engine`); stop every older engine first",
+                        e,
+                    )
+                })?;
+            warn!(
+                consumer = names::LEGACY_ENGINE_CONSUMER,
+                "deleted the reply consumer of protocol version 1 engines; replies it still \
+                 held are answered again when their attempts time out"
+            );
+        }
+        Ok(())
     }
 
     /// Answers start requests on the start subject.
@@ -154,7 +169,9 @@ impl Broker {
                         Err(e) => {
                             refusal(AnswerCode::BadRequest, format!("not a start request: {e}"))
                         }
-                        Ok(start) if start.v != PROTOCOL_VERSION => refusal(
+                        // The start request did not change in version 2: clients of version 1
+                        // still start sagas.
+                        Ok(start) if !(1..=PROTOCOL_VERSION).contains(&start.v) => refusal(
                             AnswerCode::UnsupportedVersion,
                             format!(
                                 "start request version {} is not supported; send v={PROTOCOL_VERSION}",
@@ -265,14 +282,105 @@ fn parse_registration(payload: &[u8]) -> Result<RegisterRequest, EngineAnswer> {
     Ok(register)
 }
 
+/// Reads the replies of one partition until aborted (the partition changed owner).
+async fn read_partition(
+    js: jetstream::Context,
+    partition: u32,
+    inbox: mpsc::UnboundedSender<Inbound>,
+) {
+    let consumer_name = names::engine_consumer(partition);
+    let filter = names::partition_reply_filter(partition);
+    let what = format!("pulling the replies of partition {partition}");
+    let open = || {
+        durable_consumer(
+            &js,
+            names::REPLY_STREAM,
+            &consumer_name,
+            &filter,
+            REPLY_ACK_WAIT,
+            REPLY_MAX_DELIVER,
+        )
+    };
+    // One back-off for both ways pulling fails, so an outage that alternates between them (the
+    // stream opens, the next pull errs) still backs off instead of spinning.
+    let mut backoff = Backoff::infrastructure();
+    let mut consumer = None;
+    loop {
+        if consumer.is_none() || backoff.failures() > 0 {
+            // After an outage the consumer may be gone (a broker that lost its store): open it
+            // again; if that fails, wait and try again.
+            match open().await {
+                Ok(fresh) => consumer = Some(fresh),
+                Err(e) => {
+                    backoff.wait_after_failure(&what, &e).await;
+                    continue;
+                }
+            }
+        }
+        let Some(current) = &consumer else { continue };
+        // Small batches: what a pull buffered when the partition moves waits out the ack wait
+        // before its next owner sees it.
+        let mut messages = match current
+            .stream()
+            .max_messages_per_batch(REPLY_BATCH)
+            .heartbeat(REPLY_HEARTBEAT)
+            .messages()
+            .await
+        {
+            Ok(messages) => messages,
+            Err(e) => {
+                backoff.wait_after_failure(&what, &e).await;
+                continue;
+            }
+        };
+        while let Some(next) = messages.next().await {
+            let message = match next {
+                Ok(message) => message,
+                Err(e) => {
+                    // Opened again above: a stream whose consumer is gone never heals.
+                    backoff.wait_after_failure(&what, &e).await;
+                    break;
+                }
+            };
+            backoff.succeeded(&what);
+            if let Some(inbound) = admit_reply(message).await
+                && inbox.send(inbound).is_err()
+            {
+                return;
+            }
+        }
+        if backoff.failures() == 0 {
+            // The pull stream ended by itself: open it again.
+            backoff
+                .wait_after_failure(&what, &"the reply stream ended")
+                .await;
+        }
+    }
+}
+
+/// A task that ends when its handle is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Turns a reply message into the driver's input, or drops it (acknowledged, so it is not
 /// redelivered) when it cannot be one.
 async fn admit_reply(message: jetstream::Message) -> Option<Inbound> {
     match serde_json::from_slice::<StepReply>(&message.payload) {
         Ok(reply) if reply.v == PROTOCOL_VERSION => {
-            let acker: Acker = Box::new(move || {
+            let acker: Acker = Box::new(move |settle| {
                 tokio::spawn(async move {
-                    if let Err(e) = message.ack().await {
+                    let kind = match settle {
+                        Settle::Done => AckKind::Ack,
+                        // Not at once: while this node's lease is lapsing it may still pull
+                        // the partition for a moment, and must not spin on the same reply.
+                        Settle::Redeliver => AckKind::Nak(Some(REDELIVER_AFTER)),
+                    };
+                    if let Err(e) = message.ack_with(kind).await {
                         warn!(error = %e, "reply ack failed; it will be redelivered and ignored as a duplicate");
                     }
                 });
@@ -384,7 +492,10 @@ impl Transport for JetStreamTransport {
                 }
                 let publish = jetstream::message::PublishMessage::build()
                     .payload(payload.into())
-                    .message_id(&command.command_id);
+                    .message_id(names::command_message_id(
+                        &command.command_id,
+                        command.epoch,
+                    ));
                 match self
                     .js
                     .send_publish(

@@ -38,6 +38,13 @@ pub struct HistoryEntry<X = ()> {
     pub error: Option<String>,
     /// Details: an output, a retry time, an operator's reason.
     pub detail: Value,
+    /// The engine node that wrote the record; `None` for an operator's action from the CLI
+    /// (written unfenced, conditional on the saga's version only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The fencing epoch of the saga's partition the node wrote under; `None` when `node` is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// On a timeline: how long after the saga's first record a row was written.
@@ -72,6 +79,8 @@ impl<X> HistoryEntry<X> {
             actor: self.actor,
             error: self.error,
             detail: self.detail,
+            node: self.node,
+            epoch: self.epoch,
         }
     }
 }
@@ -88,6 +97,8 @@ pub(crate) struct HistoryColumns {
     pub payload: Option<String>,
     pub error: Option<String>,
     pub actor: String,
+    pub node: Option<String>,
+    pub epoch: Option<i64>,
 }
 
 impl From<history::Model> for HistoryColumns {
@@ -103,6 +114,8 @@ impl From<history::Model> for HistoryColumns {
             payload: row.payload,
             error: row.error,
             actor: row.actor,
+            node: row.node,
+            epoch: row.epoch,
         }
     }
 }
@@ -149,6 +162,8 @@ impl HistoryColumns {
             actor: self.actor,
             error: self.error,
             detail,
+            node: self.node,
+            epoch: self.epoch.map(|e| e.max(0) as u64),
         })
     }
 }

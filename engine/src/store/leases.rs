@@ -155,7 +155,46 @@ fn read_leases(rows: Vec<sea_orm::QueryResult>) -> Result<Vec<(u32, u64)>, Engin
     Ok(leases)
 }
 
+/// A `partition_leases` row, live or not at `clock` (the database's, ms since the epoch).
+fn lease_row(row: &sea_orm::QueryResult, clock: i64) -> Result<LeaseRow, EngineError> {
+    let read = || db_error("reading a lease row");
+    let expires_at: i64 = row.try_get("", "expires_at").map_err(read())?;
+    let epoch: i64 = row.try_get("", "epoch").map_err(read())?;
+    Ok(LeaseRow {
+        partition: read_u32(row, "partition_id")?,
+        owner: row.try_get("", "owner").map_err(read())?,
+        epoch: epoch.max(0) as u64,
+        expires_at,
+        live: expires_at > clock,
+        renewed_at: row.try_get("", "renewed_at").map_err(read())?,
+    })
+}
+
 impl Store {
+    /// The lease of `partition` as the database has it now (`None` before any node took it).
+    pub async fn partition_lease(&self, partition: u32) -> Result<Option<LeaseRow>, EngineError> {
+        let backend = self.backend();
+        let now = now_ms(backend);
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                backend,
+                format!(
+                    "SELECT partition_id, owner, epoch, expires_at, renewed_at, {now} AS now \
+                     FROM partition_leases WHERE partition_id = {}",
+                    param(backend, 1)
+                ),
+                [Value::from(i64::from(partition))],
+            ))
+            .await
+            .map_err(db_error("reading a partition's lease"))?;
+        let Some(row) = row else { return Ok(None) };
+        let clock: i64 = row
+            .try_get("", "now")
+            .map_err(db_error("reading the database's clock"))?;
+        lease_row(&row, clock).map(Some)
+    }
+
     /// Registers `node` or renews its heartbeat: live for `lease_ms` more of the database's
     /// clock. Returns that clock's reading.
     pub async fn heartbeat(&self, node: &NodeInfo, lease_ms: i64) -> Result<i64, EngineError> {
@@ -254,26 +293,7 @@ impl Store {
             .await
             .map_err(db_error("reading the partition leases"))?
             .iter()
-            .map(|row| {
-                let expires_at: i64 = row
-                    .try_get("", "expires_at")
-                    .map_err(db_error("reading a lease row"))?;
-                let epoch: i64 = row
-                    .try_get("", "epoch")
-                    .map_err(db_error("reading a lease row"))?;
-                Ok(LeaseRow {
-                    partition: read_u32(row, "partition_id")?,
-                    owner: row
-                        .try_get("", "owner")
-                        .map_err(db_error("reading a lease row"))?,
-                    epoch: epoch.max(0) as u64,
-                    expires_at,
-                    live: expires_at > clock,
-                    renewed_at: row
-                        .try_get("", "renewed_at")
-                        .map_err(db_error("reading a lease row"))?,
-                })
-            })
+            .map(|row| lease_row(row, clock))
             .collect::<Result<Vec<_>, EngineError>>()?;
         Ok(ClusterRows {
             now: clock,

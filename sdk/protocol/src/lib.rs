@@ -36,7 +36,7 @@ pub use messages::{
 };
 pub use retry::{RetryPolicy, RetryPolicyBuilder};
 pub use spec::{Direction, SagaSpec, StepKind, StepSpec};
-pub use step_error::{ErrorClass, StepError};
+pub use step_error::{ErrorClass, StepError, codes};
 #[cfg(feature = "jetstream")]
 pub use streams::{DUPLICATE_WINDOW, durable_consumer, ensure_streams};
 pub use time::Timestamp;

@@ -14,7 +14,10 @@ use uuid::Uuid;
 use crate::{Direction, SagaSpec, StepError, Timestamp};
 
 /// The schema version this library writes and reads.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// Version 2 added the routing and fencing fields of a [`StepCommand`] (`partition`, `epoch`,
+/// `reply_to`): a worker replies to `reply_to` and refuses a command of a superseded epoch.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The length of `value` as compact JSON (what the size limits count), measured without
 /// building the text.
@@ -49,6 +52,14 @@ pub struct StepCommand {
     pub saga: String,
     /// The definition version the saga is pinned to.
     pub saga_version: u32,
+    /// The partition the saga belongs to: the unit of ownership among engine nodes.
+    pub partition: u32,
+    /// The fencing epoch under which the engine node owning `partition` sent this command. It
+    /// only grows; a worker that has seen a higher one for the partition refuses this command
+    /// with [`STALE_EPOCH`](crate::codes::STALE_EPOCH) and runs nothing.
+    pub epoch: u64,
+    /// Where the reply goes: opaque to the worker, which publishes its reply there unchanged.
+    pub reply_to: String,
     /// The step's position in the definition, from 0.
     pub step_index: usize,
     /// The step's name.
@@ -136,6 +147,13 @@ impl StepReply {
             worker: worker.to_string(),
             outcome,
         }
+    }
+
+    /// Whether the worker refused the command because its epoch was superseded
+    /// ([`STALE_EPOCH`](crate::codes::STALE_EPOCH)): nothing ran, and the reply says nothing
+    /// about the step.
+    pub fn is_stale_epoch_refusal(&self) -> bool {
+        matches!(&self.outcome, StepOutcome::Failed { error } if error.code == crate::codes::STALE_EPOCH)
     }
 
     /// The outcome as a `Result`.
@@ -290,6 +308,9 @@ mod tests {
             saga_id: Uuid::from_u128(7),
             saga: "s".into(),
             saga_version: 1,
+            partition: 3,
+            epoch: 7,
+            reply_to: crate::names::reply_subject(3, "s"),
             step_index: 0,
             step: "a".into(),
             direction: Direction::Forward,

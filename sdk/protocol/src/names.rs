@@ -4,8 +4,10 @@
 pub const COMMAND_STREAM: &str = "SAGAFLOW_COMMANDS";
 /// The JetStream stream that holds replies.
 pub const REPLY_STREAM: &str = "SAGAFLOW_REPLIES";
-/// The durable consumer the engine reads replies with.
-pub const ENGINE_CONSUMER: &str = "sagaflow-engine";
+/// The durable consumer protocol version 1 engines read every reply with. Its filter overlaps
+/// every partition's, which a work-queue stream does not allow, so an engine of version 2
+/// deletes it.
+pub const LEGACY_ENGINE_CONSUMER: &str = "sagaflow-engine";
 /// Core NATS request subject to start a saga.
 pub const START_SUBJECT: &str = "sagaflow.start";
 /// Core NATS request subject a worker announces its saga definitions on.
@@ -32,9 +34,28 @@ pub fn command_filter(saga: &str) -> String {
     format!("sagaflow.cmd.{saga}.>")
 }
 
-/// Where replies for `saga` are published.
-pub fn reply_subject(saga: &str) -> String {
-    format!("sagaflow.reply.{saga}")
+/// Where the engine asks for replies to the commands of a saga named `saga` in `partition`
+/// (a command's `reply_to`; workers do not build it, they publish where the command says).
+pub fn reply_subject(partition: u32, saga: &str) -> String {
+    format!("sagaflow.reply.{partition}.{saga}")
+}
+
+/// Every reply for sagas of `partition`: what the owner of the partition consumes.
+pub fn partition_reply_filter(partition: u32) -> String {
+    format!("sagaflow.reply.{partition}.>")
+}
+
+/// The durable consumer that reads the replies of `partition`, shared by whichever engine node
+/// owns the partition at the moment.
+pub fn engine_consumer(partition: u32) -> String {
+    format!("sagaflow-engine-{partition}")
+}
+
+/// The `Nats-Msg-Id` of a command: the command id and the epoch it was sent under, so that the
+/// new owner of a partition can send an attempt again (under its own epoch) within the
+/// duplicate window, while the same send repeated is still de-duplicated.
+pub fn command_message_id(command_id: &str, epoch: u64) -> String {
+    format!("{command_id}@{epoch}")
 }
 
 /// The durable consumer the workers of `saga` share.
@@ -42,7 +63,9 @@ pub fn worker_consumer(saga: &str) -> String {
     format!("sagaflow-worker-{saga}")
 }
 
-/// The `Nats-Msg-Id` of the reply to a command.
-pub fn reply_message_id(command_id: &str) -> String {
-    format!("reply:{command_id}")
+/// The `Nats-Msg-Id` of the reply to a command sent under `epoch`: a command the new owner of
+/// a partition sends again under its own epoch gets a reply of its own, not one de-duplicated
+/// against the refusal the old epoch's command got.
+pub fn reply_message_id(command_id: &str, epoch: u64) -> String {
+    format!("reply:{command_id}@{epoch}")
 }

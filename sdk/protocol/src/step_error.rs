@@ -70,3 +70,17 @@ impl std::fmt::Display for StepError {
 }
 
 impl std::error::Error for StepError {}
+
+/// Error codes the protocol itself gives meaning to (`docs/protocol.md` section 8).
+pub mod codes {
+    /// The command came from an engine node whose ownership of the saga's partition was
+    /// superseded (its epoch is lower than one the worker already saw): nothing was run. The
+    /// engine records such a reply and ignores it; the current owner sends the attempt again.
+    pub const STALE_EPOCH: &str = "stale_epoch";
+    /// The command's schema version is not one the worker speaks.
+    pub const UNSUPPORTED_VERSION: &str = "unsupported_version";
+    /// The worker serves no such saga definition.
+    pub const UNKNOWN_SAGA: &str = "unknown_saga";
+    /// The command does not match the protocol's schema.
+    pub const MALFORMED_COMMAND: &str = "malformed_command";
+}

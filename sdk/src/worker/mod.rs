@@ -10,6 +10,7 @@
 //! or names a saga version this worker does not have is logged, answered with a permanent error
 //! when it names a saga (so the saga's history records it), and removed without redelivery.
 
+mod epochs;
 mod results;
 
 use std::collections::BTreeMap;
@@ -23,11 +24,12 @@ use thiserror::Error;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
+pub use epochs::EpochCheck;
 pub use results::ResultStore;
 
 use crate::protocol::backoff::Backoff;
 use crate::protocol::{
-    EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StepCommand, StepOutcome, StepReply,
+    EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StepCommand, StepOutcome, StepReply, codes,
     durable_consumer, ensure_streams, names,
 };
 use crate::{Saga, StepError};
@@ -238,8 +240,10 @@ impl Worker {
             Ok(command) => command,
             Err(e) => {
                 warn!(subject = %message.subject, error = %e, "malformed command: dropped");
-                if let Some(reply) = reply_to_malformed(&message.payload, &self.options.id, &e) {
-                    let _ = self.publish(&reply.0, &reply.1).await;
+                if let Some((reply_to, epoch, reply)) =
+                    reply_to_malformed(&message.payload, &self.options.id, &e)
+                {
+                    let _ = self.publish(&reply_to, epoch, &reply).await;
                 }
                 let _ = message.ack_with(AckKind::Term).await;
                 return;
@@ -249,7 +253,7 @@ impl Worker {
             warn!(command = %command.command_id, v = command.v, "unsupported command version");
             self.refuse(
                 &command,
-                "unsupported_version",
+                codes::UNSUPPORTED_VERSION,
                 format!(
                     "command schema version {} is not supported by this worker (it speaks {PROTOCOL_VERSION})",
                     command.v
@@ -270,7 +274,7 @@ impl Worker {
                 },
                 None => self.refuse(
                     &command,
-                    "unknown_saga",
+                    codes::UNKNOWN_SAGA,
                     format!(
                         "this worker serves no saga `{}` version {}",
                         command.saga, command.saga_version
@@ -278,7 +282,7 @@ impl Worker {
                 ),
             }
         };
-        match self.publish(&command.saga, &reply).await {
+        match self.publish(&command.reply_to, command.epoch, &reply).await {
             Ok(()) => {
                 // A lost ack means one more delivery, answered from the record.
                 if let Err(e) = message.ack().await {
@@ -302,8 +306,31 @@ impl Worker {
             .cloned()
     }
 
-    /// Answers from the idempotency record, or runs the handler and records a success.
+    /// Refuses a command of a superseded epoch, or answers from the idempotency record, or runs
+    /// the handler and records a success.
     async fn answer(&self, saga: &Saga, command: &StepCommand) -> Result<StepReply, WorkerError> {
+        if let EpochCheck::Stale { highest } = self
+            .results
+            .check_epoch(command.partition, command.epoch)
+            .await?
+        {
+            warn!(
+                command = %command.command_id,
+                partition = command.partition,
+                epoch = command.epoch,
+                highest,
+                "command of a superseded epoch refused"
+            );
+            return Ok(self.refuse(
+                command,
+                codes::STALE_EPOCH,
+                format!(
+                    "partition {}: epoch {} was superseded by epoch {highest}; the engine node \
+                     that sent this command no longer owns the saga, nothing was run",
+                    command.partition, command.epoch
+                ),
+            ));
+        }
         if let Some(recorded) = self.results.lookup(&command.idempotency_key).await? {
             return Ok(StepReply::to(command, &self.options.id, recorded));
         }
@@ -335,16 +362,22 @@ impl Worker {
         )
     }
 
-    async fn publish(&self, saga: &str, reply: &StepReply) -> Result<(), WorkerError> {
+    /// Publishes `reply` where its command said (`reply_to`, opaque to the worker).
+    async fn publish(
+        &self,
+        reply_to: &str,
+        epoch: u64,
+        reply: &StepReply,
+    ) -> Result<(), WorkerError> {
         let payload = serde_json::to_vec(reply)
             .map_err(|e| WorkerError::broker("cannot encode a reply", e))?;
         let ack = self
             .js
             .send_publish(
-                names::reply_subject(saga),
+                reply_to.to_string(),
                 jetstream::message::PublishMessage::build()
                     .payload(payload.into())
-                    .message_id(names::reply_message_id(&reply.command_id)),
+                    .message_id(names::reply_message_id(&reply.command_id, epoch)),
             )
             .await
             .map_err(|e| WorkerError::broker("cannot publish a reply", e))?;
@@ -409,15 +442,17 @@ async fn announce(worker: Arc<Worker>) {
     }
 }
 
-/// For a command that is not valid JSON of the schema but names its saga and attempt, the
-/// permanent-error reply that lets the engine record the problem in the saga's history.
+/// For a command that is not valid JSON of the schema but names where to reply and its attempt,
+/// the permanent-error reply that lets the engine record the problem in the saga's history,
+/// with the subject to publish it on and the command's epoch.
 fn reply_to_malformed(
     payload: &[u8],
     worker: &str,
     error: &serde_json::Error,
-) -> Option<(String, StepReply)> {
+) -> Option<(String, u64, StepReply)> {
     let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    let saga = value.get("saga")?.as_str()?.to_string();
+    let reply_to = value.get("reply_to")?.as_str()?.to_string();
+    let epoch = value.get("epoch").and_then(|e| e.as_u64()).unwrap_or(0);
     let reply = StepReply {
         v: PROTOCOL_VERSION,
         command_id: value.get("command_id")?.as_str()?.to_string(),
@@ -429,12 +464,12 @@ fn reply_to_malformed(
         worker: worker.to_string(),
         outcome: StepOutcome::Failed {
             error: StepError::permanent(
-                "malformed_command",
+                codes::MALFORMED_COMMAND,
                 format!("the command does not match the protocol: {error}"),
             ),
         },
     };
-    Some((saga, reply))
+    Some((reply_to, epoch, reply))
 }
 
 /// A task that ends when its handle is dropped.

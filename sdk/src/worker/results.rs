@@ -26,6 +26,7 @@ use sea_orm::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::WorkerError;
+use super::epochs::{self, EpochCheck, Epochs};
 use crate::Timestamp;
 use crate::protocol::StepOutcome;
 
@@ -78,6 +79,7 @@ pub struct ResultStore {
     db: DatabaseConnection,
     /// Whether `db` is the store's own pool (closed with the store) or the caller's.
     owns_pool: bool,
+    epochs: std::sync::Arc<Epochs>,
     lookups: mpsc::UnboundedSender<Lookup>,
     records: mpsc::UnboundedSender<Recording>,
 }
@@ -148,7 +150,11 @@ impl ResultStore {
         let backend = db.get_database_backend();
         let mut create = Schema::new(backend).create_table_from_entity(entity::Entity);
         create.if_not_exists();
-        let failed = |e: DbErr| WorkerError::Database(format!("cannot create worker_results: {e}"));
+        let failed = |e: DbErr| {
+            WorkerError::Database(format!(
+                "cannot create worker_results and worker_epochs: {e}"
+            ))
+        };
         if backend == DbBackend::Postgres {
             // Workers of a fleet start together, and concurrent CREATE TABLE IF NOT EXISTS can
             // still collide in PostgreSQL's catalog (a unique violation on pg_type): serialize
@@ -158,9 +164,15 @@ impl ResultStore {
                 .await
                 .map_err(failed)?;
             txn.execute(&create).await.map_err(failed)?;
+            txn.execute_unprepared(epochs::CREATE_TABLE)
+                .await
+                .map_err(failed)?;
             txn.commit().await.map_err(failed)?;
         } else {
             db.execute(&create).await.map_err(failed)?;
+            db.execute_unprepared(epochs::CREATE_TABLE)
+                .await
+                .map_err(failed)?;
         }
         let (lookups, pending_lookups) = mpsc::unbounded_channel();
         let (records, pending_records) = mpsc::unbounded_channel();
@@ -170,9 +182,19 @@ impl ResultStore {
         Ok(ResultStore {
             db,
             owns_pool,
+            epochs: Default::default(),
             lookups,
             records,
         })
+    }
+
+    /// Checks a command's fencing `epoch` against the highest seen for its `partition` (by any
+    /// worker sharing this database), and records it when it is the highest yet.
+    pub async fn check_epoch(&self, partition: u32, epoch: u64) -> Result<EpochCheck, WorkerError> {
+        self.epochs
+            .check(&self.db, partition, epoch)
+            .await
+            .map_err(WorkerError::Database)
     }
 
     /// The recorded outcome for `key`, if it succeeded.

@@ -140,16 +140,18 @@ async fn watch_wire(
     // One subscription for both subjects keeps them in the order the broker sent them.
     let mut messages = client.subscribe("sagaflow.>").await?;
     // Every step's command subject starts with the one for an empty step name.
-    let (commands, replies) = (
+    // Replies go to `sagaflow.reply.{partition}.{saga}`: the saga's name is the last token.
+    let (commands, reply_prefix, reply_suffix) = (
         names::command_subject(saga_name, ""),
-        names::reply_subject(saga_name),
+        "sagaflow.reply.",
+        format!(".{saga_name}"),
     );
-    let reply_id_prefix = names::reply_message_id("");
+    let reply_id_prefix = "reply:";
     Ok(tokio::spawn(async move {
         while let Some(message) = messages.next().await {
             let now = Instant::now();
             let subject = message.subject.as_str();
-            let is_reply = subject == replies;
+            let is_reply = subject.starts_with(reply_prefix) && subject.ends_with(&reply_suffix);
             if !is_reply && !subject.starts_with(&commands) {
                 continue;
             }
@@ -162,7 +164,7 @@ async fn watch_wire(
             };
             // A command's id leads with its saga's id; a reply's is the command's, prefixed.
             let id = id.as_str();
-            let id = id.strip_prefix(reply_id_prefix.as_str()).unwrap_or(id);
+            let id = id.strip_prefix(reply_id_prefix).unwrap_or(id);
             let Some(saga_id) = id.split(':').next().and_then(|s| s.parse::<Uuid>().ok()) else {
                 continue;
             };

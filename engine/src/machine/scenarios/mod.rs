@@ -502,6 +502,7 @@ pub fn all() -> Vec<Scenario> {
         timeouts::timeout_then_retryable_failures_compensates_the_step(),
         timeouts::early_timer_changes_nothing(),
         stray_messages::rejected_message_is_recorded(),
+        stray_messages::stale_epoch_refusal_keeps_the_attempt_in_flight(),
         stray_messages::reply_for_finished_saga(),
         stray_messages::reply_for_unknown_step_or_attempt(),
         operator_actions::operator_resume_stuck_compensation(),

@@ -6,8 +6,9 @@ use sagaflow_protocol::Direction;
 use serde_json::json;
 
 use super::{
-    AUTHORIZE, CAPTURE, RESERVE, SHIP, SagaStatus, Scenario, busy, compensated, failed, ok,
-    order_spec, reply, scenario, succeed_through, timer, with,
+    AUTHORIZE, CAPTURE, RESERVE, SHIP, SagaStatus, Scenario, busy, compensated,
+    compensation_failed, declined, failed, ok, order_spec, reply, scenario, succeed_through, timer,
+    with,
 };
 use crate::machine::Event;
 
@@ -64,6 +65,35 @@ pub(super) fn late_reply_for_earlier_attempt() -> Scenario {
             (1_190, ok(SHIP, 1)),
         ],
         SagaStatus::Completed,
+    )
+}
+
+pub(super) fn stale_epoch_refusal_keeps_the_attempt_in_flight() -> Scenario {
+    let stale = || {
+        sagaflow_protocol::StepError::permanent(
+            sagaflow_protocol::codes::STALE_EPOCH,
+            "partition 3: epoch 4 was superseded by epoch 5",
+        )
+    };
+    scenario(
+        "stale_epoch_refusal_keeps_the_attempt_in_flight",
+        "The worker refuses authorize_payment's attempt 1 as sent under a superseded epoch (the \
+         partition changed owner): recorded as ignored, not as a failure; the attempt stays in \
+         flight, and its answer under the new owner's epoch applies. The same for a \
+         compensation's attempt.",
+        order_spec(),
+        with(
+            succeed_through(1),
+            vec![
+                (20, failed(AUTHORIZE, 1, stale())),
+                (30, ok(AUTHORIZE, 1)),
+                (40, failed(CAPTURE, 1, declined())),
+                (50, compensation_failed(AUTHORIZE, 1, stale())),
+                (60, compensated(AUTHORIZE, 1)),
+                (70, compensated(RESERVE, 1)),
+            ],
+        ),
+        SagaStatus::Compensated,
     )
 }
 

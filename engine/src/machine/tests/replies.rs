@@ -42,3 +42,16 @@ fn duplicate_and_late_replies_are_recorded_and_ignored() {
         ]
     );
 }
+
+#[test]
+fn a_stale_epoch_refusal_is_ignored_and_the_attempt_stays_in_flight() {
+    let trace = trace_of("stale_epoch_refusal_keeps_the_attempt_in_flight");
+    let reasons = ignored_reasons(&trace);
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons.iter().all(|r| r.starts_with("stale epoch")));
+    // Only capture_payment's refusal counts as a failure; the refused attempts were answered
+    // later, by attempt 1 again, without a retry.
+    assert_eq!(count(&trace, RecordKind::AttemptFailed), 1);
+    assert_eq!(count(&trace, RecordKind::RetryScheduled), 0);
+    assert_eq!(trace.final_state.status, SagaStatus::Compensated);
+}

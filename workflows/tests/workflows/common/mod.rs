@@ -141,6 +141,8 @@ pub fn context(
         forward_key: StepContext::key_for(saga_id, step, Direction::Forward),
         deadline: None,
         outputs: Arc::new(outputs.clone()),
+        partition: 0,
+        epoch: 1,
     }
 }
 
