@@ -3,7 +3,8 @@
 //! records in SQLite) serves the saga `py_transfer` for a real engine, over a private
 //! nats-server with JetStream, on a fresh PostgreSQL database.
 //!
-//! The test talks to the engine only through NATS, with raw JSON as the document describes it:
+//! The test talks to the engine only through NATS, with raw JSON of protocol version 2 as the
+//! document describes it:
 //! it starts 20 sagas on `sagaflow.start` (some complete, some fail permanently after two
 //! compensatable steps and compensate them in reverse order, some fail at the first step), then
 //! reads every history. It replays a command the worker already answered (answered from the
@@ -12,6 +13,11 @@
 //! version, payloads over the size limits, malformed replies and commands. Each is refused
 //! without a redelivery loop, recorded in a saga's history where it names one, and the engine
 //! and the Python worker still serve new sagas afterwards.
+//!
+//! A second test sends the worker crafted commands of its own (rule 9.7): one under epoch N, then
+//! one for the same partition under epoch N-1, which it must refuse with `stale_epoch` on the
+//! command's `reply_to` without running the handler or answering from its idempotency record,
+//! also after a restart (the highest epoch per partition is kept in its SQLite file).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -26,6 +32,7 @@ use futures::StreamExt;
 use sagaflow_engine::machine::{RecordKind, SagaStatus};
 use sagaflow_engine::runtime::{Engine, EngineOptions};
 use sagaflow_engine::store::{HistoryEntry, Store};
+use sagaflow_protocol::names;
 use sagaflow_sdk::Direction;
 use sagaflow_tests::{Backend, NatsServer, TestDb};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
@@ -189,7 +196,7 @@ async fn ask(client: &async_nats::Client, subject: &str, body: Vec<u8>) -> Value
 
 fn assert_refused(answer: &Value, code: &str, mentions: &str) {
     assert_eq!(answer["status"], "error", "{answer}");
-    assert_eq!(answer["v"], 1, "{answer}");
+    assert_eq!(answer["v"], 2, "{answer}");
     assert_eq!(answer["code"], code, "{answer}");
     let message = answer["message"].as_str().unwrap_or_default();
     assert!(
@@ -199,10 +206,10 @@ fn assert_refused(answer: &Value, code: &str, mentions: &str) {
 }
 
 async fn start(client: &async_nats::Client, input: Value, key: &str) -> Uuid {
-    let body = json!({ "v": 1, "saga": "py_transfer", "input": input, "key": key });
+    let body = json!({ "v": 2, "saga": "py_transfer", "input": input, "key": key });
     let answer = ask(client, "sagaflow.start", body.to_string().into_bytes()).await;
     assert_eq!(answer["status"], "ok", "start {key}: {answer}");
-    assert_eq!(answer["v"], 1, "{answer}");
+    assert_eq!(answer["v"], 2, "{answer}");
     answer["saga_id"]
         .as_str()
         .and_then(|id| Uuid::parse_str(id).ok())
@@ -477,6 +484,26 @@ async fn check_drained(js: &jetstream::Context, stream: &str, consumer: &str) {
     }
 }
 
+/// [`check_drained`] for the reply consumer of every partition (`sagaflow-engine-{partition}`).
+async fn check_replies_drained(js: &jetstream::Context) {
+    let stream = js
+        .get_stream("SAGAFLOW_REPLIES")
+        .await
+        .expect("get the reply stream");
+    let consumers: Vec<String> = stream
+        .consumer_names()
+        .map(|name| name.expect("list the reply consumers"))
+        .collect()
+        .await;
+    assert!(
+        !consumers.is_empty() && consumers.iter().all(|c| c.starts_with("sagaflow-engine-")),
+        "one reply consumer per partition: {consumers:?}"
+    );
+    for consumer in consumers {
+        check_drained(js, "SAGAFLOW_REPLIES", &consumer).await;
+    }
+}
+
 /// What the NATS server itself says to a client that publishes more than `max_payload`
 /// without checking (a raw socket, as a careless client in any language would).
 fn raw_oversized_publish(port: u16) -> String {
@@ -524,7 +551,8 @@ async fn python_worker_built_from_the_protocol_document() {
         .expect("connect to the test's nats-server");
     let js = jetstream::new(client.clone());
     let commands = capture(&client, "sagaflow.cmd.py_transfer.>").await;
-    let replies = capture(&client, "sagaflow.reply.py_transfer").await;
+    // Every partition's replies: each command says where its reply goes (`reply_to`).
+    let replies = capture(&client, "sagaflow.reply.*.py_transfer").await;
 
     // --- Bad start and register requests: each answered with an error, nothing started. ---
     let answer = ask(&client, "sagaflow.start", b"{this is not json".to_vec()).await;
@@ -532,7 +560,7 @@ async fn python_worker_built_from_the_protocol_document() {
     let answer = ask(
         &client,
         "sagaflow.start",
-        json!({"v": 1, "saga": "no_such_saga", "input": {}})
+        json!({"v": 2, "saga": "no_such_saga", "input": {}})
             .to_string()
             .into_bytes(),
     )
@@ -541,18 +569,18 @@ async fn python_worker_built_from_the_protocol_document() {
     let answer = ask(
         &client,
         "sagaflow.start",
-        json!({"v": 2, "saga": "py_transfer", "input": transfer_input(0)})
+        json!({"v": 3, "saga": "py_transfer", "input": transfer_input(0)})
             .to_string()
             .into_bytes(),
     )
     .await;
-    assert_refused(&answer, "unsupported_version", "send v=1");
+    assert_refused(&answer, "unsupported_version", "send v=2");
     // Over the engine's 256 KiB input limit, under the server's 1 MiB message limit.
-    let big = json!({"v": 1, "saga": "py_transfer", "input": {"blob": "x".repeat(300 * 1024)}});
+    let big = json!({"v": 2, "saga": "py_transfer", "input": {"blob": "x".repeat(300 * 1024)}});
     let answer = ask(&client, "sagaflow.start", big.to_string().into_bytes()).await;
     assert_refused(&answer, "too_large", "262144");
     // Over the server's 1 MiB max_payload: the client refuses to send it at all...
-    let huge = json!({"v": 1, "saga": "py_transfer", "input": {"blob": "x".repeat(2 << 20)}});
+    let huge = json!({"v": 2, "saga": "py_transfer", "input": {"blob": "x".repeat(2 << 20)}});
     let refused = client
         .request("sagaflow.start", huge.to_string().into_bytes().into())
         .await
@@ -568,11 +596,12 @@ async fn python_worker_built_from_the_protocol_document() {
     let answer = ask(
         &client,
         "sagaflow.register",
-        json!({"v": 2, "sagas": []}).to_string().into_bytes(),
+        // A worker of version 1 cannot serve version-2 commands: its definitions are refused.
+        json!({"v": 1, "sagas": []}).to_string().into_bytes(),
     )
     .await;
-    assert_refused(&answer, "unsupported_version", "version 2");
-    let bad_policy = json!({"v": 1, "sagas": [{
+    assert_refused(&answer, "unsupported_version", "version 1");
+    let bad_policy = json!({"v": 2, "sagas": [{
         "name": "py_bad", "version": 1, "deadline_ms": null,
         "steps": [{"name": "a", "kind": "compensatable", "timeout_ms": null,
                    "retry": {"initial_interval_ms": 10, "multiplier": 2.0, "max_interval_ms": 100,
@@ -636,7 +665,15 @@ async fn python_worker_built_from_the_protocol_document() {
         .find(|c| c["saga_id"] == first.to_string() && c["step"] == "debit")
         .cloned()
         .expect("the debit command of the first saga was seen on the wire");
-    assert_eq!(original["v"], 1);
+    assert_eq!(original["v"], 2);
+    // Routed by partition: the reply goes where the command says, to the partition's owner.
+    let partition = store.partition_of(first);
+    assert_eq!(original["partition"], partition);
+    assert_eq!(
+        original["reply_to"],
+        names::reply_subject(partition, "py_transfer")
+    );
+    assert!(original["epoch"].as_u64() >= Some(1), "{original}");
     assert_eq!(original["direction"], "forward");
     assert_eq!(original["attempt"], 1);
     assert_eq!(
@@ -679,12 +716,17 @@ async fn python_worker_built_from_the_protocol_document() {
         answers[1]["output"], recorded_output,
         "the replay is answered with the recorded outcome, not by running the debit again"
     );
-    // The worker's answer carries the same `Nats-Msg-Id` (`reply:{command_id}`) as the first,
-    // so JetStream drops it as a duplicate. A duplicate that gets past the broker (published
-    // under another id, as after the duplicate window) is recorded by the engine and ignored.
+    // The worker's answer carries the same `Nats-Msg-Id` (`reply:{command_id}@{epoch}`, the
+    // replay was sent under the same epoch) as the first, so JetStream drops it as a duplicate.
+    // A duplicate that gets past the broker (published under another id, as after the duplicate
+    // window) is recorded by the engine and ignored.
+    let first_reply_to = original["reply_to"]
+        .as_str()
+        .expect("a command names its reply subject")
+        .to_string();
     publish(
         &js,
-        "sagaflow.reply.py_transfer",
+        &first_reply_to,
         "test-duplicate-reply",
         answers[0].to_string().into_bytes(),
     )
@@ -711,19 +753,20 @@ async fn python_worker_built_from_the_protocol_document() {
     );
     check_worker_books(&worker_db).await;
 
-    // --- Bad replies on sagaflow.reply.py_transfer. ---
+    // --- Bad replies on sagaflow.reply.{partition}.py_transfer. ---
+    let reply_subject_of = |id: Uuid| names::reply_subject(store.partition_of(id), "py_transfer");
     publish(
         &js,
-        "sagaflow.reply.py_transfer",
+        &first_reply_to,
         "test-garbage-reply",
         b"\x00\x01 this is not a reply".to_vec(),
     )
     .await;
     publish(
         &js,
-        "sagaflow.reply.py_transfer",
+        &reply_subject_of(ids[1]),
         "test-malformed-reply",
-        json!({"v": 1, "saga_id": ids[1], "status": "exploded"})
+        json!({"v": 2, "saga_id": ids[1], "status": "exploded"})
             .to_string()
             .into_bytes(),
     )
@@ -733,14 +776,14 @@ async fn python_worker_built_from_the_protocol_document() {
     future_reply["saga_id"] = json!(ids[2]);
     publish(
         &js,
-        "sagaflow.reply.py_transfer",
+        &reply_subject_of(ids[2]),
         "test-v7-reply",
         future_reply.to_string().into_bytes(),
     )
     .await;
     for (id, reason) in [
         (ids[1], "malformed reply: missing field `command_id`"),
-        (ids[2], "has schema version 7; this engine speaks 1"),
+        (ids[2], "has schema version 7; this engine speaks 2"),
     ] {
         let history = history_until(&store, id, "the bad reply is rejected", |h| {
             !records(h, "message_rejected").is_empty()
@@ -749,7 +792,7 @@ async fn python_worker_built_from_the_protocol_document() {
         let rejected = records(&history, "message_rejected");
         assert_eq!(rejected.len(), 1, "{history:#?}");
         assert_eq!(rejected[0].actor, "engine");
-        assert_eq!(rejected[0].detail["source"], "sagaflow.reply.py_transfer");
+        assert_eq!(rejected[0].detail["source"], reply_subject_of(id));
         let why = rejected[0].detail["reason"].as_str().unwrap_or_default();
         assert!(why.contains(reason), "saga {id}: {why}");
         let status = store.load(id).await.unwrap().unwrap().state.status;
@@ -824,7 +867,7 @@ async fn python_worker_built_from_the_protocol_document() {
     }
 
     // Nothing loops: both consumers drained, nothing ever redelivered.
-    check_drained(&js, "SAGAFLOW_REPLIES", "sagaflow-engine").await;
+    check_replies_drained(&js).await;
     check_drained(&js, "SAGAFLOW_COMMANDS", "sagaflow-worker-py_transfer").await;
 
     // --- The engine and the Python worker still serve new sagas. ---
@@ -853,6 +896,308 @@ async fn python_worker_built_from_the_protocol_document() {
     drop(worker);
     engine.shutdown().await;
     drop(nats);
+}
+
+/// A saga id whose partition is `partition` when `want` is true, and another one when false.
+fn saga_in(store: &Store, partition: u32, want: bool) -> Uuid {
+    loop {
+        let id = Uuid::now_v7();
+        if (store.partition_of(id) == partition) == want {
+            return id;
+        }
+    }
+}
+
+/// The `debit` command of saga `saga_id` (one the engine never started), attempt `attempt`,
+/// as the engine node owning the saga's partition under `epoch` would send it: raw JSON of
+/// `docs/protocol.md` section 7.1, version 2.
+fn crafted_debit(store: &Store, saga_id: Uuid, attempt: u32, epoch: u64, from: &str) -> Value {
+    let partition = store.partition_of(saga_id);
+    let key = format!("{saga_id}:debit:forward");
+    let command = json!({
+        "v": 2,
+        "command_id": format!("{saga_id}:debit:forward:{attempt}"),
+        "saga_id": saga_id,
+        "saga": "py_transfer",
+        "saga_version": 1,
+        "partition": partition,
+        "epoch": epoch,
+        "reply_to": names::reply_subject(partition, "py_transfer"),
+        "step_index": 0,
+        "step": "debit",
+        "direction": "forward",
+        "attempt": attempt,
+        "idempotency_key": key,
+        "forward_key": key,
+        "deadline": null,
+        "input": {"from": from, "to": format!("{from}-dest"), "amount": 5},
+        "outputs": {},
+    });
+    // What the engine itself would send, field for field.
+    let parsed: sagaflow_protocol::StepCommand =
+        serde_json::from_value(command.clone()).expect("a version-2 step command");
+    assert_eq!(serde_json::to_value(&parsed).unwrap(), command);
+    command
+}
+
+/// Every message on `subject` (a core subscription), with its `Nats-Msg-Id`, in arrival order.
+async fn capture_with_ids(
+    client: &async_nats::Client,
+    subject: &str,
+) -> Arc<Mutex<Vec<(Option<String>, Value)>>> {
+    let mut subscriber = client
+        .subscribe(subject.to_string())
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush the subscription");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    tokio::spawn(async move {
+        while let Some(message) = subscriber.next().await {
+            let id = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.as_str().to_string());
+            if let Ok(value) = serde_json::from_slice::<Value>(&message.payload) {
+                sink.lock().unwrap().push((id, value));
+            }
+        }
+    });
+    seen
+}
+
+/// Publishes `command` on the command subject of its step, with the `Nats-Msg-Id` an engine
+/// gives it, and returns the one reply to it seen on its `reply_to`, after checking the reply's
+/// own `Nats-Msg-Id` (`reply:{command_id}@{epoch}`).
+async fn command_and_reply(
+    js: &jetstream::Context,
+    replies: &Mutex<Vec<(Option<String>, Value)>>,
+    command: &Value,
+) -> Value {
+    let command_id = command["command_id"].as_str().expect("a command id");
+    let epoch = command["epoch"].as_u64().expect("an epoch");
+    publish(
+        js,
+        &format!(
+            "sagaflow.cmd.py_transfer.{}",
+            command["step"].as_str().unwrap()
+        ),
+        &names::command_message_id(command_id, epoch),
+        command.to_string().into_bytes(),
+    )
+    .await;
+    let give_up = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let answers: Vec<(Option<String>, Value)> = replies
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, reply)| reply["command_id"] == command_id)
+            .cloned()
+            .collect();
+        if let [(id, reply)] = answers.as_slice() {
+            assert_eq!(
+                id.as_deref(),
+                Some(names::reply_message_id(command_id, epoch).as_str()),
+                "{reply}"
+            );
+            assert_eq!(reply["v"], 2, "{reply}");
+            assert_eq!(reply["attempt"], command["attempt"], "{reply}");
+            assert_eq!(reply["worker"], WORKER_ID, "{reply}");
+            return reply.clone();
+        }
+        assert!(answers.len() < 2, "one reply per command: {answers:?}");
+        if tokio::time::Instant::now() >= give_up {
+            panic!(
+                "no reply to {command_id} on {} within {PATIENCE:?}",
+                command["reply_to"]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn assert_stale_refusal(reply: &Value, partition: u32, epoch: u64, highest: u64) {
+    assert_eq!(reply["status"], "failed", "{reply}");
+    assert_eq!(reply["error"]["class"], "permanent", "{reply}");
+    assert_eq!(reply["error"]["code"], "stale_epoch", "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!(
+            "partition {partition}: epoch {epoch} was superseded by epoch {highest}"
+        )),
+        "{reply}"
+    );
+    assert!(reply.get("output").is_none(), "{reply}");
+}
+
+/// What the Python worker's SQLite file holds for one idempotency key: ledger rows, recorded
+/// results, and whether the account it would debit was ever opened.
+async fn effects_of(db: &DatabaseConnection, key: &str, account: &str) -> (i64, i64, bool) {
+    let count =
+        |table: &str| format!("SELECT COUNT(*) AS n FROM {table} WHERE idempotency_key = '{key}'");
+    let ledger: i64 = query(db, &count("ledger")).await[0]
+        .try_get("", "n")
+        .unwrap();
+    let results: i64 = query(db, &count("results")).await[0]
+        .try_get("", "n")
+        .unwrap();
+    let opened = !query(
+        db,
+        &format!("SELECT balance FROM accounts WHERE name = '{account}'"),
+    )
+    .await
+    .is_empty();
+    (ledger, results, opened)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_worker_refuses_commands_of_a_superseded_epoch() {
+    require_python_with_nats();
+    let nats = NatsServer::start();
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = Store::connect(&db.url)
+        .await
+        .expect("open the engine's store");
+    // Only there to accept the worker's definition (and to drain the replies of sagas it never
+    // heard of): every command in this test is crafted by hand.
+    let engine = Engine::launch_distributed(
+        store.clone(),
+        &nats.url,
+        Vec::new(),
+        EngineOptions::default(),
+    )
+    .await
+    .expect("launch the engine");
+    let scratch = tempfile::tempdir().expect("a folder for the Python worker");
+    let worker = start_python_worker(&nats.url, scratch.path()).await;
+    let client = async_nats::connect(&nats.url)
+        .await
+        .expect("connect to the test's nats-server");
+    let js = jetstream::new(client.clone());
+
+    // Two sagas in partition `p`, one in another partition `q`.
+    let x = Uuid::now_v7();
+    let p = store.partition_of(x);
+    let y = saga_in(&store, p, true);
+    let z = saga_in(&store, p, false);
+    let q = store.partition_of(z);
+    // Replies are captured on the `reply_to` of each partition only: one seen there was
+    // published where the command said.
+    let replies_p = capture_with_ids(&client, &names::reply_subject(p, "py_transfer")).await;
+    let replies_q = capture_with_ids(&client, &names::reply_subject(q, "py_transfer")).await;
+    let worker_db = Database::connect(format!(
+        "sqlite://{}?mode=ro",
+        scratch.path().join("py_transfer_worker.db").display()
+    ))
+    .await
+    .expect("open the Python worker's SQLite file");
+    let key = |id: Uuid| format!("{id}:debit:forward");
+
+    // Epoch N = 7 in partition p: served, and the debit is applied.
+    let n: u64 = 7;
+    let reply = command_and_reply(&js, &replies_p, &crafted_debit(&store, x, 1, n, "acct-x")).await;
+    assert_eq!(reply["status"], "succeeded", "{reply}");
+    assert_eq!(
+        reply["output"],
+        json!({"account": "acct-x", "amount": 5, "balance": OPENING_BALANCE - 5})
+    );
+    assert_eq!(
+        effects_of(&worker_db, &key(x), "acct-x").await,
+        (1, 1, true)
+    );
+
+    // Epoch N-1, same partition, another saga: refused, and its handler never ran.
+    let reply = command_and_reply(
+        &js,
+        &replies_p,
+        &crafted_debit(&store, y, 1, n - 1, "acct-y"),
+    )
+    .await;
+    assert_stale_refusal(&reply, p, n - 1, n);
+    assert_eq!(
+        effects_of(&worker_db, &key(y), "acct-y").await,
+        (0, 0, false),
+        "a stale command runs nothing: no ledger row, no record, not even the account opened"
+    );
+
+    // Epoch N-1 for the saga served under N: refused too, not answered from its record.
+    let reply = command_and_reply(
+        &js,
+        &replies_p,
+        &crafted_debit(&store, x, 2, n - 1, "acct-x"),
+    )
+    .await;
+    assert_stale_refusal(&reply, p, n - 1, n);
+    assert_eq!(
+        effects_of(&worker_db, &key(x), "acct-x").await,
+        (1, 1, true)
+    );
+
+    // Epochs are per partition: a low one in partition q is served.
+    let reply = command_and_reply(&js, &replies_q, &crafted_debit(&store, z, 1, 1, "acct-z")).await;
+    assert_eq!(reply["status"], "succeeded", "{reply}");
+    assert_eq!(
+        effects_of(&worker_db, &key(z), "acct-z").await,
+        (1, 1, true)
+    );
+
+    // Kept in the worker's file, not only in its memory: a restarted worker still refuses.
+    drop(worker);
+    let worker = start_python_worker(&nats.url, scratch.path()).await;
+    let reply = command_and_reply(
+        &js,
+        &replies_p,
+        &crafted_debit(&store, y, 2, n - 1, "acct-y"),
+    )
+    .await;
+    assert_stale_refusal(&reply, p, n - 1, n);
+    assert_eq!(
+        effects_of(&worker_db, &key(y), "acct-y").await,
+        (0, 0, false)
+    );
+
+    // A higher epoch raises the highest: served, and N is stale from then on.
+    let reply = command_and_reply(
+        &js,
+        &replies_p,
+        &crafted_debit(&store, y, 3, n + 1, "acct-y"),
+    )
+    .await;
+    assert_eq!(reply["status"], "succeeded", "{reply}");
+    assert_eq!(
+        effects_of(&worker_db, &key(y), "acct-y").await,
+        (1, 1, true)
+    );
+    let w = saga_in(&store, p, true);
+    let reply = command_and_reply(&js, &replies_p, &crafted_debit(&store, w, 1, n, "acct-w")).await;
+    assert_stale_refusal(&reply, p, n, n + 1);
+    assert_eq!(
+        effects_of(&worker_db, &key(w), "acct-w").await,
+        (0, 0, false)
+    );
+
+    let mut epochs = BTreeMap::new();
+    for row in query(&worker_db, "SELECT partition_id, epoch FROM worker_epochs").await {
+        let partition: i64 = row.try_get("", "partition_id").unwrap();
+        let epoch: i64 = row.try_get("", "epoch").unwrap();
+        epochs.insert(partition, epoch);
+    }
+    assert_eq!(
+        epochs,
+        BTreeMap::from([
+            (i64::from(p), i64::try_from(n + 1).unwrap()),
+            (i64::from(q), 1)
+        ])
+    );
+
+    // Every command answered and acknowledged once; the engine dropped the replies (they name
+    // no saga of its own).
+    check_drained(&js, "SAGAFLOW_COMMANDS", "sagaflow-worker-py_transfer").await;
+    check_replies_drained(&js).await;
+    drop(worker);
+    engine.shutdown().await;
 }
 
 /// Step schemas registered by the Python worker, checked by the engine and the CLI.

@@ -2,8 +2,9 @@
 """A Sagaflow step worker in Python, written from docs/protocol.md alone.
 
 It serves the saga `py_transfer` (debit -> fee -> credit (pivot) -> notify) over NATS JetStream
-with the `nats-py` package, and keeps its idempotency records, the accounts and a ledger in a
-local SQLite file. The integration test `tests/integration/python_worker.rs` drives it against a
+with the `nats-py` package, speaking protocol version 2, and keeps its idempotency records, the
+highest fencing epoch it has seen per partition, the accounts and a ledger in a local SQLite
+file. The integration test `tests/integration/python_worker.rs` drives it against a
 real engine; the section numbers in the comments refer to docs/protocol.md.
 
 The money rules, so that the test can steer outcomes through the input alone:
@@ -22,7 +23,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import signal
 import sqlite3
 import sys
@@ -44,7 +44,7 @@ from nats.js.api import (
 log = logging.getLogger("py-transfer-worker")
 
 # Section 2, 3, 4, 5, 6.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 COMMAND_STREAM = "SAGAFLOW_COMMANDS"
 REPLY_STREAM = "SAGAFLOW_REPLIES"
 MAX_MESSAGE_BYTES = 1048576
@@ -54,7 +54,10 @@ START_SUBJECT = "sagaflow.start"
 REGISTER_SUBJECT = "sagaflow.register"
 ACK_WAIT_SECONDS = 30
 MAX_DELIVER = 5
-PLAIN_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+U32_MAX = 4294967295
+U64_MAX = 18446744073709551615
+# SQLite integers are signed 64-bit; epochs grow by one per change of owner, far below this.
+STORED_EPOCH_MAX = 9223372036854775807
 
 SAGA = "py_transfer"
 SAGA_VERSION = 1
@@ -66,8 +69,9 @@ def command_subject_filter(saga):
     return f"sagaflow.cmd.{saga}.>"
 
 
-def reply_subject(saga):
-    return f"sagaflow.reply.{saga}"
+def reply_message_id(command_id, epoch):
+    """Section 6: the reply's Nats-Msg-Id names the command and the epoch it was sent under."""
+    return f"reply:{command_id}@{epoch}"
 
 
 def worker_consumer(saga):
@@ -154,7 +158,8 @@ class StoreUnavailable(Exception):
 
 
 class Ledger:
-    """The worker's SQLite file: idempotency records (section 9) and the data the steps change.
+    """The worker's SQLite file: idempotency records (section 9), the highest epoch seen per
+    partition (rule 9.7) and the data the steps change.
 
     A step's effect and its idempotency record are written in one transaction, so an effect is
     never applied without its record, and a recorded key never runs its handler again.
@@ -162,6 +167,8 @@ class Ledger:
 
     def __init__(self, path):
         self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        # The highest epoch per partition as last read from or written to `worker_epochs`.
+        self.epochs = {}
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(
@@ -170,6 +177,11 @@ class Ledger:
                 idempotency_key TEXT PRIMARY KEY,
                 command_id TEXT NOT NULL,
                 outcome TEXT NOT NULL
+            );
+            -- Rule 9.7: the highest fencing epoch seen per partition; it only grows.
+            CREATE TABLE IF NOT EXISTS worker_epochs (
+                partition_id INTEGER PRIMARY KEY,
+                epoch INTEGER NOT NULL
             );
             CREATE TABLE IF NOT EXISTS accounts (
                 name TEXT PRIMARY KEY,
@@ -194,6 +206,40 @@ class Ledger:
             """
         )
 
+    def check_epoch(self, partition, epoch):
+        """Rule 9.7 and section 10 step 4: the highest epoch seen for `partition`, after raising
+        it to `epoch` when that is higher. A command whose epoch is below the returned value is
+        stale.
+
+        The raise is committed on its own, before the handler runs, so a failing handler (whose
+        transaction is rolled back) does not undo it. The file is read the first time a
+        partition is seen and written only when its epoch grows; every other command is checked
+        against memory (epochs only grow, so memory never holds more than the file)."""
+        known = self.epochs.get(partition)
+        if known is not None and epoch <= known:
+            return known
+        stored = min(epoch, STORED_EPOCH_MAX)
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise StoreUnavailable(str(e)) from e
+        try:
+            self.db.execute(
+                "INSERT INTO worker_epochs (partition_id, epoch) VALUES (?, ?) "
+                "ON CONFLICT (partition_id) DO UPDATE "
+                "SET epoch = MAX(worker_epochs.epoch, excluded.epoch)",
+                (partition, stored),
+            )
+            highest = self.db.execute(
+                "SELECT epoch FROM worker_epochs WHERE partition_id = ?", (partition,)
+            ).fetchone()[0]
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            self.db.execute("ROLLBACK")
+            raise StoreUnavailable(str(e)) from e
+        self.epochs[partition] = max(highest, known or 0)
+        return highest
+
     def lookup(self, key):
         row = self.db.execute(
             "SELECT outcome FROM results WHERE idempotency_key = ?", (key,)
@@ -201,7 +247,7 @@ class Ledger:
         return json.loads(row[0]) if row else None
 
     def answer(self, command, handler):
-        """Sections 9 and 10 steps 4-5: the recorded outcome, or run the handler and record a
+        """Sections 9 and 10 steps 5-6: the recorded outcome, or run the handler and record a
         final outcome (insert-if-absent; the record that stands wins)."""
         key = command["idempotency_key"]
         try:
@@ -373,6 +419,14 @@ def is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_u32(value, least=0):
+    return is_int(value) and least <= value <= U32_MAX
+
+
+def is_u64(value):
+    return is_int(value) and 0 <= value <= U64_MAX
+
+
 def is_uuid(value):
     if not isinstance(value, str):
         return False
@@ -384,19 +438,22 @@ def is_uuid(value):
 
 
 def schema_problem(command):
-    """Why `command` is not a step command of the schema, or None."""
+    """Why `command` is not a step command of the version-2 schema (section 7.1), or None."""
     if not isinstance(command, dict):
         return "not a JSON object"
     checks = [
-        ("v", is_int),
+        ("v", is_u32),
         ("command_id", lambda v: isinstance(v, str)),
         ("saga_id", is_uuid),
         ("saga", lambda v: isinstance(v, str)),
-        ("saga_version", lambda v: is_int(v) and v >= 1),
+        ("saga_version", lambda v: is_u32(v, least=1)),
+        ("partition", is_u32),
+        ("epoch", is_u64),
+        ("reply_to", lambda v: isinstance(v, str)),
         ("step_index", lambda v: is_int(v) and v >= 0),
         ("step", lambda v: isinstance(v, str)),
         ("direction", lambda v: v in ("forward", "compensate")),
-        ("attempt", lambda v: is_int(v) and v >= 1),
+        ("attempt", lambda v: is_u32(v, least=1)),
         ("idempotency_key", lambda v: isinstance(v, str)),
         ("forward_key", lambda v: isinstance(v, str)),
         ("deadline", lambda v: v is None or is_int(v)),
@@ -412,18 +469,25 @@ def schema_problem(command):
 
 
 def names_its_attempt(command):
-    """Section 10 step 1: enough of a command to answer it with a `malformed_command` reply."""
+    """Section 10 step 1: enough of a command to answer it with a `malformed_command` reply,
+    where its `reply_to` says."""
     return (
         isinstance(command, dict)
-        and isinstance(command.get("saga"), str)
-        and PLAIN_NAME.match(command["saga"]) is not None
+        and isinstance(command.get("reply_to"), str)
         and isinstance(command.get("command_id"), str)
         and is_uuid(command.get("saga_id"))
         and is_int(command.get("step_index"))
+        and command["step_index"] >= 0
         and isinstance(command.get("step"), str)
         and command.get("direction") in ("forward", "compensate")
-        and is_int(command.get("attempt"))
+        and is_u32(command.get("attempt"), least=1)
     )
+
+
+def epoch_of(command):
+    """The epoch a reply's Nats-Msg-Id names: the command's, or 0 when it has no integer one."""
+    epoch = command.get("epoch")
+    return epoch if is_u64(epoch) else 0
 
 
 class Worker:
@@ -448,16 +512,17 @@ class Worker:
         reply.update(outcome)
         return reply
 
-    async def publish_reply(self, saga, reply):
-        """Section 6 and 10 step 6: JetStream publish with Nats-Msg-Id, waiting for the ack."""
+    async def publish_reply(self, reply_to, epoch, reply):
+        """Sections 3, 6 and 10 step 7: a JetStream publish on the command's `reply_to`, opaque
+        and unchanged, with Nats-Msg-Id `reply:{command_id}@{epoch}`, waiting for the ack."""
         payload = json.dumps(reply, separators=(",", ":")).encode()
         if len(payload) > MAX_MESSAGE_BYTES:
             raise ValueError(f"reply of {len(payload)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
         ack = await self.js.publish(
-            reply_subject(saga),
+            reply_to,
             payload,
             timeout=5,
-            headers={"Nats-Msg-Id": "reply:" + reply["command_id"]},
+            headers={"Nats-Msg-Id": reply_message_id(reply["command_id"], epoch)},
         )
         if ack.duplicate:
             log.info("reply to %s was already stored", reply["command_id"])
@@ -477,13 +542,13 @@ class Worker:
                     failed("permanent", "malformed_command", f"the command does not match the protocol: {problem}"),
                 )
                 try:
-                    await self.publish_reply(command["saga"], reply)
+                    await self.publish_reply(command["reply_to"], epoch_of(command), reply)
                 except Exception as e:
                     log.warning("could not answer the malformed command: %r", e)
             await msg.term()
             return
 
-        # Steps 2-3: version, saga, step.
+        # Steps 2-3: version, saga, step. Step 4: the epoch. Steps 5-6: the record, or the handler.
         if command["v"] != PROTOCOL_VERSION:
             log.warning("command %s has schema version %s", command["command_id"], command["v"])
             outcome = failed(
@@ -508,19 +573,34 @@ class Worker:
                 f"saga `{SAGA}` v{SAGA_VERSION} has no step `{command['step']}` ({command['direction']}) at position {command['step_index']}",
             )
         else:
-            # Steps 4-5: the record, or the handler.
-            handler = HANDLERS[(command["step"], command["direction"])]
             try:
-                outcome = self.ledger.answer(command, handler)
+                highest = self.ledger.check_epoch(command["partition"], command["epoch"])
+                if command["epoch"] < highest:
+                    # Rule 9.7: the sender lost the partition. Neither the record nor the
+                    # handler is looked at: the reply says nothing about the step.
+                    log.warning(
+                        "command %s of partition %s has epoch %s, superseded by %s: refused",
+                        command["command_id"], command["partition"], command["epoch"], highest,
+                    )
+                    outcome = failed(
+                        "permanent",
+                        "stale_epoch",
+                        f"partition {command['partition']}: epoch {command['epoch']} was superseded by "
+                        f"epoch {highest}; the engine node that sent this command no longer owns the "
+                        "saga, nothing was run",
+                    )
+                else:
+                    handler = HANDLERS[(command["step"], command["direction"])]
+                    outcome = self.ledger.answer(command, handler)
             except StoreUnavailable as e:
-                log.warning("idempotency store unavailable (%s); command %s retried later", e, command["command_id"])
+                log.warning("worker database unavailable (%s); command %s retried later", e, command["command_id"])
                 await msg.nak(delay=1.0)
                 return
 
-        # Step 6: reply, wait for JetStream to store it, then ack.
+        # Step 7: reply where the command says, wait for JetStream to store it, then ack.
         reply = self.reply_to(command, outcome)
         try:
-            await self.publish_reply(command["saga"], reply)
+            await self.publish_reply(command["reply_to"], command["epoch"], reply)
         except Exception as e:
             log.warning("reply to %s not stored (%r); the command will be redelivered", command["command_id"], e)
             try:

@@ -9,7 +9,7 @@ use sea_orm::{ConnectionTrait, Database};
 
 mod nats;
 
-pub use nats::NatsServer;
+pub use nats::{CLUSTER_SIZE, NatsCluster, NatsServer};
 
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

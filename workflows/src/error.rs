@@ -1,6 +1,7 @@
 //! The crate's error type and how it maps onto step errors.
 
 use sagaflow_sdk::StepError;
+use sagaflow_sdk::protocol::codes;
 use sea_orm::DbErr;
 use thiserror::Error;
 
@@ -94,6 +95,24 @@ pub enum DemoError {
         key: String,
         /// The confirmed order.
         order_id: String,
+    },
+
+    /// A reservation or a release sent under an epoch lower than one inventory has already seen
+    /// for the saga's partition: the engine node that sent it no longer owns the partition
+    /// (`docs/protocol.md` rule 9.7). Nothing was changed; the partition's current owner sends
+    /// the step again under its own epoch.
+    #[error(
+        "partition {partition}: epoch {epoch} is older than epoch {highest}, already seen by \
+         inventory; the engine node that sent this request lost ownership of the partition, so \
+         nothing was changed (its current owner sends the step again)"
+    )]
+    StaleEpoch {
+        /// The saga's partition.
+        partition: u32,
+        /// The epoch the request came with.
+        epoch: u64,
+        /// The highest epoch inventory has seen for the partition.
+        highest: u64,
     },
 
     /// The card was declined (see [`DECLINED_CARD`](crate::DECLINED_CARD)).
@@ -191,6 +210,7 @@ impl DemoError {
             DemoError::OutOfStock { .. } => "out_of_stock",
             DemoError::ReservationNotHeld { .. } => "reservation_not_held",
             DemoError::ReservationCommitted { .. } => "reservation_committed",
+            DemoError::StaleEpoch { .. } => codes::STALE_EPOCH,
             DemoError::CardDeclined { .. } => "card_declined",
             DemoError::InvalidAmount { .. } => "invalid_amount",
             DemoError::AlreadyCharged { .. } => "already_charged",

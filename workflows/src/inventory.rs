@@ -1,6 +1,6 @@
 //! The inventory service: stock levels and reservations with an expiry.
 //!
-//! Inventory owns two tables:
+//! Inventory owns three tables:
 //!
 //! - `demo_stock(sku, total, reserved)`: `total` is the stock on hand and stays fixed (except
 //!   by [`Inventory::restock`]); `reserved` is the sum of the quantities of `held` and
@@ -8,6 +8,13 @@
 //!   constraint keeps `0 <= reserved <= total`.
 //! - `demo_reservations`: one row per idempotency key, in state `held` (until it expires),
 //!   `committed` (its order was confirmed), `released` (compensated) or `expired`.
+//! - `demo_inventory_epochs(partition_id, epoch)`: the highest fencing epoch inventory has seen
+//!   per saga partition (`docs/protocol.md` rule 9.7). A reservation or a release carries the
+//!   [`Fencing`] of the step that asks for it; one whose epoch is lower than the highest seen for
+//!   its partition comes from an engine node that lost the partition, and is refused with
+//!   [`DemoError::StaleEpoch`] without changing anything. The check raises the highest and runs
+//!   in the transaction of the change it guards, whose row lock makes a request under a higher
+//!   epoch wait for it: once a higher epoch is committed, nothing under a lower one lands.
 //!
 //! Every change to the reservations of a SKU first locks that SKU's stock row (a no-op
 //! `UPDATE`), so per SKU there is a single writer at a time, on PostgreSQL and SQLite alike; the
@@ -16,9 +23,9 @@
 
 use std::time::Duration;
 
-use sagaflow_sdk::Timestamp;
+use sagaflow_sdk::{StepContext, Timestamp};
 use schemars::JsonSchema;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult};
 use serde::{Deserialize, Serialize};
 
 use crate::DemoError;
@@ -103,6 +110,33 @@ pub struct Reservation {
     pub expires_at: Timestamp,
 }
 
+/// Who asks for a reservation or a release: the partition of the saga it is for, and the
+/// fencing epoch under which the engine node owning that partition sent the step (the step's
+/// [`StepContext::partition`] and [`StepContext::epoch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fencing {
+    /// The saga's partition.
+    pub partition: u32,
+    /// The epoch the step was sent under; epochs only grow per partition.
+    pub epoch: u64,
+}
+
+impl Fencing {
+    /// The fencing of the attempt `ctx` serves.
+    pub fn of(ctx: &StepContext) -> Self {
+        Fencing {
+            partition: ctx.partition,
+            epoch: ctx.epoch,
+        }
+    }
+}
+
+impl From<&StepContext> for Fencing {
+    fn from(ctx: &StepContext) -> Self {
+        Fencing::of(ctx)
+    }
+}
+
 /// A SKU's stock row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StockLevel {
@@ -169,15 +203,19 @@ impl Inventory {
         .map(drop)
     }
 
-    /// Reserves `line.quantity` units of `line.sku` under `key` until `now + hold_for`.
+    /// Reserves `line.quantity` units of `line.sku` under `key` until `now + hold_for`, for a
+    /// step sent under `fencing`.
     ///
     /// The same key always returns the same reservation, whatever its state now. A reservation
     /// that does not fit in available-to-promise fails with [`DemoError::OutOfStock`].
     /// Reservations of the SKU held past their expiry are expired first, so they do not count.
+    /// A request whose epoch is lower than one already seen for its partition fails with
+    /// [`DemoError::StaleEpoch`] and changes nothing, not even for a key already reserved.
     pub async fn reserve(
         &self,
         key: &str,
         line: &OrderLine,
+        fencing: Fencing,
         now: Timestamp,
     ) -> Result<Reservation, DemoError> {
         if line.quantity == 0 {
@@ -190,7 +228,11 @@ impl Inventory {
             .check(Service::Inventory, FaultPoint::BeforeEffect)?;
         let action = "reserving stock";
         let txn = db::begin_write(&self.db, action).await?;
-        if !lock_sku(&txn, &line.sku).await? {
+        let stocked = lock_sku(&txn, &line.sku).await?;
+        // Before anything else is decided: a stale request learns nothing and changes nothing
+        // (dropping the transaction rolls it back).
+        check_fencing(&txn, fencing).await?;
+        if !stocked {
             return Err(DemoError::UnknownSku {
                 sku: line.sku.clone(),
             });
@@ -235,14 +277,17 @@ impl Inventory {
         Ok(reservation)
     }
 
-    /// Releases the reservation made under `key` (the forward step's key). Idempotent:
-    /// releasing an unknown, released or expired reservation succeeds. `line` names the SKU and
-    /// order for the tombstone written when no reservation exists yet. A committed
-    /// reservation is refused with [`DemoError::ReservationCommitted`].
+    /// Releases the reservation made under `key` (the forward step's key), for a compensation
+    /// sent under `fencing`. Idempotent: releasing an unknown, released or expired reservation
+    /// succeeds. `line` names the SKU and order for the tombstone written when no reservation
+    /// exists yet. A committed reservation is refused with [`DemoError::ReservationCommitted`].
+    /// A request whose epoch is lower than one already seen for its partition fails with
+    /// [`DemoError::StaleEpoch`] and changes nothing (no release, no tombstone).
     pub async fn release(
         &self,
         key: &str,
         line: &OrderLine,
+        fencing: Fencing,
         now: Timestamp,
     ) -> Result<ReleaseOutcome, DemoError> {
         self.faults
@@ -254,7 +299,9 @@ impl Inventory {
             None => line.sku.clone(),
         };
         let txn = db::begin_write(&self.db, action).await?;
-        if !lock_sku(&txn, &sku).await? {
+        let stocked = lock_sku(&txn, &sku).await?;
+        check_fencing(&txn, fencing).await?;
+        if !stocked {
             // No such SKU: no reservation can ever exist for it.
             db::commit(txn, action).await?;
             return Ok(ReleaseOutcome::NotFound);
@@ -400,6 +447,49 @@ impl Inventory {
     pub async fn reservation(&self, key: &str) -> Result<Option<Reservation>, DemoError> {
         find(&self.db, key).await
     }
+}
+
+/// Raises the highest epoch seen for `fencing.partition` to `fencing.epoch`, and refuses the
+/// request with [`DemoError::StaleEpoch`] when a higher one was seen before. In the caller's
+/// transaction, after its SKU lock (always in that order, so two requests cannot deadlock on
+/// the two): the partition's row stays locked until the caller commits or rolls back, so a
+/// request under a higher epoch waits for it, and a lower one that comes later is refused.
+async fn check_fencing(conn: &impl ConnectionTrait, fencing: Fencing) -> Result<(), DemoError> {
+    let action = "checking the fencing epoch";
+    let greatest = match conn.get_database_backend() {
+        DbBackend::Postgres => "GREATEST",
+        _ => "MAX",
+    };
+    // Epochs start at 1 and grow by one per change of owner: far below i64::MAX.
+    let stored = i64::try_from(fencing.epoch).unwrap_or(i64::MAX);
+    let row = db::query_one(
+        conn,
+        action,
+        &format!(
+            "INSERT INTO demo_inventory_epochs (partition_id, epoch) VALUES ($1, $2) \
+             ON CONFLICT (partition_id) DO UPDATE \
+             SET epoch = {greatest}(demo_inventory_epochs.epoch, excluded.epoch) \
+             RETURNING epoch"
+        ),
+        vec![i64::from(fencing.partition).into(), stored.into()],
+    )
+    .await?
+    .ok_or_else(|| DemoError::Database {
+        action: action.into(),
+        source: DbErr::Custom(format!(
+            "recording the epoch of partition {} returned no row",
+            fencing.partition
+        )),
+    })?;
+    let highest = u64::try_from(get::<i64>(&row, "epoch")?).unwrap_or(0);
+    if fencing.epoch < highest {
+        return Err(DemoError::StaleEpoch {
+            partition: fencing.partition,
+            epoch: fencing.epoch,
+            highest,
+        });
+    }
+    Ok(())
 }
 
 /// Takes the per-SKU write lock; false when the SKU is not stocked.

@@ -21,7 +21,7 @@ use sea_orm::DatabaseConnection;
 use serde::{Deserialize, Serialize};
 
 use crate::faults::Faults;
-use crate::inventory::{Inventory, OrderLine, Reservation};
+use crate::inventory::{Fencing, Inventory, OrderLine, Reservation};
 use crate::orders::{ConfirmedOrder, OrderDetails, Orders};
 use crate::payment::{Authorization, Charge, Payment};
 use crate::shipping::{Shipment, Shipping};
@@ -197,7 +197,10 @@ pub fn place_order_saga(services: &OrderServices) -> Result<Saga, SdkError> {
         .build()
 }
 
-/// `reserve_inventory`: holds stock for the order.
+/// `reserve_inventory`: holds stock for the order. Inventory checks the attempt's fencing epoch
+/// itself, so a reservation (or a release) from an engine node that lost the saga's partition is
+/// refused with a permanent `stale_epoch` error even by a worker that has not seen the newer
+/// epoch yet.
 struct ReserveInventory(Inventory);
 
 impl StepHandler for ReserveInventory {
@@ -207,7 +210,12 @@ impl StepHandler for ReserveInventory {
     async fn execute(&self, ctx: &StepContext, line: OrderLine) -> Result<Reservation, StepError> {
         Ok(self
             .0
-            .reserve(&ctx.idempotency_key, &line, Timestamp::now())
+            .reserve(
+                &ctx.idempotency_key,
+                &line,
+                Fencing::of(ctx),
+                Timestamp::now(),
+            )
             .await?)
     }
 }
@@ -220,7 +228,7 @@ impl Compensate for ReserveInventory {
         _output: Option<Reservation>,
     ) -> Result<(), StepError> {
         self.0
-            .release(&ctx.forward_key, &line, Timestamp::now())
+            .release(&ctx.forward_key, &line, Fencing::of(ctx), Timestamp::now())
             .await?;
         Ok(())
     }

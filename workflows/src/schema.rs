@@ -29,6 +29,12 @@ const STATEMENTS: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS demo_reservations_by_sku
         ON demo_reservations (sku, state, expires_at)",
     "CREATE INDEX IF NOT EXISTS demo_reservations_by_order ON demo_reservations (order_id)",
+    // The highest fencing epoch inventory has seen per saga partition: it refuses reservations
+    // and releases sent under a lower one.
+    "CREATE TABLE IF NOT EXISTS demo_inventory_epochs (
+        partition_id BIGINT PRIMARY KEY,
+        epoch BIGINT NOT NULL CHECK (epoch >= 0)
+    )",
     "CREATE TABLE IF NOT EXISTS demo_authorizations (
         authorization_key TEXT PRIMARY KEY,
         order_id TEXT NOT NULL,

@@ -14,7 +14,9 @@ pub struct ServeArgs {
     /// Where sagas live: postgres://USER@HOST/DB (or sqlite://FILE for a single engine).
     #[arg(long, env = "SAGAFLOW_DATABASE_URL")]
     database_url: String,
-    /// The NATS server, with JetStream enabled.
+    /// The NATS server, with JetStream enabled; for a cluster, several of its servers
+    /// separated by commas (nats://10.0.0.1:4222,nats://10.0.0.2:4222,nats://10.0.0.3:4222):
+    /// the engine connects to one and reconnects to another when that one goes away.
     #[arg(
         long,
         env = "SAGAFLOW_NATS_URL",
@@ -36,6 +38,16 @@ pub struct ServeArgs {
     /// several engine nodes share them). Default: 16.
     #[arg(long, env = "SAGAFLOW_PARTITIONS")]
     partitions: Option<u32>,
+    /// What this node is called in `sagaflow nodes`, `show` and every history record it
+    /// writes: its id is NAME-PID-RANDOM. Default: the host name.
+    #[arg(long, env = "SAGAFLOW_NODE_NAME")]
+    node_name: Option<String>,
+    /// On how many NATS servers the command and reply streams are kept: 1 on a single server;
+    /// 3 on a three-server JetStream cluster, so that a stream survives losing one server.
+    /// Existing streams are changed to this count, so give every engine and worker on the
+    /// broker the same one (the demo worker's --stream-replicas).
+    #[arg(long, env = "SAGAFLOW_STREAM_REPLICAS", default_value_t = 1)]
+    stream_replicas: usize,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -51,6 +63,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             lease: args.lease,
             renew_every: args.renew_every,
         },
+        host: args.node_name,
+        stream_replicas: args.stream_replicas,
         ..EngineOptions::default()
     };
     let partitions = store.partitions();

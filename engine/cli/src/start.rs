@@ -20,7 +20,8 @@ pub struct StartArgs {
     /// A definition version (the latest registered when absent).
     #[arg(long)]
     version: Option<u32>,
-    /// The NATS server the engine listens on.
+    /// The NATS server the engine listens on; for a cluster, several of its servers separated
+    /// by commas (nats://10.0.0.1:4222,nats://10.0.0.2:4222): one that answers is used.
     #[arg(
         long,
         env = "SAGAFLOW_NATS_URL",
@@ -42,10 +43,11 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         input,
         key: args.key,
     };
+    let servers = sagaflow_sdk::protocol::server_addrs(&args.nats_url)?;
     let client = async_nats::ConnectOptions::new()
         .name("sagaflow-cli")
         .request_timeout(Some(Duration::from_secs(args.timeout_secs)))
-        .connect(&args.nats_url)
+        .connect(servers)
         .await
         .with_context(|| format!("cannot connect to NATS at {}", args.nats_url))?;
     let answer = client

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::EngineError;
 use crate::cluster::plan::{ClusterView, LeaseState, plan};
-use crate::store::{Fence, NodeInfo, Store};
+use crate::store::{ClusterRows, Fence, NodeInfo, Store};
 
 /// How long leases last and how often they are renewed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +115,10 @@ pub(crate) struct LeaseKeeper {
     held: BTreeMap<u32, u64>,
     /// When the last successful renewal was sent.
     renewed_at: Option<Instant>,
+    /// When the lease of a node that stopped renewing (it died, or is paused) runs out, if
+    /// sooner than the next renewal: a round then takes its partitions without waiting for
+    /// the tick.
+    takeover_at: Option<Instant>,
 }
 
 impl LeaseKeeper {
@@ -131,6 +135,7 @@ impl LeaseKeeper {
             valid_until: None,
         });
         let refence = Arc::new(Notify::new());
+        let takeover_at = None;
         (
             LeaseKeeper {
                 store,
@@ -140,6 +145,7 @@ impl LeaseKeeper {
                 refence: refence.clone(),
                 held: BTreeMap::new(),
                 renewed_at: None,
+                takeover_at,
             },
             LeaseHandle {
                 ownership: receiver,
@@ -185,6 +191,7 @@ impl LeaseKeeper {
                 live: l.live,
             })
             .collect();
+        self.takeover_at = silent_lease_expiry(&cluster, &id, self.settings);
         let wanted = plan(&ClusterView {
             me: &id,
             live: &live,
@@ -261,8 +268,15 @@ impl LeaseKeeper {
                     None => std::future::pending().await,
                 }
             };
+            let takeover = async {
+                match self.takeover_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let refencing = tokio::select! {
                 _ = ticker.tick() => false,
+                _ = takeover => false,
                 _ = refence.notified() => true,
                 _ = stop.changed() => break,
                 ok = heard => {
@@ -319,6 +333,36 @@ pub fn new_node(host: &str) -> NodeInfo {
         pid: std::process::id(),
     }
 }
+
+/// When the first live lease of another node that missed its last renewal runs out (a little
+/// after, by this process's clock), if that comes before the next renewal tick would. Such a
+/// node died or is paused: its partitions are free from that moment.
+fn silent_lease_expiry(
+    cluster: &ClusterRows,
+    me: &str,
+    settings: LeaseSettings,
+) -> Option<Instant> {
+    let renew_ms = i64::try_from(settings.renew_every.as_millis()).unwrap_or(i64::MAX);
+    let silent: Vec<&str> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.id != me && cluster.now - n.last_seen > renew_ms + renew_ms / 2)
+        .map(|n| n.id.as_str())
+        .collect();
+    let expiry = cluster
+        .leases
+        .iter()
+        .filter(|l| l.live && l.owner.as_deref().is_some_and(|o| silent.contains(&o)))
+        .map(|l| l.expires_at)
+        .min()?;
+    let wait =
+        Duration::from_millis(u64::try_from(expiry - cluster.now).unwrap_or(0)) + TAKEOVER_SLACK;
+    (wait < settings.renew_every).then(|| Instant::now() + wait)
+}
+
+/// How long after a silent node's lease runs out (by the database's clock) the round that
+/// takes it over runs: clocks of one machine, or of hosts kept in step, differ by less.
+const TAKEOVER_SLACK: Duration = Duration::from_millis(20);
 
 /// The partitions whose lease changed between `before` and `after`: gained, lost, or held
 /// under a new epoch (what the node cached of them may be stale).

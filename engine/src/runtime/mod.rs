@@ -75,6 +75,11 @@ pub struct EngineOptions {
     /// The host name this node registers under (`sagaflow nodes` shows it); the system's when
     /// `None`.
     pub host: Option<String>,
+    /// On how many NATS servers the command and reply streams are kept (distributed mode
+    /// only): 1 on a single server; 3 on a three-server JetStream cluster, so that a stream
+    /// survives losing one server. A stream that exists with another count is changed to this
+    /// one, so give every engine and worker on a broker the same count.
+    pub stream_replicas: usize,
 }
 
 impl Default for EngineOptions {
@@ -84,6 +89,7 @@ impl Default for EngineOptions {
             timer_poll_interval: Duration::from_millis(50),
             leases: LeaseSettings::default(),
             host: None,
+            stream_replicas: 1,
         }
     }
 }
@@ -233,8 +239,9 @@ impl Engine {
     }
 
     /// Launches a distributed engine: step commands go to workers over NATS JetStream at
-    /// `nats_url`, replies come back the same way, and sagas can be started by any NATS client
-    /// on the start subject. `specs` are registered up front; workers announce more.
+    /// `nats_url` (one URL, or several separated by commas for a cluster), replies come back
+    /// the same way, and sagas can be started by any NATS client on the start subject. `specs`
+    /// are registered up front; workers announce more.
     pub async fn launch_distributed(
         store: Store,
         nats_url: &str,
@@ -254,7 +261,7 @@ impl Engine {
             store.register_definition(spec).await?;
             nats::warn_untimed_steps(spec);
         }
-        let broker = nats::Broker::connect(nats_url).await?;
+        let broker = nats::Broker::connect(nats_url, options.stream_replicas).await?;
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
         let transport = Arc::new(broker.transport());
         let mut engine = Self::assemble(

@@ -55,15 +55,20 @@ fn broker_error(what: &str, error: impl std::error::Error + Send + Sync + 'stati
 }
 
 impl Broker {
-    pub(crate) async fn connect(url: &str) -> Result<Self, EngineError> {
+    /// Connects to the servers of `url`, one NATS URL or several separated by commas (the
+    /// client reconnects to another of them when its server goes away), and creates the
+    /// streams with `stream_replicas` replicas.
+    pub(crate) async fn connect(url: &str, stream_replicas: usize) -> Result<Self, EngineError> {
+        let servers = sagaflow_protocol::server_addrs(url)
+            .map_err(|e| broker_error("cannot read the NATS server list", e))?;
         let client = async_nats::ConnectOptions::new()
             .name("sagaflow-engine")
             .retry_on_initial_connect()
-            .connect(url)
+            .connect(servers)
             .await
             .map_err(|e| broker_error(&format!("cannot connect to {url}"), e))?;
         let js = jetstream::new(client.clone());
-        ensure_streams(&js)
+        ensure_streams(&js, stream_replicas)
             .await
             .map_err(|e| broker_error("cannot prepare the streams", e))?;
         Ok(Broker { client, js })

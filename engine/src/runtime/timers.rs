@@ -26,13 +26,15 @@ pub(crate) async fn run(
     timers_changed: Arc<Notify>,
     planned_wake: Arc<AtomicI64>,
     poll_interval: Duration,
-    ownership: watch::Receiver<Ownership>,
+    mut ownership: watch::Receiver<Ownership>,
 ) {
     let mut backoff = Backoff::infrastructure();
     loop {
         let now = Timestamp::now();
         // Only the timers of the partitions this node holds: the others' owners fire theirs.
-        let partitions = ownership.borrow().partitions(tokio::time::Instant::now());
+        let partitions = ownership
+            .borrow_and_update()
+            .partitions(tokio::time::Instant::now());
         if partitions.is_empty() {
             tokio::time::sleep(poll_interval).await;
             if inbox.is_closed() {
@@ -77,6 +79,14 @@ pub(crate) async fn run(
         tokio::select! {
             _ = tokio::time::sleep(sleep_for) => {}
             _ = timers_changed.notified() => {}
+            // A partition just taken over has timers that fell due while its last owner was
+            // gone (the attempts it had in flight): fire them now, not at the next poll.
+            changed = ownership.changed() => {
+                if changed.is_err() {
+                    // The lease keeper ended: the engine is stopping.
+                    return;
+                }
+            }
         }
         if inbox.is_closed() {
             return;

@@ -30,4 +30,50 @@ pub enum ProtocolError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+
+    /// A stream's replica count is out of JetStream's range.
+    #[cfg(feature = "jetstream")]
+    #[error(
+        "a stream cannot have {0} replicas: give 1 to 5 (1 on a single nats-server, 3 on a \
+         three-server JetStream cluster so that a stream survives losing one server)"
+    )]
+    InvalidReplicas(usize),
+
+    /// A stream exists with another replica count and the broker refused to change it.
+    #[cfg(feature = "jetstream")]
+    #[error(
+        "NATS: stream {stream} has {current} replica(s) and changing it to {requested} failed: \
+         {source}; a count above 1 needs a JetStream cluster of at least that many servers. \
+         Either ask for {current} (the stream's count), or change the stream yourself \
+         (`nats stream edit {stream} --replicas {requested}`) and start again"
+    )]
+    Replicas {
+        /// The stream's name.
+        stream: String,
+        /// Its replica count now.
+        current: usize,
+        /// The count asked for.
+        requested: usize,
+        /// The broker's answer.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// More than one replica was asked for from a nats-server that is not part of a cluster.
+    #[cfg(feature = "jetstream")]
+    #[error(
+        "NATS: {requested} stream replicas need a JetStream cluster of at least {requested} \
+         servers, but the server connected to is not part of a cluster (on its own, \
+         nats-server keeps one replica whatever is asked). Ask for 1 (`--stream-replicas 1`), \
+         or connect to the servers of a cluster"
+    )]
+    NotClustered {
+        /// The count asked for.
+        requested: usize,
+    },
+
+    /// A list of NATS servers could not be read.
+    #[cfg(feature = "jetstream")]
+    #[error("invalid NATS server list: {0}")]
+    ServerList(String),
 }

@@ -11,7 +11,8 @@
 //!   [`EngineAnswer`]), their errors ([`StepError`]) and the NATS [`names`], as in
 //!   `docs/protocol.md`;
 //! - with the `jetstream` feature, creating the protocol's streams and consumers
-//!   (`ensure_streams`, `durable_consumer`);
+//!   (`ensure_streams`, `durable_consumer`) and reading a list of NATS servers
+//!   (`server_addrs`);
 //! - [`database_url`]: how a database URL given by a user becomes the URL the driver opens.
 //!
 //! A workflow author depends on `sagaflow-sdk`, which re-exports what an author needs from here.
@@ -38,5 +39,7 @@ pub use retry::{RetryPolicy, RetryPolicyBuilder};
 pub use spec::{Direction, SagaSpec, StepKind, StepSpec};
 pub use step_error::{ErrorClass, StepError, codes};
 #[cfg(feature = "jetstream")]
-pub use streams::{DUPLICATE_WINDOW, durable_consumer, ensure_streams};
+pub use streams::{
+    DUPLICATE_WINDOW, MAX_STREAM_REPLICAS, durable_consumer, ensure_streams, server_addrs,
+};
 pub use time::Timestamp;

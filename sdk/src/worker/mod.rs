@@ -67,6 +67,11 @@ pub struct WorkerOptions {
     pub ack_wait: Duration,
     /// How many times JetStream delivers one command at most.
     pub max_deliver: i64,
+    /// On how many NATS servers the command and reply streams are kept: 1 on a single
+    /// server; 3 on a three-server JetStream cluster, so that a stream survives losing one
+    /// server. A stream that exists with another count is changed to this one, so give every
+    /// engine and worker on a broker the same count.
+    pub stream_replicas: usize,
 }
 
 impl Default for WorkerOptions {
@@ -76,6 +81,7 @@ impl Default for WorkerOptions {
             concurrency: 32,
             ack_wait: Duration::from_secs(30),
             max_deliver: 5,
+            stream_replicas: 1,
         }
     }
 }
@@ -91,20 +97,24 @@ pub struct Worker {
 
 impl Worker {
     /// Connects to NATS and prepares the streams; `results` keeps the idempotency records.
+    ///
+    /// `nats_url` is one NATS URL or several separated by commas (the servers of a cluster):
+    /// the worker connects to one of them and, when it goes away, reconnects to another.
     pub async fn connect(
         nats_url: &str,
         results: ResultStore,
         sagas: Vec<Saga>,
         options: WorkerOptions,
     ) -> Result<Self, WorkerError> {
+        let servers = crate::protocol::server_addrs(nats_url)?;
         let client = async_nats::ConnectOptions::new()
             .name(options.id.clone())
             .retry_on_initial_connect()
-            .connect(nats_url)
+            .connect(servers)
             .await
             .map_err(|e| WorkerError::broker(format!("cannot connect to {nats_url}"), e))?;
         let js = jetstream::new(client.clone());
-        ensure_streams(&js).await?;
+        ensure_streams(&js, options.stream_replicas).await?;
         let mut by_name: BTreeMap<String, Vec<Arc<Saga>>> = BTreeMap::new();
         for saga in sagas {
             by_name

@@ -176,9 +176,13 @@ pub(super) struct Findings {
 /// One test's processes and databases.
 pub(super) struct Cluster {
     name: &'static str,
-    pub(super) engine: Option<Proc>,
+    /// Engine nodes: `engine` (node 0), `engine1`, `engine2`, ... in the logs; each is started
+    /// with `--node-name e{i}`, so the history names it `e{i}-PID-RANDOM`.
+    pub(super) engines: Vec<Option<Proc>>,
     pub(super) workers: Vec<Option<Proc>>,
-    engine_lives: usize,
+    engine_lives: Vec<usize>,
+    /// `--lease` and `--renew-every` of every engine.
+    lease: (&'static str, &'static str),
     worker_lives: Vec<usize>,
     ack_wait_secs: u64,
     started_at: Instant,
@@ -196,6 +200,20 @@ impl Cluster {
     /// A private nats-server, two fresh databases, the engine and `workers` workers, all up
     /// and the workers' saga definitions registered with the engine.
     pub(super) async fn new(name: &'static str, workers: usize, ack_wait_secs: u64) -> Cluster {
+        // A restarted engine waits for the leases of the one killed before it to lapse; short
+        // leases keep the many restarts of these tests inside their load windows.
+        Cluster::with_engines(name, 1, ("1s", "250ms"), workers, ack_wait_secs).await
+    }
+
+    /// As [`Cluster::new`], with `engines` engine nodes sharing the database, each with
+    /// `lease` (`--lease`, `--renew-every`).
+    pub(super) async fn with_engines(
+        name: &'static str,
+        engines: usize,
+        lease: (&'static str, &'static str),
+        workers: usize,
+        ack_wait_secs: u64,
+    ) -> Cluster {
         let started_at = Instant::now();
         binaries();
         let built = started_at.elapsed();
@@ -220,9 +238,10 @@ impl Cluster {
         let js = jetstream::new(client.clone());
         let mut cluster = Cluster {
             name,
-            engine: None,
+            engines: (0..engines).map(|_| None).collect(),
             workers: (0..workers).map(|_| None).collect(),
-            engine_lives: 0,
+            engine_lives: vec![0; engines],
+            lease,
             worker_lives: vec![0; workers],
             ack_wait_secs,
             started_at,
@@ -235,11 +254,15 @@ impl Cluster {
             worker_db,
             logs: tempfile::tempdir().expect("a folder for the logs"),
         };
-        cluster.start_engine();
+        for e in 0..engines {
+            cluster.start_node(e);
+        }
         for i in 0..workers {
             cluster.start_worker(i);
         }
-        cluster.engine_ready().await;
+        for e in 0..engines {
+            cluster.node_ready(e).await;
+        }
         for i in 0..workers {
             cluster.worker_ready(i).await;
         }
@@ -276,19 +299,36 @@ impl Cluster {
     }
 
     pub(super) fn start_engine(&mut self) {
-        assert!(self.engine.is_none(), "the engine is running already");
-        self.engine_lives += 1;
+        self.start_node(0);
+    }
+
+    /// The log name of engine node `e`.
+    pub(super) fn node_log_name(e: usize) -> String {
+        if e == 0 {
+            "engine".into()
+        } else {
+            format!("engine{e}")
+        }
+    }
+
+    pub(super) fn start_node(&mut self, e: usize) {
+        assert!(self.engines[e].is_none(), "engine {e} is running already");
+        self.engine_lives[e] += 1;
         let mut command = Command::new(&binaries().engine);
         command
             .args(["serve", "--database-url", &self.engine_db.url])
             .args(["--nats-url", &self.nats.url()])
-            // A restarted engine waits for the leases of the one killed before it to lapse;
-            // short leases keep the many restarts of these tests inside their load windows.
-            .args(["--lease", "1s", "--renew-every", "250ms"])
+            .args(["--lease", self.lease.0, "--renew-every", self.lease.1])
+            .args(["--node-name", &format!("e{e}")])
             .env("RUST_LOG", CHILD_LOG)
             .env("RUST_BACKTRACE", "0")
             .env("NO_COLOR", "1");
-        self.engine = Some(Proc::spawn("the engine", &mut command, &self.log("engine")));
+        let who = Self::node_log_name(e);
+        self.engines[e] = Some(Proc::spawn(
+            &format!("engine node e{e}"),
+            &mut command,
+            &self.log(&who),
+        ));
     }
 
     pub(super) fn start_worker(&mut self, i: usize) {
@@ -333,8 +373,16 @@ impl Cluster {
     }
 
     pub(super) async fn engine_ready(&self) {
-        self.wait_for_line("engine", "sagaflow engine serving on", self.engine_lives)
-            .await;
+        self.node_ready(0).await;
+    }
+
+    pub(super) async fn node_ready(&self, e: usize) {
+        self.wait_for_line(
+            &Self::node_log_name(e),
+            "sagaflow engine serving on",
+            self.engine_lives[e],
+        )
+        .await;
     }
 
     pub(super) async fn worker_ready(&self, i: usize) {
@@ -347,7 +395,14 @@ impl Cluster {
     }
 
     pub(super) fn kill_engine(&mut self) {
-        self.engine.take().expect("the engine is running").kill();
+        self.kill_node(0);
+    }
+
+    pub(super) fn kill_node(&mut self, e: usize) {
+        self.engines[e]
+            .take()
+            .expect("the engine node is running")
+            .kill();
     }
 
     pub(super) fn kill_worker(&mut self, i: usize) {
@@ -358,7 +413,13 @@ impl Cluster {
     }
 
     pub(super) fn engine(&mut self) -> &mut Proc {
-        self.engine.as_mut().expect("the engine is running")
+        self.node(0)
+    }
+
+    pub(super) fn node(&mut self, e: usize) -> &mut Proc {
+        self.engines[e]
+            .as_mut()
+            .expect("the engine node is running")
     }
 
     pub(super) fn worker(&mut self, i: usize) -> &mut Proc {
@@ -643,11 +704,13 @@ impl Cluster {
     /// cards) and waits for each to complete.
     pub(super) async fn serves_new_sagas(&mut self) {
         let name = self.name;
-        assert!(
-            self.engine().exited().is_none(),
-            "{name}: the engine exited\n{}",
-            self.tails()
-        );
+        for e in 0..self.engines.len() {
+            assert!(
+                self.node(e).exited().is_none(),
+                "{name}: engine node e{e} exited\n{}",
+                self.tails()
+            );
+        }
         for i in 0..self.workers.len() {
             assert!(
                 self.worker(i).exited().is_none(),
@@ -729,7 +792,7 @@ impl Cluster {
     }
 
     pub(super) fn children(&self) -> Vec<String> {
-        let mut who = vec!["engine".to_string()];
+        let mut who: Vec<String> = (0..self.engines.len()).map(Self::node_log_name).collect();
         who.extend((0..self.workers.len()).map(|i| format!("w{i}")));
         who
     }

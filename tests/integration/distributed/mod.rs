@@ -16,6 +16,7 @@
 //! process is killed when its guard drops, pass or fail.
 
 mod harness;
+mod multinode;
 
 use std::time::{Duration, Instant};
 
@@ -231,7 +232,7 @@ async fn sigterm_stops_the_engine_gracefully_and_loses_nothing() {
         tail(&cluster.log("engine"), 5).contains("stopped"),
         "graceful: the engine did not say it stopped"
     );
-    cluster.engine = None;
+    cluster.engines[0] = None;
     // The transitions it had taken in are committed and their commands published.
     let unsent = count(cluster.store.connection(), "SELECT COUNT(*) FROM outbox").await;
     assert_eq!(unsent, 0, "graceful: the engine left commands unpublished");

@@ -80,7 +80,7 @@ async fn python_worker_schemas_check_starts_and_skipped_outputs() {
 
     // --- A start whose input breaks the first step's input schema: refused, nothing written.
     let wrong = json!({"from": "acct-s", "to": "dest-s", "amount": "ten"});
-    let body = json!({"v": 1, "saga": "py_transfer", "input": wrong, "key": "schema-1"});
+    let body = json!({"v": 2, "saga": "py_transfer", "input": wrong, "key": "schema-1"});
     let answer = ask(&client, "sagaflow.start", body.to_string().into_bytes()).await;
     assert_refused(&answer, "invalid_input", "first step `debit`");
     let message = answer["message"].as_str().unwrap_or_default();

@@ -17,7 +17,9 @@ use sea_orm::Database;
 #[derive(Debug, Parser)]
 #[command(name = "sagaflow-demo-worker", version, about)]
 struct Args {
-    /// The NATS server, with JetStream enabled.
+    /// The NATS server, with JetStream enabled; for a cluster, several of its servers
+    /// separated by commas (nats://10.0.0.1:4222,nats://10.0.0.2:4222,nats://10.0.0.3:4222):
+    /// the worker connects to one and reconnects to another when that one goes away.
     #[arg(
         long,
         env = "SAGAFLOW_NATS_URL",
@@ -45,6 +47,11 @@ struct Args {
     /// Seconds JetStream waits for an ack before redelivering a command.
     #[arg(long, default_value_t = 30)]
     ack_wait_secs: u64,
+    /// On how many NATS servers the command and reply streams are kept: 1 on a single server;
+    /// 3 on a three-server JetStream cluster, so that a stream survives losing one server.
+    /// Existing streams are changed to this count: give it the engine's --stream-replicas.
+    #[arg(long, env = "SAGAFLOW_STREAM_REPLICAS", default_value_t = 1)]
+    stream_replicas: usize,
 }
 
 #[tokio::main]
@@ -72,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
         id: args.id.clone(),
         concurrency: args.concurrency,
         ack_wait: Duration::from_secs(args.ack_wait_secs),
+        stream_replicas: args.stream_replicas,
         ..WorkerOptions::default()
     };
     let worker = Worker::connect(&args.nats_url, results, sagas, options).await?;

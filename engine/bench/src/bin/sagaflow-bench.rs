@@ -136,7 +136,7 @@ async fn watch_wire(
     nats_url: &str,
     saga_name: &str,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let client = async_nats::connect(nats_url).await?;
+    let client = async_nats::connect(sagaflow_sdk::protocol::server_addrs(nats_url)?).await?;
     // One subscription for both subjects keeps them in the order the broker sent them.
     let mut messages = client.subscribe("sagaflow.>").await?;
     // Every step's command subject starts with the one for an empty step name.
