@@ -132,6 +132,18 @@ impl LeaseLog {
             .collect()
     }
 
+    /// Waits (up to 20 s) until node `prefix` holds a partition; panics with `what` if not.
+    async fn wait_for_share(&self, prefix: &str, what: &str) {
+        let give_up = Instant::now() + Duration::from_secs(20);
+        while self.held_by(prefix).is_empty() {
+            assert!(
+                Instant::now() < give_up,
+                "{what}: {prefix} holds no partition"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn history(&self) -> LeaseHistory {
         let seen = self.seen.lock().expect("the lease log");
         LeaseHistory {
@@ -308,14 +320,9 @@ async fn a_node_sigkilled_repeatedly_is_taken_over_within_a_lease() {
         let victim = 1 + round % 2;
         let prefix = format!("e{victim}");
         // It has its share before it is killed.
-        let give_up = Instant::now() + Duration::from_secs(20);
-        while leases.held_by(&prefix).is_empty() {
-            assert!(
-                Instant::now() < give_up,
-                "node_kill: {prefix} holds nothing"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        leases
+            .wait_for_share(&prefix, "node_kill: before the kill")
+            .await;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(500..2_000))).await;
         let held = leases.held_by(&prefix);
         let busy = partitions_with_active_sagas(&cluster).await;
@@ -404,14 +411,9 @@ async fn a_node_paused_past_its_lease_writes_nothing_and_rejoins() {
     for round in 0..20 {
         let victim = 1 + round % 2;
         let prefix = format!("e{victim}");
-        let give_up = Instant::now() + Duration::from_secs(20);
-        while leases.held_by(&prefix).is_empty() {
-            assert!(
-                Instant::now() < give_up,
-                "node_pause: {prefix} did not take a share again after its pause"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        leases
+            .wait_for_share(&prefix, "node_pause: after its pause, rejoining")
+            .await;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..800))).await;
         let held = leases.held_by(&prefix);
         let paused_at = now_ms();
@@ -460,11 +462,9 @@ async fn a_rolling_restart_hands_every_partition_over_at_once() {
     for round in 0..6 {
         let node = round % 3;
         let prefix = format!("e{node}");
-        let give_up = Instant::now() + Duration::from_secs(20);
-        while leases.held_by(&prefix).is_empty() {
-            assert!(Instant::now() < give_up, "rolling: {prefix} holds nothing");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        leases
+            .wait_for_share(&prefix, "rolling: before its restart")
+            .await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let held = leases.held_by(&prefix);
         let asked = now_ms();
