@@ -6,7 +6,7 @@
 //! a durable commit is shared by every saga in the batch.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -129,23 +129,31 @@ impl Driver {
     pub async fn recover(&mut self) -> Result<usize, EngineError> {
         // Every outbox command is an in-flight attempt re-sent below (or a stale one).
         self.store.clear_outbox().await?;
-        let owned = self
-            .ownership
-            .borrow()
-            .partitions(tokio::time::Instant::now());
-        let store = &self.store;
-        let ids: Vec<Uuid> = store
-            .active()
-            .await?
-            .into_iter()
-            .filter(|id| owned.binary_search(&store.partition_of(*id)).is_ok())
-            .collect();
+        let (ownership, _) = self.current_ownership();
+        let owned = ownership.partitions(tokio::time::Instant::now());
+        self.resend_in_flight(&ownership.fence, &owned).await
+    }
+
+    /// Sends again, under this node's epoch, the attempt each active saga of `partitions` waits
+    /// on. For partitions just taken over this is what makes the takeover quick: the previous
+    /// owner's commands may be lost with it, and the replies it took but never acknowledged
+    /// come back only after the consumer's ack wait; the re-sent attempt (same attempt, same
+    /// idempotency key) is answered at once, from the worker's record if it already ran.
+    async fn resend_in_flight(
+        &mut self,
+        fence: &Fence,
+        partitions: &[u32],
+    ) -> Result<usize, EngineError> {
+        if partitions.is_empty() {
+            return Ok(0);
+        }
+        let ids = self.store.active(Some(partitions)).await?;
         let mut resent = 0;
         for chunk in ids.chunks(500) {
             for stored in self.store.load_many(chunk).await? {
                 if let Activity::InFlight { .. } = stored.state.activity {
                     let spec = self.spec_of(&stored.state)?;
-                    let route = self.route(&self.ownership.borrow().fence, stored.state.saga_id);
+                    let route = self.route(fence, stored.state.saga_id);
                     if let Some(command) = resend_command(&stored.state, &spec, route) {
                         let _ = self.relay.send(Outgoing {
                             commands: vec![command],
@@ -160,8 +168,51 @@ impl Driver {
         Ok(resent)
     }
 
+    /// Re-sends the in-flight attempts of the partitions this node has just gained (or holds
+    /// under a new epoch). A failure is only logged: each attempt's deadline still re-sends it.
+    async fn take_up(&mut self, ownership: &Ownership, changed: &BTreeSet<u32>) {
+        let now = tokio::time::Instant::now();
+        let gained: Vec<u32> = changed
+            .iter()
+            .copied()
+            .filter(|p| ownership.holds(*p, now))
+            .collect();
+        match self.resend_in_flight(&ownership.fence, &gained).await {
+            Ok(0) => {}
+            Ok(resent) => debug!(
+                resent,
+                partitions = gained.len(),
+                "re-sent the in-flight attempts of partitions taken up"
+            ),
+            Err(error) => warn!(
+                %error,
+                "cannot re-send the in-flight attempts of partitions taken up; their deadlines will"
+            ),
+        }
+    }
+
     pub async fn run(mut self) {
-        while let Some(first) = self.inbox.recv().await {
+        let mut watching = true;
+        loop {
+            let first = tokio::select! {
+                biased;
+                changed = self.ownership.changed(), if watching => {
+                    if changed.is_err() {
+                        // The lease keeper is gone (shutting down): nothing more to take up.
+                        watching = false;
+                    } else {
+                        let (ownership, changed) = self.current_ownership();
+                        if !changed.is_empty() {
+                            self.take_up(&ownership, &changed).await;
+                        }
+                    }
+                    continue;
+                }
+                next = self.inbox.recv() => match next {
+                    Some(first) => first,
+                    None => return,
+                },
+            };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match self.inbox.try_recv() {
@@ -229,18 +280,19 @@ impl Driver {
         self.catalog.spec(&state.name, Some(state.version))
     }
 
-    /// The ownership to drive this batch under; forgets what is cached of every partition
-    /// whose lease changed hands or epoch since the last batch.
-    fn current_ownership(&mut self) -> Ownership {
-        let ownership = self.ownership.borrow().clone();
-        if ownership.fence != self.seen_fence {
-            let changed = changed_partitions(&self.seen_fence, &ownership.fence);
-            let store = &self.store;
-            self.cache
-                .retain(|id, _| !changed.contains(&store.partition_of(*id)));
-            self.seen_fence = ownership.fence.clone();
+    /// The ownership to drive under, and the partitions whose lease changed hands or epoch
+    /// since it was last looked at (what is cached of them is forgotten).
+    fn current_ownership(&mut self) -> (Ownership, BTreeSet<u32>) {
+        let ownership = self.ownership.borrow_and_update().clone();
+        if ownership.fence == self.seen_fence {
+            return (ownership, BTreeSet::new());
         }
-        ownership
+        let changed = changed_partitions(&self.seen_fence, &ownership.fence);
+        let store = &self.store;
+        self.cache
+            .retain(|id, _| !changed.contains(&store.partition_of(*id)));
+        self.seen_fence = ownership.fence.clone();
+        (ownership, changed)
     }
 
     /// A new saga id in one of `owned` (sorted), so this node is its writer.
@@ -255,7 +307,10 @@ impl Driver {
 
     async fn process(&mut self, batch: Vec<Inbound>) {
         let now = Timestamp::now();
-        let ownership = self.current_ownership();
+        let (ownership, changed) = self.current_ownership();
+        if !changed.is_empty() {
+            self.take_up(&ownership, &changed).await;
+        }
         let owned = ownership.partitions(tokio::time::Instant::now());
         let mut order: Vec<Uuid> = Vec::new();
         let mut pending: HashMap<Uuid, Pending> = HashMap::new();

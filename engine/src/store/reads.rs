@@ -118,12 +118,15 @@ impl Store {
         Ok(next.flatten().map(Timestamp))
     }
 
-    /// Ids of sagas that are neither finished nor stuck.
-    pub async fn active(&self) -> Result<Vec<Uuid>, EngineError> {
+    /// Ids of sagas that are neither finished nor stuck, in `partitions` only where given.
+    pub async fn active(&self, partitions: Option<&[u32]>) -> Result<Vec<Uuid>, EngineError> {
         let ids: Vec<String> = saga::Entity::find()
             .select_only()
             .column(saga::Column::Id)
             .filter(saga::Column::Status.is_in(SagaStatus::ACTIVE.map(SagaStatus::as_str)))
+            .apply_if(self.partition_filter(partitions), |query, within| {
+                query.filter(saga::Column::PartitionId.is_in(within))
+            })
             .into_tuple()
             .all(&self.db)
             .await
