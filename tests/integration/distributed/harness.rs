@@ -16,8 +16,9 @@ use rand::{Rng, SeedableRng};
 use sagaflow_engine::machine::{RecordKind, SagaStatus};
 use sagaflow_engine::store::{HistoryEntry, Store};
 use sagaflow_sdk::Direction;
+use sagaflow_sdk::protocol::server_addrs;
 use sagaflow_sdk::protocol::{EngineAnswer, PROTOCOL_VERSION, StartRequest, names};
-use sagaflow_tests::{Backend, NatsServer, TestDb};
+use sagaflow_tests::{Backend, CLUSTER_SIZE, NatsCluster, NatsServer, TestDb};
 use sagaflow_workflows::{
     OrderMix, PLACE_ORDER, PlaceOrder, SagaOutcomes, check_invariants, generate_orders, install,
 };
@@ -173,6 +174,54 @@ pub(super) struct Findings {
     pub(super) redispatched: usize,
 }
 
+/// The test's own broker: one nats-server, or a three-server JetStream cluster with every
+/// stream kept on all three.
+pub(super) enum Broker {
+    Single(NatsServer),
+    Clustered(NatsCluster),
+}
+
+impl Broker {
+    /// What `--nats-url` takes: the server's URL, or every server's, comma-separated.
+    pub(super) fn urls(&self) -> String {
+        match self {
+            Broker::Single(server) => server.url(),
+            Broker::Clustered(cluster) => cluster.urls(),
+        }
+    }
+
+    /// The `--stream-replicas` the engines and workers are given.
+    fn stream_replicas(&self) -> usize {
+        match self {
+            Broker::Single(_) => 1,
+            Broker::Clustered(_) => CLUSTER_SIZE,
+        }
+    }
+
+    /// The one server of a single-server broker, for the tests that stop or purge it.
+    pub(super) fn single(&mut self) -> &mut NatsServer {
+        match self {
+            Broker::Single(server) => server,
+            Broker::Clustered(_) => panic!("this test's broker is a cluster, not one server"),
+        }
+    }
+
+    /// The cluster of a clustered broker, for the tests that kill its servers.
+    pub(super) fn cluster(&mut self) -> &mut NatsCluster {
+        match self {
+            Broker::Clustered(cluster) => cluster,
+            Broker::Single(_) => panic!("this test's broker is one server, not a cluster"),
+        }
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        match self {
+            Broker::Single(server) => server.log_tail(lines),
+            Broker::Clustered(cluster) => cluster.log_tails(lines),
+        }
+    }
+}
+
 /// One test's processes and databases.
 pub(super) struct Cluster {
     name: &'static str,
@@ -190,7 +239,7 @@ pub(super) struct Cluster {
     demo: DatabaseConnection,
     pub(super) client: async_nats::Client,
     pub(super) js: jetstream::Context,
-    pub(super) nats: NatsServer,
+    pub(super) nats: Broker,
     engine_db: TestDb,
     worker_db: TestDb,
     logs: tempfile::TempDir,
@@ -214,10 +263,41 @@ impl Cluster {
         workers: usize,
         ack_wait_secs: u64,
     ) -> Cluster {
+        Cluster::assemble(
+            name,
+            engines,
+            lease,
+            workers,
+            ack_wait_secs,
+            Broker::Single(NatsServer::start()),
+        )
+        .await
+    }
+
+    /// As [`Cluster::with_engines`] on a three-server JetStream cluster, the engines and
+    /// workers given every server's URL and `--stream-replicas 3`.
+    pub(super) async fn on_nats_cluster(
+        name: &'static str,
+        engines: usize,
+        lease: (&'static str, &'static str),
+        workers: usize,
+        ack_wait_secs: u64,
+    ) -> Cluster {
+        let broker = Broker::Clustered(tokio::task::block_in_place(NatsCluster::start));
+        Cluster::assemble(name, engines, lease, workers, ack_wait_secs, broker).await
+    }
+
+    async fn assemble(
+        name: &'static str,
+        engines: usize,
+        lease: (&'static str, &'static str),
+        workers: usize,
+        ack_wait_secs: u64,
+        nats: Broker,
+    ) -> Cluster {
         let started_at = Instant::now();
         binaries();
         let built = started_at.elapsed();
-        let nats = NatsServer::start();
         let engine_db = TestDb::new(Backend::Postgres).await;
         let worker_db = TestDb::new(Backend::Postgres).await;
         // Migrated here, before the engine starts, so the two never race to migrate.
@@ -232,7 +312,7 @@ impl Cluster {
             .name("sagaflow-fault-test")
             .request_timeout(Some(Duration::from_secs(3)))
             .retry_on_initial_connect()
-            .connect(nats.url())
+            .connect(server_addrs(&nats.urls()).expect("the broker's URLs"))
             .await
             .expect("connect to the test's nats-server");
         let js = jetstream::new(client.clone());
@@ -317,7 +397,11 @@ impl Cluster {
         let mut command = Command::new(&binaries().engine);
         command
             .args(["serve", "--database-url", &self.engine_db.url])
-            .args(["--nats-url", &self.nats.url()])
+            .args(["--nats-url", &self.nats.urls()])
+            .args([
+                "--stream-replicas",
+                &self.nats.stream_replicas().to_string(),
+            ])
             .args(["--lease", self.lease.0, "--renew-every", self.lease.1])
             .args(["--node-name", &format!("e{e}")])
             .env("RUST_LOG", CHILD_LOG)
@@ -340,7 +424,11 @@ impl Cluster {
         let mut command = Command::new(&binaries().worker);
         command
             .args(["--database-url", &self.worker_db.url])
-            .args(["--nats-url", &self.nats.url()])
+            .args(["--nats-url", &self.nats.urls()])
+            .args([
+                "--stream-replicas",
+                &self.nats.stream_replicas().to_string(),
+            ])
             .args(["--id", &id, "--seed", &seed])
             .args(["--transient", TRANSIENT, "--lost-reply", LOST_REPLY])
             .args(["--ack-wait-secs", &self.ack_wait_secs.to_string()])

@@ -90,16 +90,16 @@ async fn nats_server_restarted_mid_run_loses_nothing() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let in_flight = cluster.wait_in_flight(1).await;
         if graceful {
-            cluster.nats.stop();
+            cluster.nats.single().stop();
         } else {
-            cluster.nats.kill();
+            cluster.nats.single().kill();
         }
         println!(
             "nats_restart: nats-server {} with {in_flight} attempts in flight",
             if graceful { "stopped" } else { "killed" }
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
-        cluster.nats.restart();
+        cluster.nats.single().restart();
     }
     let started = starts.finish().await;
     // Among the rest: the engine and the worker are still alive, reconnected, and serving.

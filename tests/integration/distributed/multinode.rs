@@ -1,6 +1,7 @@
 //! Three engine nodes (`sagaflow serve --node-name e0|e1|e2`) on one PostgreSQL database and one
-//! test-owned nats-server, two demo workers, 600 `place_order` sagas per test, and one kind of
-//! fault: a node SIGKILLed and restarted, a node SIGSTOPped past its lease, a rolling restart.
+//! test-owned nats-server (or three-server JetStream cluster), two demo workers, 600
+//! `place_order` sagas per test, and one kind of fault: a node SIGKILLed and restarted, a node
+//! SIGSTOPped past its lease, a rolling restart, the server leading the command stream killed.
 //!
 //! Besides every check of the single-node fault tests (`Cluster::verify`), each run checks what
 //! several writers could break: no saga has two history records with one sequence number, every
@@ -515,4 +516,102 @@ async fn a_rolling_restart_hands_every_partition_over_at_once() {
         p99 <= 500.0,
         "rolling: handover p99 {p99:.0} ms is over 0.5 s"
     );
+}
+
+/// The records a worker's reply wrote (an attempt's success or failure) from `from` to `to`
+/// (ms since the epoch), oldest first.
+async fn reply_records_between(cluster: &Cluster, from: i64, to: i64) -> Vec<i64> {
+    rows(
+        cluster.store.connection(),
+        &format!(
+            "SELECT at FROM saga_history WHERE kind IN ('attempt_succeeded', 'attempt_failed') \
+             AND at >= {from} AND at < {to} ORDER BY at"
+        ),
+    )
+    .await
+    .iter()
+    .map(|row| row.try_get::<i64>("", "at").expect("at"))
+    .collect()
+}
+
+/// The server that leads `stream` now, waiting (up to 20 s) for one other than `not`.
+async fn stream_leader_other_than(
+    cluster: &mut Cluster,
+    stream: &str,
+    not: Option<usize>,
+) -> usize {
+    let give_up = Instant::now() + Duration::from_secs(20);
+    loop {
+        let leader = tokio::task::block_in_place(|| cluster.nats.cluster().stream_leader(stream));
+        if let Some(leader) = leader.filter(|l| Some(*l) != not) {
+            return leader;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "nats_leader: no server other than {not:?} leads {stream} within 20 s\n{}",
+            cluster.tails()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_a_nats_cluster_ride_out_the_command_stream_leader_killed_every_20_s() {
+    use sagaflow_sdk::protocol::names::COMMAND_STREAM;
+    const KILL_EVERY: Duration = Duration::from_secs(20);
+    const KILLS: u32 = 4;
+    let _turn = SERIAL.lock().await;
+    let mut cluster = Cluster::on_nats_cluster("nats_leader", 3, DEFAULT_LEASE, 2, 10).await;
+    let leases = LeaseLog::start(&cluster);
+    let run = KILL_EVERY * (KILLS + 1);
+    let starts = cluster.spawn_starts(cluster.orders(MULTI_ORDERS, 15), run);
+    let began = Instant::now();
+    // (killed at, ms to a new leader, server killed)
+    let mut kills: Vec<(i64, u128, usize)> = Vec::new();
+    for round in 1..=KILLS {
+        tokio::time::sleep_until((began + KILL_EVERY * round).into()).await;
+        let leader = stream_leader_other_than(&mut cluster, COMMAND_STREAM, None).await;
+        let killed = Instant::now();
+        let killed_at = now_ms();
+        tokio::task::block_in_place(|| cluster.nats.cluster().kill(leader));
+        let successor = stream_leader_other_than(&mut cluster, COMMAND_STREAM, Some(leader)).await;
+        let elected = killed.elapsed().as_millis();
+        println!(
+            "nats_leader: n{leader} (leading {COMMAND_STREAM}) SIGKILLed; n{successor} leads it \
+             after {elected} ms"
+        );
+        kills.push((killed_at, elected, leader));
+        // Down for a while, then back with its store: it catches up as a follower.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::task::block_in_place(|| cluster.nats.cluster().restart(leader));
+    }
+    let started = starts.finish().await;
+    settle_and_verify(&mut cluster, &started).await;
+    let shares = verify_single_writer(&cluster, &leases).await;
+    println!("nats_leader: share of the history records written by each node: {shares:?}");
+    // How long no reply was applied after each kill: the wait for the first, and the longest
+    // gap between two within the 20 s that followed. Sagas start throughout, so replies only
+    // pause while the broker cannot take or deliver them.
+    let window = i64::try_from(KILL_EVERY.as_millis()).expect("20 s in ms");
+    for (killed_at, elected, server) in &kills {
+        let replies = reply_records_between(&cluster, *killed_at, killed_at + window).await;
+        let first = replies.first().map(|at| at - killed_at);
+        let longest = std::iter::once(*killed_at)
+            .chain(replies.iter().copied())
+            .collect::<Vec<_>>()
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(window);
+        println!(
+            "nats_leader: kill of n{server}: new leader after {elected} ms; first reply applied \
+             after {first:?} ms; dispatch stalled at most {longest} ms; {} replies applied in \
+             the next 20 s",
+            replies.len()
+        );
+        assert!(
+            !replies.is_empty(),
+            "nats_leader: no reply was applied in the 20 s after the kill of n{server}"
+        );
+    }
 }
