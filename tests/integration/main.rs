@@ -12,6 +12,7 @@ mod ops;
 mod python_worker;
 mod recovery;
 mod scenarios;
+mod stale_epoch;
 mod startup;
 mod store;
 mod support;
