@@ -4,14 +4,14 @@
 //! lease table's operations take only what is free and never lower an epoch.
 
 use sagaflow_engine::EngineError;
-use sagaflow_engine::machine::{Event, Inputs, Reply, SagaState, decide};
+use sagaflow_engine::machine::{Event, Inputs, Reply, SagaState, Transition, decide};
 use sagaflow_engine::ops::{self, NodeState};
 use sagaflow_engine::store::{
     DEFAULT_PARTITIONS, Fence, NodeInfo, SagaWrite, Store, StoreOptions, WriteOutcome, history,
     lease,
 };
 use sagaflow_protocol::backoff::ExactDelays;
-use sagaflow_sdk::{Direction, Saga, Step, Timestamp};
+use sagaflow_sdk::{Direction, Saga, SagaSpec, Step, Timestamp};
 use sagaflow_tests::{Backend, TestDb};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde_json::json;
@@ -42,6 +42,20 @@ fn fence(node: &str, partition: u32, epoch: u64) -> Fence {
     }
 }
 
+/// The transition that starts saga `id` of `spec` at `now`.
+fn started(spec: &SagaSpec, id: Uuid, now: Timestamp) -> Transition {
+    decide(
+        &SagaState::new(id, spec, json!({}), now),
+        spec,
+        Event::Start,
+        Inputs {
+            now,
+            delays: &mut ExactDelays,
+        },
+    )
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_is_kept_only_under_the_current_epoch_of_a_live_lease() {
     let db = TestDb::new(Backend::Postgres).await;
@@ -55,18 +69,7 @@ async fn a_write_is_kept_only_under_the_current_epoch_of_a_live_lease() {
     let spec = saga.spec().clone();
     store.register_definition(&spec).await.unwrap();
     let now = Timestamp::now();
-    let start = |id: Uuid| {
-        decide(
-            &SagaState::new(id, &spec, json!({}), now),
-            &spec,
-            Event::Start,
-            Inputs {
-                now,
-                delays: &mut ExactDelays,
-            },
-        )
-        .unwrap()
-    };
+    let start = |id: Uuid| started(&spec, id, now);
     let id = Uuid::now_v7();
     let partition = store.partition_of(id);
     let started = start(id);
@@ -169,6 +172,86 @@ async fn a_write_is_kept_only_under_the_current_epoch_of_a_live_lease() {
         outcome.unwrap()[..],
         [WriteOutcome::Committed { row_version: 2, .. }]
     ));
+}
+
+/// Two nodes starting a saga with one start key at the same moment: the second insert is
+/// kept out by the key (not failed with the rest of its batch), and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_key_taken_by_another_node_keeps_out_only_that_saga() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = Store::connect(&db.url).await.unwrap();
+    let saga = Saga::builder("keyed", 1)
+        .step(Step::pivot("a", Flaky::new(0, json!(1))))
+        .build()
+        .unwrap();
+    let spec = saga.spec().clone();
+    store.register_definition(&spec).await.unwrap();
+    let now = Timestamp::now();
+    let start = |id: Uuid| started(&spec, id, now);
+    for partition in 0..store.partitions() {
+        set_lease(&store, partition, "n1", 1, 60_000).await;
+    }
+    let all = Fence {
+        node: "n1".into(),
+        epochs: (0..store.partitions()).map(|p| (p, 1)).collect(),
+    };
+    let (first, second, unkeyed) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let (a, b, c) = (start(first), start(second), start(unkeyed));
+    fn write<'a>(
+        spec: &'a SagaSpec,
+        t: &'a Transition,
+        key: Option<&'a str>,
+        now: Timestamp,
+    ) -> SagaWrite<'a> {
+        SagaWrite {
+            spec,
+            base: None,
+            state: &t.state,
+            records: &t.history,
+            start_key: key,
+            dispatches: &[],
+            now,
+        }
+    }
+    let outcome = store
+        .commit_fenced(&[write(&spec, &a, Some("order-1"), now)], &all)
+        .await
+        .unwrap();
+    assert!(matches!(outcome[..], [WriteOutcome::Committed { .. }]));
+
+    let outcome = store
+        .commit_fenced(
+            &[
+                write(&spec, &b, Some("order-1"), now),
+                write(&spec, &c, None, now),
+            ],
+            &all,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            outcome[..],
+            [WriteOutcome::StartKeyTaken, WriteOutcome::Committed { .. }]
+        ),
+        "{outcome:?}"
+    );
+    assert!(store.load(second).await.unwrap().is_none());
+    assert!(store.load(unkeyed).await.unwrap().is_some());
+    let none_of_it = history::Entity::find()
+        .filter(history::Column::SagaId.eq(second.to_string()))
+        .all(store.connection())
+        .await
+        .unwrap();
+    assert!(none_of_it.is_empty(), "{none_of_it:?}");
+    assert_eq!(
+        store
+            .find_start_keys(&["order-1"])
+            .await
+            .unwrap()
+            .get("order-1"),
+        Some(&first)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

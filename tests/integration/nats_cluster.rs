@@ -151,8 +151,18 @@ async fn the_streams_are_kept_on_every_server_of_a_cluster() {
         followers
     );
 
-    // Asking again changes nothing; a count JetStream does not have is refused with advice.
+    // Asking again changes nothing, nor does asking for fewer (a process started with the
+    // default of 1 must not strip the streams of their copies); a count JetStream does not have
+    // is refused with advice.
     ensure_streams(&js, CLUSTER_SIZE).await.expect("idempotent");
+    ensure_streams(&js, 1).await.expect("fewer asked for");
+    for stream in [names::COMMAND_STREAM, names::REPLY_STREAM] {
+        assert_eq!(
+            replicas(&js, stream, followers).await,
+            (CLUSTER_SIZE, followers),
+            "{stream} lost replicas when a process asked for one"
+        );
+    }
     for wrong in [0, 6] {
         let error = ensure_streams(&js, wrong).await.expect_err("out of range");
         assert!(matches!(error, ProtocolError::InvalidReplicas(n) if n == wrong));

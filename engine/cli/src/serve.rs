@@ -44,8 +44,8 @@ pub struct ServeArgs {
     node_name: Option<String>,
     /// On how many NATS servers the command and reply streams are kept: 1 on a single server;
     /// 3 on a three-server JetStream cluster, so that a stream survives losing one server.
-    /// Existing streams are changed to this count, so give every engine and worker on the
-    /// broker the same one (the demo worker's --stream-replicas).
+    /// Existing streams with fewer are raised to this count (never lowered); give every engine
+    /// and worker on the broker the same one (the demo worker's --stream-replicas).
     #[arg(long, env = "SAGAFLOW_STREAM_REPLICAS", default_value_t = 1)]
     stream_replicas: usize,
 }

@@ -141,10 +141,10 @@ impl PlannedAct {
                 row_version: *row_version,
                 ..self.report
             }),
-            // An unfenced write is never `Fenced`; were it, the saga was not written either.
-            Some(WriteOutcome::Stale | WriteOutcome::Fenced) | None => {
-                Err(EngineError::Conflict(saga_id))
-            }
+            // An unfenced write is never `Fenced`, and an operator creates no saga (so takes
+            // no start key); were either so, the saga was not written either.
+            Some(WriteOutcome::Stale | WriteOutcome::Fenced | WriteOutcome::StartKeyTaken)
+            | None => Err(EngineError::Conflict(saga_id)),
         }
     }
 }

@@ -639,6 +639,19 @@ impl Driver {
                         let _ = respond.send(Err(EngineError::NotOwner { saga_id, partition }));
                     }
                 }
+                Some(WriteOutcome::StartKeyTaken) => {
+                    // Another node started a saga with this key at the same moment: starting
+                    // again finds that saga by its key and answers with it.
+                    debug!(saga = %saga_id, "start key taken by another node's start; answering with its saga");
+                    for respond in work.start_responders {
+                        let _ = self.requeue.send(Inbound::Start {
+                            spec: work.spec.clone(),
+                            input: work.state.input.clone(),
+                            start_key: work.start_key.clone(),
+                            respond,
+                        });
+                    }
+                }
                 Some(WriteOutcome::Stale) | None => {
                     // Another writer got there first: forget what we knew, re-read, re-apply.
                     warn!(saga = %saga_id, "stale write refused; re-reading the saga");

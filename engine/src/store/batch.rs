@@ -392,7 +392,7 @@ async fn write_in_one_statement(
     };
     let sql = format!(
         "WITH {held_cte}updated AS ({}), \
-         inserted AS ({} RETURNING id), \
+         inserted AS ({} ON CONFLICT (start_key) DO NOTHING RETURNING id), \
          committed AS (SELECT id FROM updated UNION ALL SELECT id FROM inserted), \
          new_attempts AS ({}), \
          finished_attempts AS ({}), \

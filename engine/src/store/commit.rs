@@ -179,6 +179,8 @@ impl Store {
                         row_version: 1,
                         history_seq: last_seq(0),
                     },
+                    // Its partition was held, so only the start key can have kept it out.
+                    None if write.start_key.is_some() => WriteOutcome::StartKeyTaken,
                     None => WriteOutcome::Fenced,
                     Some(base) if written.updated.contains(&id) => WriteOutcome::Committed {
                         row_version: base.row_version + 1,

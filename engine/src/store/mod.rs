@@ -82,6 +82,10 @@ pub enum WriteOutcome {
     /// lapsed or was taken over): nothing of this write was kept, and the node must stop
     /// driving the partition until it acquires it again.
     Fenced,
+    /// A new saga was not created because another saga has its start key: another node
+    /// started it at the same moment. Nothing of this write was kept; the key's saga is the
+    /// one to answer with ([`Store::find_start_keys`]).
+    StartKeyTaken,
 }
 
 /// The database, opened and migrated.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_nats::ServerAddr;
 use async_nats::jetstream::{self, consumer, stream};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{ProtocolError, names};
 
@@ -18,9 +18,11 @@ pub const MAX_STREAM_REPLICAS: usize = 5;
 /// each kept on `replicas` servers: 1 on a single server, 3 on a three-server JetStream
 /// cluster so that a stream survives losing one server.
 ///
-/// A stream that exists with another replica count is changed to `replicas` (JetStream moves
-/// the data; the rest of its configuration stays as it is). When the broker refuses, the error
-/// says how to change it by hand.
+/// A stream that exists with fewer replicas is raised to `replicas` (JetStream copies the data;
+/// the rest of its configuration stays as it is); one with more keeps them, so a process started
+/// with the default of 1 never strips a cluster's streams of their copies (lowering the count is
+/// an operator's act, with the `nats` tool). When the broker refuses, the error says how to
+/// change it by hand.
 pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> Result<(), ProtocolError> {
     if !(1..=MAX_STREAM_REPLICAS).contains(&replicas) {
         return Err(ProtocolError::InvalidReplicas(replicas));
@@ -57,7 +59,14 @@ pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> Result<
         let config = &stream.cached_info().config;
         // The broker reports 0 for a stream created without a count: that is one replica.
         let current = config.num_replicas.max(1);
-        if current != replicas {
+        if current > replicas {
+            info!(
+                stream = name,
+                kept = current,
+                asked = replicas,
+                "the stream keeps more replicas than asked for; it is left as it is"
+            );
+        } else if current < replicas {
             // On its own, nats-server accepts the change of a stream to more replicas than one,
             // and keeps one (it refuses a new stream with more). It has greeted this client by
             // now: the stream's info came from it.
@@ -70,8 +79,8 @@ pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> Result<
                 stream = name,
                 from = current,
                 to = replicas,
-                "changing the stream's replica count; give every engine and worker on this \
-                 broker the same count, or each start changes it back"
+                "raising the stream's replica count; give every engine and worker on this \
+                 broker the same count"
             );
             js.update_stream(stream::Config {
                 num_replicas: replicas,

@@ -49,7 +49,8 @@ struct Args {
     ack_wait_secs: u64,
     /// On how many NATS servers the command and reply streams are kept: 1 on a single server;
     /// 3 on a three-server JetStream cluster, so that a stream survives losing one server.
-    /// Existing streams are changed to this count: give it the engine's --stream-replicas.
+    /// Existing streams with fewer are raised to this count (never lowered): give it the
+    /// engine's --stream-replicas.
     #[arg(long, env = "SAGAFLOW_STREAM_REPLICAS", default_value_t = 1)]
     stream_replicas: usize,
 }
