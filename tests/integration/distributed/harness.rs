@@ -20,7 +20,8 @@ use sagaflow_sdk::protocol::server_addrs;
 use sagaflow_sdk::protocol::{EngineAnswer, PROTOCOL_VERSION, StartRequest, names};
 use sagaflow_tests::{Backend, CLUSTER_SIZE, NatsCluster, NatsServer, TestDb};
 use sagaflow_workflows::{
-    OrderMix, PLACE_ORDER, PlaceOrder, SagaOutcomes, check_invariants, generate_orders, install,
+    DEMO_STOCK, Faults, Inventory, OrderMix, PLACE_ORDER, PlaceOrder, SagaOutcomes,
+    check_invariants, generate_orders, install,
 };
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, QueryResult, Statement};
 use serde_json::Value;
@@ -555,6 +556,18 @@ impl Cluster {
             name: self.name,
             hurry,
             task,
+        }
+    }
+
+    /// Adds `times` the demo's stock of every SKU, for runs with more orders than it covers
+    /// (the fresh sagas after the faults must still find stock).
+    pub(super) async fn restock(&self, times: u32) {
+        let inventory = Inventory::new(self.demo.clone(), Faults::none());
+        for (sku, units) in DEMO_STOCK {
+            inventory
+                .restock(sku, units * times)
+                .await
+                .expect("restock the demo inventory");
         }
     }
 

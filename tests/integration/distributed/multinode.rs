@@ -409,14 +409,25 @@ async fn a_node_sigkilled_repeatedly_is_taken_over_within_a_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_paused_past_its_lease_writes_nothing_and_rejoins() {
     let _turn = SERIAL.lock().await;
+    // The soak in BENCHMARKS.md runs this with SAGAFLOW_PAUSES=100: the load grows with it, so
+    // sagas are in flight through every pause.
+    let pauses: usize = std::env::var("SAGAFLOW_PAUSES")
+        .ok()
+        .map(|n| n.parse().expect("SAGAFLOW_PAUSES is a number of pauses"))
+        .unwrap_or(20)
+        .max(20);
     let mut cluster = Cluster::with_engines("node_pause", 3, SHORT_LEASE, 2, 10).await;
     let leases = LeaseLog::start(&cluster);
     let (seed, mut rng) = rng();
-    println!("node_pause: pause timings from seed {seed}");
-    let starts = cluster.spawn_starts(cluster.orders(MULTI_ORDERS, 13), Duration::from_secs(70));
+    println!("node_pause: {pauses} pauses, timings from seed {seed}");
+    let orders = cluster.orders(MULTI_ORDERS * pauses / 20, 13);
+    if pauses > 20 {
+        cluster.restock((pauses / 20) as u32).await;
+    }
+    let starts = cluster.spawn_starts(orders, Duration::from_millis(3_500 * pauses as u64));
     // What the paused node held, and from when its lease had certainly lapsed.
     let mut lapses: Vec<(String, BTreeMap<u32, u64>, i64)> = Vec::new();
-    for round in 0..20 {
+    for round in 0..pauses {
         let victim = 1 + round % 2;
         let prefix = format!("e{victim}");
         leases
@@ -431,6 +442,11 @@ async fn a_node_paused_past_its_lease_writes_nothing_and_rejoins() {
         lapses.push((prefix.clone(), held, paused_at + 1_000));
         tokio::time::sleep(Duration::from_millis(rng.gen_range(1_500..2_500))).await;
         cluster.node(victim).signal("CONT");
+    }
+    for victim in ["e1", "e2"] {
+        leases
+            .wait_for_share(victim, "node_pause: after its last pause, rejoining")
+            .await;
     }
     let started = starts.finish().await;
     settle_and_verify(&mut cluster, &started).await;

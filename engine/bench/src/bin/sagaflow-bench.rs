@@ -25,8 +25,27 @@
 //! To measure the engine's memory apart from the worker's, run the worker in a process of its
 //! own (`--worker-only`) and the engine without one (`--worker-elsewhere`), with the same
 //! `--saga-name`.
+//!
+//! With `--engines N` (distributed mode), the engine runs as N nodes sharing the database,
+//! each a child process of the benchmark (the same executable, with an internal flag); the
+//! load generator and the worker stay in this process. The benchmark waits until the nodes
+//! have shared the partitions out, then starts every saga with a request on the start subject,
+//! as a client would, so that the nodes' queue group spreads the starts (a saga started
+//! through an engine's own API would stay on that node). The settle notification does not
+//! leave a node's process, so in this mode a saga's latency runs from its start request to
+//! its last step's reply passing the broker, without the engine's final commit; the elapsed
+//! time (hence sagas/s) runs until the database shows every saga completed. The report adds
+//! each node's share of the history records; the memory figures are this process's (load and
+//! worker), not the nodes'.
+//!
+//! ```text
+//! cargo run --release -p sagaflow-bench --bin sagaflow-bench -- --mode distributed \
+//!     --database-url postgres://postgres@127.0.0.1:5432/sagaflow_bench --engines 3 --sagas 10000
+//! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,11 +53,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use futures::StreamExt;
+use sagaflow_engine::machine::SagaStatus;
 use sagaflow_engine::runtime::{Engine, EngineOptions};
 use sagaflow_engine::store::Store;
-use sagaflow_sdk::protocol::names;
+use sagaflow_sdk::protocol::{AnswerCode, EngineAnswer, PROTOCOL_VERSION, StartRequest, names};
 use sagaflow_sdk::worker::{ResultStore, Worker, WorkerOptions};
-use sagaflow_sdk::{Compensate, RetryPolicy, Saga, Step, StepContext, StepError, StepHandler};
+use sagaflow_sdk::{
+    Compensate, Direction, RetryPolicy, Saga, Step, StepContext, StepError, StepHandler,
+};
+use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -53,9 +76,21 @@ enum Mode {
     Distributed,
 }
 
+/// How to run each kind of benchmark, at the end of `--help`.
+const EXAMPLES: &str = "\
+Examples:
+  One engine and its handlers in this process, on SQLite:
+    cargo run --release -p sagaflow-bench --bin sagaflow-bench -- --mode embedded --sagas 20000
+  One engine and a worker in this process, over NATS:
+    cargo run --release -p sagaflow-bench --bin sagaflow-bench -- --mode distributed \\
+        --database-url postgres://postgres@127.0.0.1:5432/sagaflow_bench --sagas 20000
+  Three engine nodes (child processes) sharing the database, the worker in this process:
+    cargo run --release -p sagaflow-bench --bin sagaflow-bench -- --mode distributed \\
+        --database-url postgres://postgres@127.0.0.1:5432/sagaflow_bench --engines 3 --sagas 10000";
+
 /// Measure sagas/s, steps/s, saga latency and per-step overhead.
 #[derive(Debug, Parser)]
-#[command(name = "sagaflow-bench", version, about)]
+#[command(name = "sagaflow-bench", version, about, after_long_help = EXAMPLES)]
 struct Args {
     #[arg(long, value_enum, default_value = "embedded")]
     mode: Mode,
@@ -85,6 +120,22 @@ struct Args {
     /// `--worker-only`). Step overheads are then measured by that worker, not reported here.
     #[arg(long)]
     worker_elsewhere: bool,
+    /// Distributed mode: run the engine as N nodes sharing the database, each a child process,
+    /// instead of one engine in this process. Sagas are then started by request on the start
+    /// subject, which spreads them over the nodes, and a saga's latency runs from its start
+    /// request to its last step's reply passing the broker (the engine's final commit not
+    /// included): the settle notification does not leave a node's process. The elapsed time
+    /// runs until the database shows every saga completed. The report adds each node's share
+    /// of the history records; its memory figures are this process's (load and worker).
+    #[arg(long, value_name = "N", conflicts_with = "worker_only")]
+    engines: Option<usize>,
+    /// Internal, for `--engines`: serve as one engine node named `--node-name` until SIGTERM
+    /// or until the parent process is gone.
+    #[arg(long, hide = true)]
+    serve_engine: bool,
+    /// Internal, for `--serve-engine`: the node's name, the prefix of its id in the history.
+    #[arg(long, hide = true)]
+    node_name: Option<String>,
     /// Print only the JSON line.
     #[arg(long)]
     json: bool,
@@ -128,13 +179,23 @@ impl Gaps {
     }
 }
 
+/// Tells `waiters` that a saga has settled when the forward reply of its last step passes the
+/// wire: the end of a saga the benchmark can see from outside the engine's process. The bench
+/// saga's steps never fail, so that reply is the saga's last message.
+struct SettleOnLastReply {
+    last_step: String,
+    waiters: Arc<Waiters>,
+}
+
 /// Times the engine's share of each step from the wire into `gaps`: a plain NATS subscription
 /// to the benchmark saga's commands and replies, keyed by the saga id that leads every
-/// `Nats-Msg-Id`. A reply opens a gap, the saga's next command closes it.
+/// `Nats-Msg-Id`. A reply opens a gap, the saga's next command closes it. With `settle`, the
+/// end of each saga is told too.
 async fn watch_wire(
     gaps: Arc<Gaps>,
     nats_url: &str,
     saga_name: &str,
+    settle: Option<SettleOnLastReply>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let client = async_nats::connect(sagaflow_sdk::protocol::server_addrs(nats_url)?).await?;
     // One subscription for both subjects keeps them in the order the broker sent them.
@@ -162,14 +223,22 @@ async fn watch_wire(
             else {
                 continue;
             };
-            // A command's id leads with its saga's id; a reply's is the command's, prefixed.
+            // A command's id is `{saga_id}:{step}:{direction}:{attempt}@{epoch}`; a reply's is
+            // the command's, prefixed.
             let id = id.as_str();
             let id = id.strip_prefix(reply_id_prefix).unwrap_or(id);
-            let Some(saga_id) = id.split(':').next().and_then(|s| s.parse::<Uuid>().ok()) else {
+            let mut fields = id.split(':');
+            let Some(saga_id) = fields.next().and_then(|s| s.parse::<Uuid>().ok()) else {
                 continue;
             };
             if is_reply {
                 gaps.open(saga_id, now);
+                if let Some(settle) = &settle
+                    && fields.next() == Some(settle.last_step.as_str())
+                    && fields.next() == Some(Direction::Forward.as_str())
+                {
+                    settle.waiters.settled(saga_id);
+                }
             } else {
                 gaps.close(saga_id, now);
             }
@@ -221,12 +290,17 @@ fn bench_saga(name: &str, steps: usize, step_gaps: &Arc<Gaps>) -> anyhow::Result
             step_gaps: step_gaps.clone(),
         };
         builder = builder.step(
-            Step::compensatable(format!("step{i}"), handler)
+            Step::compensatable(step_name(i), handler)
                 .retry(policy.clone())
                 .timeout(Duration::from_secs(30)),
         );
     }
     Ok(builder.build()?)
+}
+
+/// The name of the bench saga's step at `index` (from 0).
+fn step_name(index: usize) -> String {
+    format!("step{index}")
 }
 
 #[derive(Debug, Serialize)]
@@ -252,7 +326,12 @@ struct Report {
     /// step for its percentiles).
     memory_at_tenth_mib: f64,
     memory_at_end_mib: f64,
+    /// Sagas completed in the database: all of them in it, or with `--engines` this run's.
     completed: usize,
+    /// Engine nodes run as child processes (`--engines`); null for the engine in this process.
+    engines: Option<usize>,
+    /// With `--engines`: each node's share of this run's history records, by node name.
+    node_shares: Option<BTreeMap<String, f64>>,
 }
 
 /// Who waits for which saga, and the sagas that settled before anyone waited.
@@ -333,15 +412,414 @@ fn memory_mib(field: &str) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// What a node prints on its stdout once its engine is running.
+const NODE_READY_LINE: &str = "sagaflow-bench engine node ready";
+/// How long the nodes get to launch their engines (they migrate and register first, and share
+/// two cores with everything else on a small machine).
+const NODE_READY_PATIENCE: Duration = Duration::from_secs(60);
+/// How long the nodes get to share the partitions out.
+const LEASE_PATIENCE: Duration = Duration::from_secs(30);
+/// How long one start may keep being retried.
+const START_PATIENCE: Duration = Duration::from_secs(60);
+/// How long the sagas get to be completed in the database once the load is over.
+const COMPLETION_PATIENCE: Duration = Duration::from_secs(60);
+/// How long a node's engine gets to finish what it took in when asked to stop.
+const NODE_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a node gets to exit after SIGTERM before it is killed: its engine's grace, and
+/// time to hand its partitions over.
+const NODE_STOP_PATIENCE: Duration = Duration::from_secs(20);
+/// How often the benchmark looks again: at the database while it waits for it, at the start
+/// subject after a refusal, at a node's process while it exits.
+const POLL_EVERY: Duration = Duration::from_millis(100);
+
+/// Where the load's sagas run.
+#[derive(Clone)]
+enum Engines {
+    /// One engine in this process: sagas started through its API, their end told by its
+    /// settle notifications.
+    InProcess(Arc<Engine>),
+    /// Engine nodes in child processes (`--engines`): sagas started over NATS, their end seen
+    /// on the wire.
+    Nodes(Arc<EngineNodes>),
+}
+
+impl Engines {
+    async fn start(&self, saga_name: &str) -> anyhow::Result<Uuid> {
+        match self {
+            Engines::InProcess(engine) => Ok(engine.start(saga_name, json!({}), None).await?),
+            Engines::Nodes(nodes) => nodes.start(saga_name).await,
+        }
+    }
+
+    /// Stops the engine, or every node, once the load no longer holds a handle on it.
+    async fn shutdown(self) -> anyhow::Result<()> {
+        match self {
+            Engines::InProcess(engine) => {
+                if let Ok(engine) = Arc::try_unwrap(engine) {
+                    engine.shutdown().await;
+                }
+            }
+            Engines::Nodes(nodes) => {
+                if let Ok(nodes) = Arc::try_unwrap(nodes) {
+                    nodes.stop().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The engine nodes of `--engines`, each a child process running this executable with
+/// `--serve-engine`. Dropping it kills (SIGKILL) the nodes still running, so that a benchmark
+/// that fails leaves none behind.
+struct EngineNodes {
+    children: Vec<Child>,
+    /// The database the nodes share: where the benchmark sees their leases and the sagas' ends.
+    store: Store,
+    /// Where sagas are started.
+    nats: async_nats::Client,
+}
+
+impl EngineNodes {
+    /// Starts `count` nodes serving saga `saga_name`, and returns once each has launched its
+    /// engine and the nodes hold a fair share of the partitions each.
+    async fn launch(args: &Args, count: usize, url: &str, saga_name: &str) -> anyhow::Result<Self> {
+        // Connecting migrates the database before the nodes start, so they need not.
+        let store = Store::connect(url).await?;
+        if store.backend() != DbBackend::Postgres {
+            bail!("--engines needs a PostgreSQL database: the nodes share it");
+        }
+        let nats =
+            async_nats::connect(sagaflow_sdk::protocol::server_addrs(&args.nats_url)?).await?;
+        let mut nodes = EngineNodes {
+            children: Vec::with_capacity(count),
+            store,
+            nats,
+        };
+        let program = std::env::current_exe().context("finding this benchmark's executable")?;
+        let steps = args.steps.to_string();
+        let mut readiness = Vec::with_capacity(count);
+        let launched = Instant::now();
+        for index in 0..count {
+            let node_name = node_name(index);
+            let mut child = Command::new(&program)
+                .args(["--serve-engine", "--node-name", &node_name])
+                .args(["--database-url", url, "--nats-url", &args.nats_url])
+                .args(["--saga-name", saga_name, "--steps", &steps])
+                // The node stops when this end of its stdin closes: when this process exits,
+                // however it exits.
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("starting engine node {node_name}"))?;
+            let stdout = child.stdout.take();
+            nodes.children.push(child);
+            let stdout = stdout.context("the engine node's stdout")?;
+            readiness.push(tokio::task::spawn_blocking(move || {
+                announces_readiness(stdout)
+            }));
+        }
+        for (index, ready) in readiness.into_iter().enumerate() {
+            let ready = tokio::time::timeout(NODE_READY_PATIENCE, ready)
+                .await
+                .with_context(|| {
+                    format!(
+                        "engine node {} not ready in {NODE_READY_PATIENCE:?}",
+                        node_name(index)
+                    )
+                })??;
+            if !ready {
+                bail!(
+                    "engine node {} exited before it was ready",
+                    node_name(index)
+                );
+            }
+        }
+        let shares = nodes.wait_for_fair_leases(count).await?;
+        eprintln!(
+            "{count} engine node(s) ready and holding the {} partitions ({}) after {:.2} s",
+            nodes.store.partitions(),
+            shares
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join("/"),
+            launched.elapsed().as_secs_f64()
+        );
+        Ok(nodes)
+    }
+
+    /// Waits until every partition has a live owner and each of the `count` nodes holds its
+    /// fair share (the counts differ by one at most), which is where the nodes stop moving
+    /// partitions; returns each owner's partition count.
+    async fn wait_for_fair_leases(&self, count: usize) -> anyhow::Result<Vec<usize>> {
+        let sql = "SELECT owner, COUNT(*) AS partitions FROM partition_leases \
+                   WHERE owner IS NOT NULL \
+                   AND expires_at > (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::bigint \
+                   GROUP BY owner";
+        let give_up = Instant::now() + LEASE_PATIENCE;
+        loop {
+            let mut held = Vec::new();
+            for row in self.query(sql, Vec::new()).await? {
+                held.push(usize::try_from(row.try_get::<i64>("", "partitions")?)?);
+            }
+            held.sort_unstable();
+            let all_held = held.iter().sum::<usize>() == self.store.partitions() as usize;
+            let fair = held
+                .first()
+                .zip(held.last())
+                .is_some_and(|(few, many)| many - few <= 1);
+            if all_held && fair && held.len() == count {
+                return Ok(held);
+            }
+            if Instant::now() >= give_up {
+                bail!(
+                    "the engine nodes did not share the partitions out in {LEASE_PATIENCE:?}: \
+                     partitions held per live owner {held:?}"
+                );
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+
+    /// Starts a saga by request on the start subject, as a client would, so that the nodes'
+    /// queue group spreads the starts. Retries the refusals of a node that cannot start it
+    /// yet (it has not heard of the saga, holds no partition, or is stopping) and requests
+    /// nobody answered in time.
+    async fn start(&self, saga_name: &str) -> anyhow::Result<Uuid> {
+        let request = serde_json::to_vec(&StartRequest {
+            v: PROTOCOL_VERSION,
+            saga: saga_name.to_string(),
+            version: None,
+            input: json!({}),
+            key: None,
+        })?;
+        let give_up = Instant::now() + START_PATIENCE;
+        loop {
+            let failure = match self
+                .nats
+                .request(names::START_SUBJECT, request.clone().into())
+                .await
+            {
+                Ok(answer) => match serde_json::from_slice::<EngineAnswer>(&answer.payload)? {
+                    EngineAnswer::Ok {
+                        saga_id: Some(id), ..
+                    } => return Ok(id),
+                    EngineAnswer::Error {
+                        code:
+                            code @ (AnswerCode::UnknownSaga
+                            | AnswerCode::Stopping
+                            | AnswerCode::Internal),
+                        message,
+                        ..
+                    } => format!("{code}: {message}"),
+                    other => bail!("starting `{saga_name}`: {other:?}"),
+                },
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= give_up {
+                bail!(
+                    "no engine node started `{saga_name}` in {START_PATIENCE:?}; last: {failure}"
+                );
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+
+    /// Waits until the database shows all `sagas` of `saga_name` completed (or the patience is
+    /// over), and returns how many are.
+    async fn wait_until_completed(&self, saga_name: &str, sagas: usize) -> anyhow::Result<usize> {
+        let sql = "SELECT COUNT(*) AS completed FROM sagas WHERE name = $1 AND status = $2";
+        let values = vec![saga_name.into(), SagaStatus::Completed.as_str().into()];
+        let give_up = Instant::now() + COMPLETION_PATIENCE;
+        loop {
+            let completed = match self.query(sql, values.clone()).await?.first() {
+                Some(row) => usize::try_from(row.try_get::<i64>("", "completed")?)?,
+                None => 0,
+            };
+            if completed >= sagas {
+                return Ok(completed);
+            }
+            if Instant::now() >= give_up {
+                eprintln!(
+                    "warning: {completed} of {sagas} sagas completed in {COMPLETION_PATIENCE:?}"
+                );
+                return Ok(completed);
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+
+    /// Each node's share of the history records of saga `saga_name`, by node name (the prefix
+    /// of the node id the records carry).
+    async fn node_shares(&self, saga_name: &str) -> anyhow::Result<BTreeMap<String, f64>> {
+        let sql = "SELECT split_part(h.node, '-', 1) AS node, COUNT(*) AS records \
+                   FROM saga_history h JOIN sagas s ON s.id = h.saga_id \
+                   WHERE s.name = $1 AND h.node IS NOT NULL GROUP BY 1";
+        let mut records = BTreeMap::new();
+        for row in self.query(sql, vec![saga_name.into()]).await? {
+            records.insert(
+                row.try_get::<String>("", "node")?,
+                row.try_get::<i64>("", "records")?,
+            );
+        }
+        let total = records.values().sum::<i64>().max(1) as f64;
+        Ok(records
+            .into_iter()
+            .map(|(node, n)| (node, n as f64 / total))
+            .collect())
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        values: Vec<sea_orm::Value>,
+    ) -> anyhow::Result<Vec<QueryResult>> {
+        let statement = Statement::from_sql_and_values(DbBackend::Postgres, sql, values);
+        Ok(self.store.connection().query_all_raw(statement).await?)
+    }
+
+    /// Asks every node to stop (SIGTERM, as a service manager would) and waits for them; the
+    /// ones still running after the patience are killed when `self` is dropped.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        for child in &self.children {
+            let pid = child.id().to_string();
+            let status = Command::new("kill")
+                .args(["-s", "TERM", &pid])
+                .status()
+                .context("running kill")?;
+            if !status.success() {
+                eprintln!("warning: `kill -s TERM {pid}` failed: {status}");
+            }
+        }
+        let give_up = Instant::now() + NODE_STOP_PATIENCE;
+        for (index, child) in self.children.iter_mut().enumerate() {
+            loop {
+                match child.try_wait()? {
+                    Some(status) if status.success() => break,
+                    Some(status) => {
+                        eprintln!(
+                            "warning: engine node {} exited with {status}",
+                            node_name(index)
+                        );
+                        break;
+                    }
+                    None if Instant::now() >= give_up => {
+                        eprintln!(
+                            "warning: engine node {} still running {NODE_STOP_PATIENCE:?} after \
+                             SIGTERM; killing it",
+                            node_name(index)
+                        );
+                        break;
+                    }
+                    None => tokio::time::sleep(POLL_EVERY).await,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EngineNodes {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// The name of node `index`: without a `-`, so that it is the prefix before the first `-` of
+/// the node id the engine records (`benche0-PID-RANDOM`).
+fn node_name(index: usize) -> String {
+    format!("benche{index}")
+}
+
+/// Whether a node says it is ready on its `stdout` before that ends.
+fn announces_readiness(stdout: ChildStdout) -> bool {
+    BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line == NODE_READY_LINE)
+}
+
+/// `--serve-engine`: one engine node of `--engines`, serving the bench saga until SIGTERM or
+/// until the parent process is gone.
+async fn serve_engine(args: &Args) -> anyhow::Result<()> {
+    let node_name = args
+        .node_name
+        .clone()
+        .context("--serve-engine needs --node-name")?;
+    let url = args
+        .database_url
+        .as_deref()
+        .context("--serve-engine needs --database-url")?;
+    let saga_name = args
+        .saga_name
+        .as_deref()
+        .context("--serve-engine needs --saga-name")?;
+    // The handlers run in the parent's worker: the node needs only the definition.
+    let saga = bench_saga(saga_name, args.steps, &Arc::default())?;
+    let store = Store::connect(url).await?;
+    let options = EngineOptions {
+        host: Some(node_name),
+        ..EngineOptions::default()
+    };
+    let engine =
+        Engine::launch_distributed(store, &args.nats_url, vec![saga.spec().clone()], options)
+            .await?;
+    writeln!(std::io::stdout(), "{NODE_READY_LINE}")?;
+    tokio::select! {
+        () = sagaflow_sdk::process::termination() => {}
+        () = parent_gone() => {}
+    }
+    engine.shutdown_within(NODE_SHUTDOWN_GRACE).await;
+    Ok(())
+}
+
+/// Resolves when this process's stdin ends: a node's parent holds the other end until it
+/// exits, so a node outlives no parent, even one killed outright.
+async fn parent_gone() {
+    let (gone, on_gone) = oneshot::channel::<()>();
+    // A thread of its own rather than `spawn_blocking`: the runtime would wait for a blocking
+    // task still reading at exit.
+    let reader = std::thread::Builder::new()
+        .name("parent-watch".into())
+        .spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            drop(gone);
+        });
+    match reader {
+        Ok(_) => {
+            let _ = on_gone.await;
+        }
+        Err(e) => {
+            eprintln!("warning: not watching for the parent's exit: {e}");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     sagaflow_sdk::process::init_logging();
     let args = Args::parse();
+    if args.serve_engine {
+        return serve_engine(&args).await;
+    }
     if args.steps == 0 || args.sagas == 0 || args.in_flight == 0 {
         bail!("--sagas, --steps and --in-flight must be at least 1");
     }
     if matches!(args.mode, Mode::Embedded) && (args.worker_only || args.worker_elsewhere) {
         bail!("--worker-only and --worker-elsewhere are for the distributed mode");
+    }
+    match (args.engines, args.mode) {
+        (Some(0), _) => bail!("--engines must be at least 1"),
+        (Some(_), Mode::Embedded) => bail!("--engines is for the distributed mode"),
+        _ => {}
     }
     // From one step's handler returning to the next one's starting.
     let step_gaps = Arc::new(Gaps::default());
@@ -352,7 +830,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("bench_{}", Uuid::now_v7().simple()));
     let saga = bench_saga(&name, args.steps, &step_gaps)?;
     let temp = std::env::temp_dir().join(format!("{name}.db"));
-    let (engine, worker_task) = match args.mode {
+    let (engines, worker_task) = match args.mode {
         Mode::Embedded => {
             let url = args
                 .database_url
@@ -363,7 +841,8 @@ async fn main() -> anyhow::Result<()> {
                 worker_concurrency: args.in_flight.max(1),
                 ..EngineOptions::default()
             };
-            (Engine::launch(store, vec![saga], options).await?, None)
+            let engine = Engine::launch(store, vec![saga], options).await?;
+            (Engines::InProcess(Arc::new(engine)), None)
         }
         Mode::Distributed => {
             let url = args
@@ -387,17 +866,26 @@ async fn main() -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            let store = Store::connect(&url).await?;
-            let spec = saga.spec().clone();
-            let engine = Engine::launch_distributed(
-                store,
-                &args.nats_url,
-                vec![spec],
-                EngineOptions::default(),
-            )
-            .await?;
+            let engines = match args.engines {
+                None => {
+                    let store = Store::connect(&url).await?;
+                    let spec = saga.spec().clone();
+                    let engine = Engine::launch_distributed(
+                        store,
+                        &args.nats_url,
+                        vec![spec],
+                        EngineOptions::default(),
+                    )
+                    .await?;
+                    Engines::InProcess(Arc::new(engine))
+                }
+                Some(count) => {
+                    let nodes = EngineNodes::launch(&args, count, &url, &name).await?;
+                    Engines::Nodes(Arc::new(nodes))
+                }
+            };
             if args.worker_elsewhere {
-                (engine, None)
+                (engines, None)
             } else {
                 let worker = bench_worker(&args, &url, saga).await?;
                 let (stop, stopped) = oneshot::channel::<()>();
@@ -408,43 +896,62 @@ async fn main() -> anyhow::Result<()> {
                         })
                         .await;
                 });
-                (engine, Some((stop, task)))
+                (engines, Some((stop, task)))
             }
         }
     };
 
     // From a step's reply to the next step's command, as the broker passes them on.
     let wire_gaps = Arc::new(Gaps::default());
+    let waiters = Arc::new(Waiters::default());
+    // The nodes' settle notifications stay in their processes: the end of a saga is seen on
+    // the wire instead, so its latency leaves out the engine's final commit.
+    let settle_on_last_reply = match &engines {
+        Engines::Nodes(_) => Some(SettleOnLastReply {
+            last_step: step_name(args.steps - 1),
+            waiters: waiters.clone(),
+        }),
+        Engines::InProcess(_) => None,
+    };
     let wire_task = match args.mode {
-        Mode::Distributed => Some(watch_wire(wire_gaps.clone(), &args.nats_url, &name).await?),
+        Mode::Distributed => Some(
+            watch_wire(
+                wire_gaps.clone(),
+                &args.nats_url,
+                &name,
+                settle_on_last_reply,
+            )
+            .await?,
+        ),
         Mode::Embedded => None,
     };
-    let waiters = Arc::new(Waiters::default());
-    let mut settled = engine.settled();
-    let listener = {
-        let waiters = waiters.clone();
-        tokio::spawn(async move {
-            loop {
-                match settled.recv().await {
-                    Ok(s) => waiters.settled(s.saga_id),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        eprintln!("warning: missed {n} settle notifications");
+    let listener = match &engines {
+        Engines::InProcess(engine) => {
+            let mut settled = engine.settled();
+            let waiters = waiters.clone();
+            Some(tokio::spawn(async move {
+                loop {
+                    match settled.recv().await {
+                        Ok(s) => waiters.settled(s.saga_id),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            eprintln!("warning: missed {n} settle notifications");
+                        }
+                        Err(_) => break,
                     }
-                    Err(_) => break,
                 }
-            }
-        })
+            }))
+        }
+        Engines::Nodes(_) => None,
     };
 
-    let engine = Arc::new(engine);
     let next = Arc::new(AtomicUsize::new(0));
     let latencies = Arc::new(Mutex::new(Vec::<u32>::with_capacity(args.sagas)));
     let at_tenth = Arc::new(Mutex::new(None::<f64>));
     let began = Instant::now();
     let mut generators = Vec::new();
     for _ in 0..args.in_flight {
-        let (engine, next, latencies, waiters, name, step_gaps, wire_gaps, at_tenth) = (
-            engine.clone(),
+        let (engines, next, latencies, waiters, name, step_gaps, wire_gaps, at_tenth) = (
+            engines.clone(),
             next.clone(),
             latencies.clone(),
             waiters.clone(),
@@ -466,7 +973,7 @@ async fn main() -> anyhow::Result<()> {
                     *at = Some(resident_memory_mib());
                 }
                 let started = Instant::now();
-                let id = engine.start(&name, json!({}), None).await?;
+                let id = engines.start(&name).await?;
                 if let Some(wait) = waiters.wait(id) {
                     let _ = tokio::time::timeout(Duration::from_secs(120), wait).await;
                 }
@@ -476,19 +983,36 @@ async fn main() -> anyhow::Result<()> {
                 step_gaps.forget(id);
                 wire_gaps.forget(id);
             }
-            Ok::<_, sagaflow_engine::EngineError>(())
+            Ok::<_, anyhow::Error>(())
         }));
     }
     for generator in generators {
         generator.await??;
     }
+    // Throughput counts finished sagas: with nodes, the last reply seen on the wire comes
+    // before the engine's final commit.
+    let completed_by_nodes = match &engines {
+        Engines::Nodes(nodes) => Some(nodes.wait_until_completed(&name, args.sagas).await?),
+        Engines::InProcess(_) => None,
+    };
     let seconds = began.elapsed().as_secs_f64();
     let peak = peak_memory_mib();
     let at_end = resident_memory_mib();
     let at_tenth = at_tenth.lock().ok().and_then(|at| *at).unwrap_or(0.0);
-    listener.abort();
+    if let Some(listener) = listener {
+        listener.abort();
+    }
 
-    let counts = engine.store().status_counts().await?;
+    let (completed, node_shares) = match &engines {
+        Engines::InProcess(engine) => {
+            let counts = engine.store().status_counts().await?;
+            (counts.get("completed").copied().unwrap_or(0) as usize, None)
+        }
+        Engines::Nodes(nodes) => (
+            completed_by_nodes.unwrap_or(0),
+            Some(nodes.node_shares(&name).await?),
+        ),
+    };
     let mut latencies = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     latencies.sort();
     let overheads = step_gaps.sorted();
@@ -513,11 +1037,11 @@ async fn main() -> anyhow::Result<()> {
         peak_memory_mib: peak,
         memory_at_tenth_mib: at_tenth,
         memory_at_end_mib: at_end,
-        completed: counts.get("completed").copied().unwrap_or(0) as usize,
+        completed,
+        engines: args.engines,
+        node_shares,
     };
-    if let Ok(engine) = Arc::try_unwrap(engine) {
-        engine.shutdown().await;
-    }
+    engines.shutdown().await?;
     if let Some((stop, task)) = worker_task {
         let _ = stop.send(());
         let _ = task.await;
@@ -555,6 +1079,17 @@ async fn main() -> anyhow::Result<()> {
             report.memory_at_tenth_mib, report.memory_at_end_mib
         );
         println!("completed             {}", report.completed);
+        if let Some(engines) = report.engines {
+            println!("engine nodes          {engines} (child processes)");
+        }
+        if let Some(shares) = &report.node_shares {
+            let shares = shares
+                .iter()
+                .map(|(node, share)| format!("{node} {:.1}%", share * 100.0))
+                .collect::<Vec<_>>()
+                .join(", ");
+            println!("history records       {shares}");
+        }
     }
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
