@@ -114,6 +114,7 @@ impl Store {
                         history_seq: base.history_seq + write.records.len() as i64,
                         updated_at: now,
                         expected: base.row_version,
+                        partition_id: partition as i32,
                     });
                     base.history_seq + 1
                 }
