@@ -114,7 +114,7 @@ impl Rows {
     /// `INSERT INTO table (...) SELECT ... FROM <parameter param>`, keeping only rows of the
     /// sagas `committed` names (a subquery), if given.
     fn insert_sql(&self, backend: DbBackend, param: usize, committed: Option<&str>) -> String {
-        let condition = committed.map(|ids| format!("v.saga_id IN ({ids})"));
+        let condition = committed.map(|ids| among("v.saga_id", ids));
         self.insert_where_sql(backend, param, condition.as_deref())
     }
 
@@ -144,6 +144,14 @@ impl Rows {
                 .is_some_and(|id| committed.contains(id))
         });
     }
+}
+
+/// `column` is among what `subquery` returns, as a condition PostgreSQL evaluates with the
+/// subquery run once (an init plan) and the rows' JSON read once: written as `IN (subquery)`,
+/// it could not estimate either side and read the JSON rows again for every row of the
+/// subquery (a batch's rows parsed once per committed saga, or per held partition).
+fn among(column: &str, subquery: &str) -> String {
+    format!("{column} = ANY(ARRAY({subquery}))")
 }
 
 fn unsupported(detail: String) -> EngineError {
@@ -211,7 +219,10 @@ const SAGA_UPDATE_COLUMNS: [(&str, SqlType); 12] = [
 fn update_sagas_sql(backend: DbBackend, param: usize, held: Option<&str>) -> String {
     let fence = held
         .map(|held| {
-            format!(" AND v.partition_id IN ({held}) AND sagas.partition_id = v.partition_id")
+            format!(
+                " AND {} AND sagas.partition_id = v.partition_id",
+                among("v.partition_id", held)
+            )
         })
         .unwrap_or_default();
     format!(
@@ -302,7 +313,7 @@ const ATTEMPT_UPDATE_COLUMNS: [(&str, SqlType); 7] = [
 
 fn update_attempts_sql(backend: DbBackend, param: usize, committed: Option<&str>) -> String {
     let filter = committed
-        .map(|ids| format!(" AND v.saga_id IN ({ids})"))
+        .map(|ids| format!(" AND {}", among("v.saga_id", ids)))
         .unwrap_or_default();
     format!(
         "UPDATE step_attempts SET status = v.status, finished_at = v.finished_at, error = v.error \
@@ -388,7 +399,7 @@ async fn write_in_one_statement(
     batch: BatchWrite,
 ) -> Result<Written, EngineError> {
     let backend = DbBackend::Postgres;
-    let committed = Some("SELECT id FROM committed");
+    let committed = Some("SELECT CAST(id AS text) FROM committed");
     let held = batch
         .fence
         .as_ref()
@@ -413,8 +424,7 @@ async fn write_in_one_statement(
         batch.new_sagas.insert_where_sql(
             backend,
             2,
-            held.map(|held| format!("v.partition_id IN ({held})"))
-                .as_deref()
+            held.map(|held| among("v.partition_id", held)).as_deref()
         ),
         batch.new_attempts.insert_sql(backend, 3, committed),
         update_attempts_sql(backend, 4, committed),
