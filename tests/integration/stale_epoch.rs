@@ -193,11 +193,34 @@ async fn stale_refusals_in_history(store: &Store, saga: Uuid, expected: usize) -
     }
 }
 
-fn refusal(reply: &StepReply) -> (String, String) {
-    match &reply.outcome {
-        StepOutcome::Failed { error } => (error.code.clone(), error.message.clone()),
-        other => panic!("the replayed command was not refused: {other:?}"),
-    }
+/// The tags of the two forged commands' keys.
+const TO_THE_WORKER: &str = "replayed-to-the-worker";
+const TO_THE_INVENTORY: &str = "replayed-to-the-inventory";
+
+/// Replays a command forged from `old` (key tagged `tag`) and checks that `refuser` answered
+/// it with a `stale_epoch` refusal whose message holds `says`.
+async fn replay_refused(
+    js: &jetstream::Context,
+    replies: &Mutex<Vec<StepReply>>,
+    old: &StepCommand,
+    tag: &str,
+    refuser: &str,
+    says: &str,
+) {
+    let reply = replay(js, replies, &forged_from(old, tag)).await;
+    let StepOutcome::Failed { error } = &reply.outcome else {
+        panic!("the command replayed to {refuser} was not refused: {reply:?}");
+    };
+    println!(
+        "stale_epoch: {refuser} answered {}: {}",
+        error.code, error.message
+    );
+    assert_eq!(error.code, codes::STALE_EPOCH);
+    assert!(
+        error.message.contains(says),
+        "not {refuser}'s refusal: {}",
+        error.message
+    );
 }
 
 async fn units_available(demo: &DatabaseConnection) -> Vec<i64> {
@@ -301,14 +324,15 @@ async fn a_command_of_a_superseded_epoch_is_refused_by_the_worker_and_by_the_inv
     let available = units_available(&demo).await;
 
     // To the worker: it has seen the newer epoch, so it refuses without running the handler.
-    let forged = forged_from(&old, "replayed-to-the-worker");
-    let (code, message) = refusal(&replay(&js, &replies, &forged).await);
-    println!("stale_epoch: the worker answered {code}: {message}");
-    assert_eq!(code, codes::STALE_EPOCH);
-    assert!(
-        message.contains("nothing was run"),
-        "not the worker's own refusal: {message}"
-    );
+    replay_refused(
+        &js,
+        &replies,
+        &old,
+        TO_THE_WORKER,
+        "the worker",
+        "nothing was run",
+    )
+    .await;
     assert_eq!(stale_refusals_in_history(&store, first, 1).await, 1);
     worker.stop().await;
 
@@ -323,20 +347,21 @@ async fn a_command_of_a_superseded_epoch_is_refused_by_the_worker_and_by_the_inv
         "w-unaware",
     )
     .await;
-    let forged = forged_from(&old, "replayed-to-the-inventory");
-    let (code, message) = refusal(&replay(&js, &replies, &forged).await);
-    println!("stale_epoch: the inventory answered {code}: {message}");
-    assert_eq!(code, codes::STALE_EPOCH);
-    assert!(
-        message.contains("already seen by inventory"),
-        "not the inventory's refusal: {message}"
-    );
+    replay_refused(
+        &js,
+        &replies,
+        &old,
+        TO_THE_INVENTORY,
+        "the inventory",
+        "already seen by inventory",
+    )
+    .await;
     assert_eq!(stale_refusals_in_history(&store, first, 2).await, 2);
     unaware.stop().await;
 
     // Nothing was reserved under either forged key, and the stock is as it was.
     let inventory = Inventory::new(demo.clone(), Faults::none());
-    for tag in ["replayed-to-the-worker", "replayed-to-the-inventory"] {
+    for tag in [TO_THE_WORKER, TO_THE_INVENTORY] {
         let key = format!("{}-{tag}", old.idempotency_key);
         assert!(
             inventory
