@@ -300,6 +300,35 @@ async fn the_partition_count_is_fixed_when_the_database_is_made() {
     );
 }
 
+/// Workers and resources remember the highest epoch per partition and outlive the engine's
+/// database: one recreated from nothing must still send under higher epochs than the old one
+/// did, or they would refuse every command it sends as superseded.
+#[apply(backends)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_database_takes_epochs_above_those_of_the_old_one(backend: Backend) {
+    const LEASE: i64 = 60_000;
+    let old_db = TestDb::new(backend).await;
+    let old = Store::connect(&old_db.url).await.unwrap();
+    // The old database's partition 0 changed hands many times.
+    let mut held = old.acquire_partitions("n1", &[0], LEASE).await.unwrap();
+    for _ in 0..20 {
+        held = old.refence_partitions("n1", &held, LEASE).await.unwrap();
+    }
+    let old_epoch = held[0].1;
+    drop(old);
+    drop(old_db);
+    tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+
+    let new_db = TestDb::new(backend).await;
+    let new = Store::connect(&new_db.url).await.unwrap();
+    let taken = new.acquire_partitions("n1", &[0], LEASE).await.unwrap();
+    assert!(
+        taken[0].1 > old_epoch,
+        "the new database's first epoch {} must outrank the old one's last, {old_epoch}",
+        taken[0].1
+    );
+}
+
 #[apply(backends)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_are_taken_only_when_free_and_their_epochs_only_grow(backend: Backend) {
@@ -314,27 +343,35 @@ async fn leases_are_taken_only_when_free_and_their_epochs_only_grow(backend: Bac
     store.heartbeat(&node("n1"), LEASE).await.unwrap();
     store.heartbeat(&node("n2"), LEASE).await.unwrap();
 
-    // Free partitions are taken under epoch 1; a held one is not taken again.
+    // Epochs come from the database's clock (or one more than the last, if greater), so they
+    // outrank those of any earlier database; on one machine its clock is ours.
+    let clock_before = Timestamp::now().as_millis() as u64 - 60_000;
+
+    // Free partitions are taken, all under new epochs; a held one is not taken again.
     let n1 = store
         .acquire_partitions("n1", &[0, 1, 2], LEASE)
         .await
         .unwrap();
-    assert_eq!(n1, [(0, 1), (1, 1), (2, 1)]);
+    assert_eq!(n1.iter().map(|l| l.0).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(n1.iter().all(|l| l.1 > clock_before), "{n1:?}");
+    let (e0, e1, e2) = (n1[0].1, n1[1].1, n1[2].1);
     let n2 = store
         .acquire_partitions("n2", &[1, 2, 3], LEASE)
         .await
         .unwrap();
-    assert_eq!(n2, [(3, 1)]);
+    assert_eq!(n2.len(), 1);
+    let (p3, e3) = n2[0];
+    assert!(p3 == 3 && e3 > clock_before, "{n2:?}");
 
     // Renewal keeps what is held under the epoch named, and nothing else.
     let renewed = store
-        .renew_partitions("n1", &[(0, 1), (1, 1), (3, 1)], LEASE)
+        .renew_partitions("n1", &[(0, e0), (1, e1), (3, e3)], LEASE)
         .await
         .unwrap();
-    assert_eq!(renewed, [(0, 1), (1, 1)]);
+    assert_eq!(renewed, [(0, e0), (1, e1)]);
     assert!(
         store
-            .renew_partitions("n1", &[(0, 0)], LEASE)
+            .renew_partitions("n1", &[(0, e0 - 1)], LEASE)
             .await
             .unwrap()
             .is_empty()
@@ -342,44 +379,48 @@ async fn leases_are_taken_only_when_free_and_their_epochs_only_grow(backend: Bac
 
     // A released partition goes to the next taker under a higher epoch; the old holder's
     // renewal then finds it lost.
-    store.release_partitions("n1", &[(1, 1)]).await.unwrap();
-    assert_eq!(
-        store.acquire_partitions("n2", &[1], LEASE).await.unwrap(),
-        [(1, 2)]
+    store.release_partitions("n1", &[(1, e1)]).await.unwrap();
+    let taken = store.acquire_partitions("n2", &[1], LEASE).await.unwrap();
+    let e1_taken = taken[0].1;
+    assert!(
+        taken[0].0 == 1 && e1_taken > e1,
+        "{taken:?} after epoch {e1}"
     );
     assert!(
         store
-            .renew_partitions("n1", &[(1, 1)], LEASE)
+            .renew_partitions("n1", &[(1, e1)], LEASE)
             .await
             .unwrap()
             .is_empty()
     );
 
     // After an unknown outcome the holder takes a new epoch for what it holds.
-    assert_eq!(
-        store
-            .refence_partitions("n2", &[(1, 2)], LEASE)
-            .await
-            .unwrap(),
-        [(1, 3)]
+    let refenced = store
+        .refence_partitions("n2", &[(1, e1_taken)], LEASE)
+        .await
+        .unwrap();
+    let e1_refenced = refenced[0].1;
+    assert!(
+        refenced[0].0 == 1 && e1_refenced > e1_taken,
+        "{refenced:?} after epoch {e1_taken}"
     );
 
     // A lease that lapsed by the database's clock is free for anyone, under a new epoch.
-    assert_eq!(
-        store.acquire_partitions("n1", &[5], 1).await.unwrap(),
-        [(5, 1)]
-    );
+    let short = store.acquire_partitions("n1", &[5], 1).await.unwrap();
+    let e5 = short[0].1;
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert!(
         store
-            .renew_partitions("n1", &[(5, 1)], LEASE)
+            .renew_partitions("n1", &[(5, e5)], LEASE)
             .await
             .unwrap()
             .is_empty()
     );
-    assert_eq!(
-        store.acquire_partitions("n2", &[5], LEASE).await.unwrap(),
-        [(5, 2)]
+    let retaken = store.acquire_partitions("n2", &[5], LEASE).await.unwrap();
+    let e5_retaken = retaken[0].1;
+    assert!(
+        retaken[0].0 == 5 && e5_retaken > e5,
+        "{retaken:?} after epoch {e5}"
     );
 
     let cluster = store.cluster().await.unwrap();
@@ -392,12 +433,12 @@ async fn leases_are_taken_only_when_free_and_their_epochs_only_grow(backend: Bac
     assert_eq!(
         owners,
         [
-            (0, Some("n1"), 1, true),
-            (1, Some("n2"), 3, true),
-            (2, Some("n1"), 1, true),
-            (3, Some("n2"), 1, true),
+            (0, Some("n1"), e0, true),
+            (1, Some("n2"), e1_refenced, true),
+            (2, Some("n1"), e2, true),
+            (3, Some("n2"), e3, true),
             (4, None, 0, false),
-            (5, Some("n2"), 2, true),
+            (5, Some("n2"), e5_retaken, true),
         ]
     );
     let nodes: Vec<(&str, bool, bool)> = cluster
@@ -420,8 +461,12 @@ async fn leases_are_taken_only_when_free_and_their_epochs_only_grow(backend: Bac
     assert_eq!(
         held,
         [
-            ("n1", NodeState::Live, vec![(0, 1), (2, 1)]),
-            ("n2", NodeState::Live, vec![(1, 3), (3, 1), (5, 2)]),
+            ("n1", NodeState::Live, vec![(0, e0), (2, e2)]),
+            (
+                "n2",
+                NodeState::Live,
+                vec![(1, e1_refenced), (3, e3), (5, e5_retaken)]
+            ),
         ]
     );
     assert_eq!(
@@ -429,7 +474,8 @@ async fn leases_are_taken_only_when_free_and_their_epochs_only_grow(backend: Bac
         (4..16).filter(|p| *p != 5).collect::<Vec<u32>>()
     );
     let table = ops::render::nodes_table(&view);
-    assert!(table.contains("1@3 3@1 5@2"), "{table}");
+    let n2_leases = format!("1@{e1_refenced} 3@{e3} 5@{e5_retaken}");
+    assert!(table.contains(&n2_leases), "{table}");
 
     store.mark_stopping("n1").await.unwrap();
     store.forget_node("n2", LEASE).await.unwrap();

@@ -56,7 +56,7 @@ ACK_WAIT_SECONDS = 30
 MAX_DELIVER = 5
 U32_MAX = 4294967295
 U64_MAX = 18446744073709551615
-# SQLite integers are signed 64-bit; epochs grow by one per change of owner, far below this.
+# SQLite integers are signed 64-bit; epochs are at most a clock in ms plus one per change of owner.
 STORED_EPOCH_MAX = 9223372036854775807
 
 SAGA = "py_transfer"

@@ -236,7 +236,8 @@ pub mod lease {
         pub partition_id: i32,
         /// The node holding it, if any.
         pub owner: Option<String>,
-        /// The fencing epoch: one more at every acquisition, never less.
+        /// The fencing epoch: greater at every acquisition (one more, or the database clock in ms
+        /// if that is greater), never less.
         pub epoch: i64,
         /// Until when the owner may write (ms since the epoch, the database's clock).
         pub expires_at: i64,

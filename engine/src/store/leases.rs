@@ -21,6 +21,19 @@ fn now_ms(backend: DbBackend) -> &'static str {
     }
 }
 
+/// A lease's next epoch, as SQL for `backend`: one more than its current one, or the
+/// database's clock in milliseconds if that is greater. The clock makes epochs grow across
+/// databases too: a node of an engine database that was recreated (epochs starting afresh)
+/// must still outrank every epoch the workers and resources saw from the old one, or they
+/// would refuse all its commands as superseded (docs/protocol.md §9.1).
+fn next_epoch(backend: DbBackend) -> String {
+    let now = now_ms(backend);
+    match backend {
+        DbBackend::Postgres => format!("GREATEST(epoch + 1, {now})"),
+        _ => format!("MAX(epoch + 1, {now})"),
+    }
+}
+
 /// Placeholder `n` (1-based) for `backend`: numbered on both, so a statement may name its
 /// parameters in any order.
 fn param(backend: DbBackend, n: usize) -> String {
@@ -303,7 +316,8 @@ impl Store {
     }
 
     /// Takes those of `partitions` that are free or whose lease lapsed, each under a new epoch
-    /// (one more than any before it), for `lease_ms`. Returns what was taken, with the epochs.
+    /// (greater than any before it: see [`next_epoch`]), for `lease_ms`. Returns what was
+    /// taken, with the epochs.
     pub async fn acquire_partitions(
         &self,
         node: &str,
@@ -316,13 +330,14 @@ impl Store {
         let backend = self.backend();
         let now = now_ms(backend);
         let sql = format!(
-            "UPDATE partition_leases SET owner = {node_p}, epoch = epoch + 1, \
+            "UPDATE partition_leases SET owner = {node_p}, epoch = {next}, \
              expires_at = {now} + {lease_p}, acquired_at = {now}, renewed_at = {now} \
              WHERE {within} AND (owner IS NULL OR expires_at <= {now}) \
              RETURNING partition_id, epoch",
             node_p = param(backend, 1),
             lease_p = param(backend, 2),
             within = partition_in(backend, 3),
+            next = next_epoch(backend),
         );
         let list = serde_json::Value::from(partitions.to_vec()).to_string();
         let rows = self
@@ -360,7 +375,7 @@ impl Store {
         .await
     }
 
-    /// Gives each lease of `held` that `node` still holds a new epoch, one more than its
+    /// Gives each lease of `held` that `node` still holds a new epoch, greater than its
     /// current one, and renews it: after a commit whose outcome is unknown, what the node wrote
     /// under the old epoch can no longer race anything it writes under the new one.
     pub async fn refence_partitions(
@@ -373,7 +388,7 @@ impl Store {
             node,
             held,
             lease_ms,
-            "epoch = epoch + 1, expires_at = {now} + {lease}, renewed_at = {now}",
+            "epoch = {next}, expires_at = {now} + {lease}, renewed_at = {now}",
             "taking new epochs for partitions",
         )
         .await
@@ -393,6 +408,7 @@ impl Store {
         let backend = self.backend();
         let now = now_ms(backend);
         let set = set
+            .replace("{next}", &next_epoch(backend))
             .replace("{now}", now)
             .replace("{lease}", &param(backend, 2));
         let sql = format!(

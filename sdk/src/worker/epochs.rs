@@ -83,7 +83,8 @@ async fn raise(db: &DatabaseConnection, partition: u32, epoch: u64) -> Result<u6
              SET epoch = MAX(worker_epochs.epoch, excluded.epoch) RETURNING epoch"
         }
     };
-    // Epochs start at 1 and grow by one per change of owner: far below i64::MAX.
+    // Epochs are at most the database clock in ms plus one per change of owner: far below
+    // i64::MAX.
     let stored = i64::try_from(epoch).unwrap_or(i64::MAX);
     let row = db
         .query_one_raw(Statement::from_sql_and_values(

@@ -55,7 +55,7 @@ use clap::{Parser, ValueEnum};
 use futures::StreamExt;
 use sagaflow_engine::machine::SagaStatus;
 use sagaflow_engine::runtime::{Engine, EngineOptions};
-use sagaflow_engine::store::Store;
+use sagaflow_engine::store::{Store, StoreOptions};
 use sagaflow_sdk::protocol::{AnswerCode, EngineAnswer, PROTOCOL_VERSION, StartRequest, names};
 use sagaflow_sdk::worker::{ResultStore, Worker, WorkerOptions};
 use sagaflow_sdk::{
@@ -136,9 +136,22 @@ struct Args {
     /// Internal, for `--serve-engine`: the node's name, the prefix of its id in the history.
     #[arg(long, hide = true)]
     node_name: Option<String>,
+    /// The partition count a new database is created with (default: the engine's, 16); a
+    /// database that has one keeps it. One partition shows what a single node pays for the
+    /// partitions themselves (one reply consumer instead of sixteen).
+    #[arg(long, value_name = "N")]
+    partitions: Option<u32>,
     /// Print only the JSON line.
     #[arg(long)]
     json: bool,
+}
+
+/// Opens the engine's store, creating a new database with `--partitions` if given.
+async fn engine_store(args: &Args, url: &str) -> anyhow::Result<Store> {
+    let options = StoreOptions {
+        partitions: args.partitions,
+    };
+    Ok(Store::connect_with(url, &options).await?)
 }
 
 /// Gaps between two moments of each saga in flight: one moment opens a gap, the saga's next
@@ -485,7 +498,7 @@ impl EngineNodes {
     /// engine and the nodes hold a fair share of the partitions each.
     async fn launch(args: &Args, count: usize, url: &str, saga_name: &str) -> anyhow::Result<Self> {
         // Connecting migrates the database before the nodes start, so they need not.
-        let store = Store::connect(url).await?;
+        let store = engine_store(args, url).await?;
         if store.backend() != DbBackend::Postgres {
             bail!("--engines needs a PostgreSQL database: the nodes share it");
         }
@@ -763,7 +776,7 @@ async fn serve_engine(args: &Args) -> anyhow::Result<()> {
         .context("--serve-engine needs --saga-name")?;
     // The handlers run in the parent's worker: the node needs only the definition.
     let saga = bench_saga(saga_name, args.steps, &Arc::default())?;
-    let store = Store::connect(url).await?;
+    let store = engine_store(args, url).await?;
     let options = EngineOptions {
         host: Some(node_name),
         ..EngineOptions::default()
@@ -836,7 +849,7 @@ async fn main() -> anyhow::Result<()> {
                 .database_url
                 .clone()
                 .unwrap_or_else(|| format!("sqlite://{}", temp.display()));
-            let store = Store::connect(&url).await?;
+            let store = engine_store(&args, &url).await?;
             let options = EngineOptions {
                 worker_concurrency: args.in_flight.max(1),
                 ..EngineOptions::default()
@@ -868,7 +881,7 @@ async fn main() -> anyhow::Result<()> {
             }
             let engines = match args.engines {
                 None => {
-                    let store = Store::connect(&url).await?;
+                    let store = engine_store(&args, &url).await?;
                     let spec = saga.spec().clone();
                     let engine = Engine::launch_distributed(
                         store,
