@@ -155,11 +155,11 @@ impl Store {
                     epochs: used_epochs.into_iter().collect(),
                 }),
                 saga_updates,
-                new_sagas: batch::Rows::of(&new_sagas)?,
-                new_attempts: batch::Rows::of(&new_attempts)?,
+                new_sagas: batch::Rows::of(new_sagas)?,
+                new_attempts: batch::Rows::of(new_attempts)?,
                 attempt_updates,
-                outbox: batch::Rows::of(&outbox_rows)?,
-                history: batch::Rows::of(&history_rows)?,
+                outbox: batch::Rows::of(outbox_rows)?,
+                history: batch::Rows::of(history_rows)?,
             },
         )
         .await?;
