@@ -142,8 +142,9 @@ impl Rows {
         })
     }
 
-    fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+    /// [`Rows::parameter`], or `None` when there are no rows (nothing to run).
+    fn parameter_if_any(&self) -> Option<Result<Value, EngineError>> {
+        (!self.rows.is_empty()).then(|| self.parameter())
     }
 
     /// The JSON array of the rows, as the statement's parameter.
@@ -325,12 +326,13 @@ pub(super) struct AttemptUpdate {
 impl AttemptUpdate {
     /// The attempt row it changes.
     pub fn key(&self) -> (String, i32, String, i32) {
-        (
-            self.saga_id.clone(),
-            self.step,
-            self.direction.to_string(),
-            self.attempt,
-        )
+        let (saga_id, step, direction, attempt) = self.borrowed_key();
+        (saga_id.to_string(), step, direction.to_string(), attempt)
+    }
+
+    /// [`AttemptUpdate::key`] without copying its strings.
+    fn borrowed_key(&self) -> (&str, i32, &str, i32) {
+        (&self.saga_id, self.step, self.direction, self.attempt)
     }
 }
 
@@ -377,13 +379,7 @@ fn attempt_update_rows<'a>(
     let mut last: HashMap<(&str, i32, &str, i32), &AttemptUpdate> = HashMap::new();
     for update in updates {
         if committed.is_none_or(|ids| ids.contains(&update.saga_id)) {
-            let key = (
-                update.saga_id.as_str(),
-                update.step,
-                update.direction,
-                update.attempt,
-            );
-            last.insert(key, update);
+            last.insert(update.borrowed_key(), update);
         }
     }
     last.into_values()
@@ -582,12 +578,12 @@ async fn write_in_one_transaction(
     let statements = [
         (
             batch.new_sagas.insert_sql(backend, 1, None),
-            (!batch.new_sagas.is_empty()).then(|| batch.new_sagas.parameter()),
+            batch.new_sagas.parameter_if_any(),
             "inserting new sagas",
         ),
         (
             batch.new_attempts.insert_sql(backend, 1, None),
-            (!batch.new_attempts.is_empty()).then(|| batch.new_attempts.parameter()),
+            batch.new_attempts.parameter_if_any(),
             "recording attempts",
         ),
         (
@@ -597,12 +593,12 @@ async fn write_in_one_transaction(
         ),
         (
             batch.outbox.insert_sql(backend, 1, None),
-            (!batch.outbox.is_empty()).then(|| batch.outbox.parameter()),
+            batch.outbox.parameter_if_any(),
             "writing step commands to the outbox",
         ),
         (
             batch.history.insert_sql(backend, 1, None),
-            (!batch.history.is_empty()).then(|| batch.history.parameter()),
+            batch.history.parameter_if_any(),
             "appending history",
         ),
     ];
