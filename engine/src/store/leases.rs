@@ -316,8 +316,8 @@ impl Store {
     }
 
     /// Takes those of `partitions` that are free or whose lease lapsed, each under a new epoch
-    /// (greater than any before it: see [`next_epoch`]), for `lease_ms`. Returns what was
-    /// taken, with the epochs.
+    /// (one more than the last, or the database clock in ms if that is greater), for
+    /// `lease_ms`. Returns what was taken, with the epochs.
     pub async fn acquire_partitions(
         &self,
         node: &str,
