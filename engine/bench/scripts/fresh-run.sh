@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One distributed sagaflow-bench run on a fresh PostgreSQL database and a fresh private
+# nats-server (free loopback port, empty store), both removed afterwards, so that runs of two
+# builds alternated side by side start from the same state. Prints LABEL and the JSON line.
+#
+#   engine/bench/scripts/fresh-run.sh LABEL path/to/sagaflow-bench [bench options...]
+#   e.g. for i in 1 2 3; do fresh-run.sh before /tmp/old/sagaflow-bench --sagas 10000
+#                          fresh-run.sh after target/release/sagaflow-bench --sagas 10000; done
+#
+# Needs createdb/dropdb (PostgreSQL on 127.0.0.1:5432, user postgres) and nats-server on PATH.
+set -euo pipefail
+label=$1
+bench=$2
+shift 2
+database="bench_$(date +%s)_$$"
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+store=$(mktemp -d)
+createdb -h 127.0.0.1 -U postgres "$database"
+nats-server -a 127.0.0.1 -p "$port" -js -sd "$store" >/dev/null 2>&1 &
+nats_pid=$!
+cleanup() {
+  kill "$nats_pid" 2>/dev/null || true
+  wait "$nats_pid" 2>/dev/null || true
+  dropdb -h 127.0.0.1 -U postgres --if-exists "$database"
+  rm -rf "$store"
+}
+trap cleanup EXIT
+for _ in $(seq 1 50); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+  sleep 0.1
+done
+result=$("$bench" --mode distributed --database-url "postgres://postgres@127.0.0.1:5432/$database" \
+  --nats-url "nats://127.0.0.1:$port" --json "$@" | tail -n 1)
+echo "$label $result"
