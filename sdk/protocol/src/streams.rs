@@ -6,6 +6,7 @@ use async_nats::ServerAddr;
 use async_nats::jetstream::{self, consumer, stream};
 use tracing::{info, warn};
 
+use crate::backoff::Backoff;
 use crate::{ProtocolError, names};
 
 /// How long JetStream remembers a `Nats-Msg-Id` to drop a duplicate publish.
@@ -31,31 +32,32 @@ pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> Result<
         (names::COMMAND_STREAM, "sagaflow.cmd.>"),
         (names::REPLY_STREAM, "sagaflow.reply.>"),
     ] {
-        let stream = js
-            .get_or_create_stream(stream::Config {
-                name: name.to_string(),
-                subjects: vec![subjects.to_string()],
-                // Each message is for exactly one consumer and goes once acknowledged.
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                max_message_size: names::MAX_MESSAGE_BYTES,
-                duplicate_window: DUPLICATE_WINDOW,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| ProtocolError::Stream {
-                action: if replicas > 1 {
-                    format!(
-                        "create stream {name} with {replicas} replicas (more than one needs a \
+        let config = stream::Config {
+            name: name.to_string(),
+            subjects: vec![subjects.to_string()],
+            // Each message is for exactly one consumer and goes once acknowledged.
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            max_message_size: names::MAX_MESSAGE_BYTES,
+            duplicate_window: DUPLICATE_WINDOW,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        let stream =
+            get_or_create_patiently(js, config)
+                .await
+                .map_err(|e| ProtocolError::Stream {
+                    action: if replicas > 1 {
+                        format!(
+                            "create stream {name} with {replicas} replicas (more than one needs a \
                          JetStream cluster of at least {replicas} servers; on a single server \
                          use 1)"
-                    )
-                } else {
-                    format!("create stream {name}")
-                },
-                source: Box::new(e),
-            })?;
+                        )
+                    } else {
+                        format!("create stream {name}")
+                    },
+                    source: Box::new(e),
+                })?;
         let config = &stream.cached_info().config;
         // The broker reports 0 for a stream created without a count: that is one replica.
         let current = config.num_replicas.max(1);
@@ -96,6 +98,38 @@ pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> Result<
         }
     }
     Ok(())
+}
+
+/// How long [`ensure_streams`] keeps asking while the broker times out or has no JetStream
+/// leader yet: a cluster that is starting, or electing, answers within seconds.
+const STREAM_SETUP_PATIENCE: Duration = Duration::from_secs(60);
+
+/// `get_or_create_stream`, asked again with back-off while the broker times out or its
+/// JetStream is not available yet (a cluster electing its meta leader, or busy creating the
+/// streams and consumers of several processes starting at once); any other refusal at once.
+async fn get_or_create_patiently(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, jetstream::context::CreateStreamError> {
+    use jetstream::context::CreateStreamErrorKind;
+    let give_up = tokio::time::Instant::now() + STREAM_SETUP_PATIENCE;
+    let mut backoff = Backoff::infrastructure();
+    loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(stream) => return Ok(stream),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable
+                ) && tokio::time::Instant::now() < give_up =>
+            {
+                let delay = backoff.next_delay();
+                warn!(stream = %config.name, %error, ?delay, "the broker did not answer the stream's set-up yet; asking again");
+                tokio::time::sleep(delay).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// The NATS servers of a comma-separated list (`nats://10.0.0.1:4222,nats://10.0.0.2:4222`),
