@@ -57,6 +57,7 @@
 pub mod cluster;
 mod error;
 pub mod machine;
+pub mod metrics;
 pub mod ops;
 pub mod runtime;
 mod schema;

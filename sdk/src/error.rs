@@ -42,4 +42,15 @@ pub enum SdkError {
         /// The step names it does have, comma separated.
         known: String,
     },
+
+    /// The metrics endpoint could not be started.
+    #[error(
+        "cannot serve metrics on {addr}: {detail}; give --metrics-addr an address that is free on this host"
+    )]
+    Metrics {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// What the exporter said.
+        detail: String,
+    },
 }

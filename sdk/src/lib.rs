@@ -124,6 +124,7 @@
 mod error;
 mod handler;
 mod json;
+pub mod metrics;
 #[cfg(feature = "process")]
 pub mod process;
 mod saga;

@@ -7,6 +7,7 @@ mod distributed;
 mod embedded;
 mod fencing;
 mod limits;
+mod metrics;
 mod nats_cluster;
 mod ops;
 mod python_worker;

@@ -146,13 +146,21 @@ pub fn kinds(history: &[HistoryEntry]) -> Vec<String> {
 
 /// Builds `bin` of `package` (quietly; a no-op when it is up to date) and returns its path in
 /// the target folder this test binary runs from.
+///
+/// It builds every target of the workspace, as `cargo test --workspace` does: the same
+/// selection resolves the same features, so what the test run compiled is reused. Building
+/// only `-p package --bin bin` resolves fewer features (no dev-dependencies), which recompiled
+/// a third of the dependency tree, twice over, in every test run that started a binary.
 pub fn build_binary(package: &str, bin: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .args(["build", "--quiet", "--workspace", "--all-targets"])
         .status()
         .expect("run cargo build");
-    assert!(status.success(), "building the {bin} binary failed");
+    assert!(
+        status.success(),
+        "building the workspace (for the {bin} binary of {package}) failed"
+    );
     let deps = std::env::current_exe().expect("test binary path");
     // target/debug/deps/integration-HASH -> target/debug/BIN
     deps.parent()

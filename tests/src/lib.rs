@@ -7,6 +7,7 @@
 
 use sea_orm::{ConnectionTrait, Database};
 
+pub mod metrics;
 mod nats;
 
 pub use nats::{CLUSTER_SIZE, NatsCluster, NatsServer};

@@ -243,7 +243,7 @@ impl Inventory {
                 .check(Service::Inventory, FaultPoint::AfterEffect)?;
             return Ok(existing);
         }
-        expire_held(&txn, &line.sku, now).await?;
+        let expired = expire_held(&txn, &line.sku, now).await?;
         let quantity = quantity_value(line.quantity);
         let taken = db::execute(
             &txn,
@@ -256,6 +256,7 @@ impl Inventory {
             let level = stock_level(&txn, &line.sku).await?;
             // Keep the expiries done above; they are right regardless of this request.
             db::commit(txn, action).await?;
+            count_reservations(ReservationEvent::Expired, expired);
             return Err(DemoError::OutOfStock {
                 sku: line.sku.clone(),
                 requested: u64::from(line.quantity),
@@ -272,6 +273,8 @@ impl Inventory {
         };
         insert(&txn, &reservation, now).await?;
         db::commit(txn, action).await?;
+        count_reservations(ReservationEvent::Expired, expired);
+        count_reservations(ReservationEvent::Created, 1);
         self.faults
             .check(Service::Inventory, FaultPoint::AfterEffect)?;
         Ok(reservation)
@@ -332,6 +335,9 @@ impl Inventory {
             Some(_) => ReleaseOutcome::AlreadyReleased,
         };
         db::commit(txn, action).await?;
+        if outcome == ReleaseOutcome::Released {
+            count_reservations(ReservationEvent::Released, 1);
+        }
         self.faults
             .check(Service::Inventory, FaultPoint::AfterEffect)?;
         Ok(outcome)
@@ -367,20 +373,25 @@ impl Inventory {
                 reservation.order_id
             )));
         }
-        match reservation.state {
+        let confirmed = match reservation.state {
             ReservationState::Held if reservation.expires_at > now => {
                 set_state(&txn, &reservation, ReservationState::Committed, now).await?;
                 reservation.state = ReservationState::Committed;
+                true
             }
             ReservationState::Held => {
-                expire_held(&txn, &reservation.sku, now).await?;
+                let expired = expire_held(&txn, &reservation.sku, now).await?;
                 db::commit(txn, action).await?;
+                count_reservations(ReservationEvent::Expired, expired);
                 return Err(not_held(ReservationState::Expired.to_string()));
             }
-            ReservationState::Committed => {}
+            ReservationState::Committed => false,
             other => return Err(not_held(other.to_string())),
-        }
+        };
         db::commit(txn, action).await?;
+        if confirmed {
+            count_reservations(ReservationEvent::Confirmed, 1);
+        }
         self.faults
             .check(Service::Inventory, FaultPoint::AfterEffect)?;
         Ok(reservation)
@@ -402,8 +413,10 @@ impl Inventory {
             let sku: String = get(&row, "sku")?;
             let txn = db::begin_write(&self.db, action).await?;
             lock_sku(&txn, &sku).await?;
-            expired += expire_held(&txn, &sku, now).await?;
+            let expired_here = expire_held(&txn, &sku, now).await?;
             db::commit(txn, action).await?;
+            count_reservations(ReservationEvent::Expired, expired_here);
+            expired += expired_here;
         }
         if expired > 0 {
             tracing::debug!(expired, "released expired reservations");
@@ -601,6 +614,59 @@ async fn set_state(
         .await?;
     }
     Ok(())
+}
+
+/// Reservations made, confirmed, released and expired by the inventory (counter; `event`): an
+/// example of a participant's own metrics through the SDK, and the seed's "reservation expiry
+/// volume".
+pub const RESERVATIONS_METRIC: &str = "sagaflow_demo_reservations_total";
+
+/// What happened to a reservation, as [`RESERVATIONS_METRIC`] counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReservationEvent {
+    Created,
+    Confirmed,
+    Released,
+    Expired,
+}
+
+impl ReservationEvent {
+    const ALL: [ReservationEvent; 4] = [
+        ReservationEvent::Created,
+        ReservationEvent::Confirmed,
+        ReservationEvent::Released,
+        ReservationEvent::Expired,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            ReservationEvent::Created => "created",
+            ReservationEvent::Confirmed => "confirmed",
+            ReservationEvent::Released => "released",
+            ReservationEvent::Expired => "expired",
+        }
+    }
+}
+
+/// Counts `n` reservation events of one kind, once their transaction committed.
+fn count_reservations(event: ReservationEvent, n: u64) {
+    if n > 0 {
+        sagaflow_sdk::metrics::counter!(RESERVATIONS_METRIC, "event" => event.as_str())
+            .increment(n);
+    }
+}
+
+/// Describes the inventory's metric and starts each of its events at zero. Call once after
+/// installing a recorder.
+pub fn describe_metrics() {
+    sagaflow_sdk::metrics::describe_counter!(
+        RESERVATIONS_METRIC,
+        sagaflow_sdk::metrics::Unit::Count,
+        "Reservations made, confirmed, released and expired by the demo inventory."
+    );
+    for event in ReservationEvent::ALL {
+        sagaflow_sdk::metrics::counter!(RESERVATIONS_METRIC, "event" => event.as_str()).absolute(0);
+    }
 }
 
 /// Expires the reservations of `sku` held past `now`; the caller holds the SKU lock.

@@ -57,8 +57,8 @@ pub use error::DemoError;
 pub use faults::{FaultPlan, FaultPoint, Faults, Service, ServiceFaults};
 pub use invariants::{InvariantReport, SagaOutcomes, check_invariants};
 pub use inventory::{
-    DEFAULT_HOLD, Fencing, Inventory, OrderLine, ReleaseOutcome, Reservation, ReservationState,
-    StockLevel,
+    DEFAULT_HOLD, Fencing, Inventory, OrderLine, RESERVATIONS_METRIC, ReleaseOutcome, Reservation,
+    ReservationState, StockLevel, describe_metrics,
 };
 pub use orders::{ConfirmedOrder, OrderDetails, Orders};
 pub use payment::{

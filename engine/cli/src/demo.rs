@@ -2,13 +2,14 @@
 
 use crate::common::print_text;
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use sagaflow_engine::machine::SagaStatus;
 use sagaflow_engine::ops::{self, render};
-use sagaflow_engine::runtime::{Engine, EngineOptions};
+use sagaflow_engine::runtime::{Engine, EngineOptions, this_node};
 use sagaflow_engine::store::Store;
 use sagaflow_sdk::Timestamp;
 use sagaflow_workflows::{
@@ -54,10 +55,19 @@ pub struct DemoArgs {
     /// Give up waiting for the sagas after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464); the demo then
+    /// keeps serving them after its summary, until Ctrl-C or SIGTERM. Off unless given.
+    #[arg(long, env = "SAGAFLOW_METRICS_ADDR", value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let began = Instant::now();
+    let node = this_node(None);
+    if let Some(addr) = args.metrics_addr {
+        sagaflow_sdk::process::serve_metrics(addr, Some(&node.id))?;
+        sagaflow_workflows::describe_metrics();
+    }
     let store = Store::connect(&args.database_url).await?;
     let db = store.connection().clone();
     install(&db)
@@ -79,6 +89,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     ];
     let options = EngineOptions {
         worker_concurrency: args.concurrency,
+        node: Some(node),
+        gauges_every: args.metrics_addr.map(|_| GAUGES_EVERY),
         ..EngineOptions::default()
     };
     let engine = Engine::launch(store.clone(), sagas, options).await?;
@@ -141,7 +153,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .wait_until_settled(Duration::from_secs(args.timeout_secs))
         .await?;
     expiry.abort();
-    engine.shutdown().await;
+    // With metrics on, the engine stays up (idle) so its gauges stay current while scraped.
+    let engine = match args.metrics_addr {
+        Some(_) => Some(engine),
+        None => {
+            engine.shutdown().await;
+            None
+        }
+    };
     let active = counts.active();
     if active > 0 {
         bail!(
@@ -210,8 +229,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if !report.is_ok() {
         bail!("{} invariant violations", report.violations.len());
     }
+    if let (Some(engine), Some(addr)) = (engine, args.metrics_addr) {
+        print_text(format_args!(
+            "\nServing metrics at http://{addr}/metrics until Ctrl-C or SIGTERM"
+        ))?;
+        sagaflow_sdk::process::termination().await;
+        engine.shutdown().await;
+    }
     Ok(())
 }
+
+/// How often the demo's gauges are refreshed while it serves metrics.
+const GAUGES_EVERY: Duration = Duration::from_secs(1);
 
 /// The compensated order saga with the longest history: the most interesting one to read.
 fn pick_compensated<'a>(

@@ -20,6 +20,15 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "sagaflow", version, about, long_about = None)]
 struct Args {
+    /// How log lines on stderr are written: human (default) or json (one object a line, with
+    /// the fields of the spans an event happened in). RUST_LOG filters them as usual.
+    #[arg(
+        long,
+        global = true,
+        env = "SAGAFLOW_LOG_FORMAT",
+        default_value = "human"
+    )]
+    log_format: sagaflow_sdk::process::LogFormat,
     #[command(subcommand)]
     command: Commands,
 }
@@ -84,8 +93,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    sagaflow_sdk::process::init_logging();
     let args = Args::parse();
+    sagaflow_sdk::process::init_logging_as(args.log_format);
     match args.command {
         Commands::Demo(demo) => demo::run(demo).await,
         Commands::List(args) => list::run(args).await,

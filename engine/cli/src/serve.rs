@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use sagaflow_engine::runtime::{Engine, EngineOptions, LeaseSettings};
+use sagaflow_engine::runtime::{Engine, EngineOptions, LeaseSettings, this_node};
 use sagaflow_engine::store::{Store, StoreOptions};
 
 use crate::common::duration;
@@ -48,9 +48,22 @@ pub struct ServeArgs {
     /// and worker on the broker the same one (the demo worker's --stream-replicas).
     #[arg(long, env = "SAGAFLOW_STREAM_REPLICAS", default_value_t = 1)]
     stream_replicas: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464), labelled with
+    /// this node's id; docs/metrics.md lists the series. Off unless given.
+    #[arg(long, env = "SAGAFLOW_METRICS_ADDR", value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// How often the gauges read from the database and the broker (unfinished sagas, stuck
+    /// backlog, outbox, consumer lag) are refreshed while metrics are served.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    gauges_every: Duration,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let node = this_node(args.node_name.clone());
+    if let Some(addr) = args.metrics_addr {
+        sagaflow_sdk::process::serve_metrics(addr, Some(&node.id))?;
+        eprintln!("metrics at http://{addr}/metrics");
+    }
     let store = Store::connect_with(
         &args.database_url,
         &StoreOptions {
@@ -64,7 +77,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             renew_every: args.renew_every,
         },
         host: args.node_name,
+        node: Some(node),
         stream_replicas: args.stream_replicas,
+        gauges_every: args.metrics_addr.map(|_| args.gauges_every),
         ..EngineOptions::default()
     };
     let partitions = store.partitions();

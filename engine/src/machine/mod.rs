@@ -91,7 +91,8 @@ use serde_json::{Value, json};
 use thiserror::Error;
 
 pub use event::{Event, OperatorAction, OperatorCommand, Reply};
-pub use output::{Actor, Command, Dispatch, Record, RecordKind, Transition};
+pub use output::{Actor, Command, Dispatch, Record, RecordKind, ReplyIgnoredCause, Transition};
+use output::{DUPLICATE_REPLY, FINISHED_SAGA_REPLY, LATE_REPLY, STALE_EPOCH_REPLY};
 pub use state::{
     Activity, AttemptOutcome, Attempts, SagaState, SagaStatus, StepState, StepStatus, Stuck,
 };
@@ -292,10 +293,11 @@ impl Machine<'_, '_> {
         {
             // The worker ran nothing: the command came from the partition's previous owner.
             // The attempt stays in flight; the shell sends it again under the current epoch.
-            let why = "stale epoch: the worker refused a command sent under a superseded \
-                       ownership of the saga's partition, without running it; the attempt is \
-                       sent again under the current epoch"
-                .to_string();
+            let why = format!(
+                "{STALE_EPOCH_REPLY} the worker refused a command sent under a superseded \
+                 ownership of the saga's partition, without running it; the attempt is sent \
+                 again under the current epoch"
+            );
             self.ignore_reply(reply, why);
             return;
         }
@@ -344,7 +346,7 @@ impl Machine<'_, '_> {
 
     fn why_not_awaited(&self, reply: &Reply) -> String {
         if self.state.status.is_terminal() {
-            return format!("the saga is already {}", self.state.status.as_str());
+            return format!("{FINISHED_SAGA_REPLY} {}", self.state.status.as_str());
         }
         let Some(step) = self.state.steps.get(reply.step) else {
             return format!("the saga has no step number {}", reply.step);
@@ -355,15 +357,19 @@ impl Machine<'_, '_> {
         }
         if reply.attempt < attempts.made {
             return format!(
-                "late: attempt {} was superseded by attempt {}",
+                "{LATE_REPLY} attempt {} was superseded by attempt {}",
                 reply.attempt, attempts.made
             );
         }
         match attempts.last_outcome {
-            Some(AttemptOutcome::Replied) => "duplicate: this attempt was already answered".into(),
-            Some(AttemptOutcome::TimedOut) => "late: this attempt had already timed out".into(),
+            Some(AttemptOutcome::Replied) => {
+                format!("{DUPLICATE_REPLY} this attempt was already answered")
+            }
+            Some(AttemptOutcome::TimedOut) => {
+                format!("{LATE_REPLY} this attempt had already timed out")
+            }
             Some(AttemptOutcome::Abandoned) => {
-                "late: the saga had moved on from this attempt".into()
+                format!("{LATE_REPLY} the saga had moved on from this attempt")
             }
             None => "the saga is not waiting for this attempt".into(),
         }

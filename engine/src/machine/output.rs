@@ -134,6 +134,65 @@ impl RecordKind {
     }
 }
 
+/// Why a reply was recorded as [`RecordKind::ReplyIgnored`] instead of applied: the kind of the
+/// reason the machine writes in the record's `reason` (its text begins with the cause).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReplyIgnoredCause {
+    /// The attempt was already answered.
+    Duplicate,
+    /// The attempt had been superseded, had timed out, or the saga had moved on.
+    Late,
+    /// A worker refused a command of a superseded epoch without running it.
+    StaleEpoch,
+    /// The saga had already completed or been compensated.
+    Finished,
+    /// Anything else: an attempt never dispatched, a step the saga does not have.
+    Other,
+}
+
+impl ReplyIgnoredCause {
+    /// Every cause.
+    pub const ALL: [ReplyIgnoredCause; 5] = [
+        ReplyIgnoredCause::Duplicate,
+        ReplyIgnoredCause::Late,
+        ReplyIgnoredCause::StaleEpoch,
+        ReplyIgnoredCause::Finished,
+        ReplyIgnoredCause::Other,
+    ];
+
+    /// The cause of an ignored reply, from the reason the machine recorded.
+    pub fn of_reason(reason: &str) -> Self {
+        if reason.starts_with(DUPLICATE_REPLY) {
+            ReplyIgnoredCause::Duplicate
+        } else if reason.starts_with(LATE_REPLY) {
+            ReplyIgnoredCause::Late
+        } else if reason.starts_with(STALE_EPOCH_REPLY) {
+            ReplyIgnoredCause::StaleEpoch
+        } else if reason.starts_with(FINISHED_SAGA_REPLY) {
+            ReplyIgnoredCause::Finished
+        } else {
+            ReplyIgnoredCause::Other
+        }
+    }
+
+    /// The snake_case name (a metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplyIgnoredCause::Duplicate => "duplicate",
+            ReplyIgnoredCause::Late => "late",
+            ReplyIgnoredCause::StaleEpoch => "stale_epoch",
+            ReplyIgnoredCause::Finished => "finished",
+            ReplyIgnoredCause::Other => "other",
+        }
+    }
+}
+
+/// How the reasons of ignored replies begin, one per [`ReplyIgnoredCause`].
+pub(crate) const DUPLICATE_REPLY: &str = "duplicate:";
+pub(crate) const LATE_REPLY: &str = "late:";
+pub(crate) const STALE_EPOCH_REPLY: &str = "stale epoch:";
+pub(crate) const FINISHED_SAGA_REPLY: &str = "the saga is already";
+
 /// One history entry, before the shell stamps it with a sequence number and time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sagaflow_protocol::backoff::RandomizedDelays;
-use sagaflow_protocol::{SagaSpec, Timestamp};
+use sagaflow_protocol::{Direction, SagaSpec, Timestamp};
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{debug, error, warn};
@@ -20,8 +20,10 @@ use uuid::Uuid;
 use super::catalog::Catalog;
 use crate::EngineError;
 use crate::machine::{
-    Activity, Command, Event, Inputs, OperatorCommand, Record, Reply, SagaState, Transition, decide,
+    Activity, Command, Event, Inputs, OperatorCommand, Record, RecordKind, Reply, SagaState,
+    Transition, decide,
 };
+use crate::metrics::{self, StaleCause};
 use crate::store::{Fence, SagaWrite, Store, StoredSaga, WriteOutcome};
 use sagaflow_protocol::{StepCommand, StepReply};
 
@@ -107,6 +109,17 @@ pub(crate) struct Driver {
     /// The fence of the previous batch: a partition lost, gained or re-fenced since then may
     /// have been written by another node, so what is cached of it is dropped.
     pub seen_fence: Fence,
+    /// When the attempt each saga waits on was dispatched (its dispatch committed), to time
+    /// the attempt when its reply commits ([`metrics::STEP_ATTEMPT_DURATION`]).
+    pub dispatched: HashMap<Uuid, DispatchedAttempt>,
+}
+
+/// The attempt a saga waits on and when its dispatch was committed.
+pub(crate) struct DispatchedAttempt {
+    step: String,
+    direction: Direction,
+    attempt: u32,
+    at: std::time::Instant,
 }
 
 /// One saga's accumulated work within a batch.
@@ -528,9 +541,11 @@ impl Driver {
                 }
             };
             let result = self.store.commit_fenced(&writes, &fence).await;
+            let took = began.elapsed();
+            metrics::commit(writes.len(), took);
             tracing::trace!(
                 writes = writes.len(),
-                took_us = began.elapsed().as_micros() as u64,
+                took_us = took.as_micros() as u64,
                 "commit"
             );
             result
@@ -581,6 +596,8 @@ impl Driver {
                     row_version,
                     history_seq,
                 }) => {
+                    metrics::committed(&work.spec.name, &work.records, now);
+                    self.time_attempts(&work);
                     to_publish.extend(commands);
                     if let Some(again) = self.resend_after_stale_refusal(&work, &ownership.fence) {
                         to_resend.push(again);
@@ -629,6 +646,7 @@ impl Driver {
                     // The partition's lease is gone: its new owner drives the saga. Replies go
                     // back to the broker at once, which delivers them to that owner.
                     let partition = self.store.partition_of(saga_id);
+                    metrics::stale_write(StaleCause::Epoch);
                     redeliver(work.events);
                     warn!(saga = %saga_id, partition, "write fenced off: this node no longer holds the saga's partition");
                     self.cache.remove(&saga_id);
@@ -655,6 +673,7 @@ impl Driver {
                 Some(WriteOutcome::Stale) | None => {
                     // Another writer got there first: forget what we knew, re-read, re-apply.
                     warn!(saga = %saga_id, "stale write refused; re-reading the saga");
+                    metrics::stale_write(StaleCause::Version);
                     self.cache.remove(&saga_id);
                     for respond in work.operator_responders {
                         let _ = respond.send(Err(EngineError::Conflict(saga_id)));
@@ -681,6 +700,54 @@ impl Driver {
         let planned = self.planned_wake.load(std::sync::atomic::Ordering::Relaxed);
         if earliest_wake.is_some_and(|at| at.as_millis() < planned) {
             self.timers_changed.notify_one();
+        }
+    }
+
+    /// Times the attempt a committed transition answered (from its dispatch's commit to now)
+    /// and notes when the one it dispatched went out.
+    fn time_attempts(&mut self, work: &Pending) {
+        let saga_id = work.state.saga_id;
+        if let Some(waited) = self.dispatched.get(&saga_id) {
+            let answered = work.records.iter().any(|r| {
+                matches!(
+                    r.kind,
+                    RecordKind::AttemptSucceeded | RecordKind::AttemptFailed
+                ) && r.step.as_deref() == Some(waited.step.as_str())
+                    && r.direction == Some(waited.direction)
+                    && r.attempt == Some(waited.attempt)
+            });
+            if answered {
+                metrics::attempt_duration(
+                    &work.spec.name,
+                    &waited.step,
+                    waited.direction,
+                    waited.at.elapsed(),
+                );
+                self.dispatched.remove(&saga_id);
+            }
+        }
+        if !work.state.status.is_active() {
+            self.dispatched.remove(&saga_id);
+            return;
+        }
+        let dispatched = work
+            .records
+            .iter()
+            .rev()
+            .find(|r| r.kind == RecordKind::AttemptDispatched);
+        if let Some(record) = dispatched
+            && let (Some(step), Some(direction), Some(attempt)) =
+                (&record.step, record.direction, record.attempt)
+        {
+            self.dispatched.insert(
+                saga_id,
+                DispatchedAttempt {
+                    step: step.clone(),
+                    direction,
+                    attempt,
+                    at: std::time::Instant::now(),
+                },
+            );
         }
     }
 

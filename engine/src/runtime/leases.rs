@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::EngineError;
 use crate::cluster::plan::{ClusterView, LeaseState, plan};
+use crate::metrics;
 use crate::store::{ClusterRows, Fence, NodeInfo, Store};
 
 /// How long leases last and how often they are renewed.
@@ -168,8 +169,11 @@ impl LeaseKeeper {
             self.store.renew_partitions(&id, &held, lease_ms).await?
         };
         let kept: BTreeMap<u32, u64> = kept.into_iter().collect();
+        ::metrics::histogram!(metrics::LEASE_RENEWAL_DURATION).record(sent.elapsed().as_secs_f64());
+        ::metrics::counter!(metrics::LEASE_RENEWALS, "outcome" => "ok").increment(1);
         for partition in self.held.keys().filter(|p| !kept.contains_key(p)) {
             warn!(node = %id, partition, "partition lease lost; no longer driving it");
+            ::metrics::counter!(metrics::LEASE_LOSSES).increment(1);
         }
         self.held = kept;
         self.renewed_at = Some(sent);
@@ -209,6 +213,7 @@ impl LeaseKeeper {
             }
             self.publish();
             self.store.release_partitions(&id, &release).await?;
+            ::metrics::counter!(metrics::LEASE_HANDOVERS).increment(release.len() as u64);
             info!(node = %id, partitions = ?wanted.release, "partitions handed over");
         }
         if !wanted.acquire.is_empty() {
@@ -218,7 +223,18 @@ impl LeaseKeeper {
                 .acquire_partitions(&id, &wanted.acquire, lease_ms)
                 .await?;
             if !taken.is_empty() {
-                info!(node = %id, partitions = ?taken, "partitions acquired (partition, epoch)");
+                // Taken from another node: its lease lapsed without being given back.
+                let takeovers = taken
+                    .iter()
+                    .filter(|(partition, _)| {
+                        cluster.leases.iter().any(|l| {
+                            l.partition == *partition && l.owner.as_ref().is_some_and(|o| *o != id)
+                        })
+                    })
+                    .count();
+                ::metrics::counter!(metrics::LEASE_ACQUISITIONS).increment(taken.len() as u64);
+                ::metrics::counter!(metrics::LEASE_TAKEOVERS).increment(takeovers as u64);
+                info!(node = %id, partitions = ?taken, takeovers, "partitions acquired (partition, epoch)");
                 self.held.extend(taken);
                 self.publish();
             }
@@ -237,6 +253,7 @@ impl LeaseKeeper {
             },
             valid_until,
         };
+        ::metrics::gauge!(metrics::PARTITIONS_OWNED).set(self.held.len() as f64);
         self.ownership.send_if_modified(|current| {
             if *current == next {
                 false
@@ -288,6 +305,7 @@ impl LeaseKeeper {
                 }
             };
             if let Err(error) = self.round(refencing).await {
+                ::metrics::counter!(metrics::LEASE_RENEWALS, "outcome" => "failed").increment(1);
                 // The ownership published lapses by itself (`valid_until`) if this goes on.
                 warn!(node = %self.node.id, %error, "cannot renew the partition leases; retrying");
             }
@@ -315,6 +333,7 @@ impl LeaseKeeper {
         .await;
         match result {
             Ok(()) => {
+                ::metrics::counter!(metrics::LEASE_HANDOVERS).increment(held.len() as u64);
                 info!(node = %id, partitions = held.len(), "partitions handed over; node stopped")
             }
             Err(error) => {

@@ -7,6 +7,7 @@
 mod catalog;
 pub(crate) mod commands;
 mod driver;
+mod gauges;
 mod leases;
 mod nats;
 mod relay;
@@ -75,11 +76,19 @@ pub struct EngineOptions {
     /// The host name this node registers under (`sagaflow nodes` shows it); the system's when
     /// `None`.
     pub host: Option<String>,
+    /// This node's identity, when the caller made it beforehand ([`this_node`]) to name the
+    /// node elsewhere too (its metrics); a new one from `host` when `None`.
+    pub node: Option<crate::store::NodeInfo>,
     /// On how many NATS servers the command and reply streams are kept (distributed mode
     /// only): 1 on a single server; 3 on a three-server JetStream cluster, so that a stream
     /// survives losing one server. A stream that exists with another count is changed to this
     /// one, so give every engine and worker on a broker the same count.
     pub stream_replicas: usize,
+    /// How often the gauges read from the database and the broker (unfinished sagas by
+    /// status, the stuck backlog, the outbox, consumer lag) are refreshed, when a process
+    /// exports metrics; `None` (the default) reads nothing. Counters and histograms need no
+    /// setting: they cost nothing until a recorder is installed.
+    pub gauges_every: Option<Duration>,
 }
 
 impl Default for EngineOptions {
@@ -89,7 +98,9 @@ impl Default for EngineOptions {
             timer_poll_interval: Duration::from_millis(50),
             leases: LeaseSettings::default(),
             host: None,
+            node: None,
             stream_replicas: 1,
+            gauges_every: None,
         }
     }
 }
@@ -211,6 +222,7 @@ impl Engine {
         for spec in catalog.specs() {
             store.register_definition(&spec).await?;
         }
+        let catalog_for_gauges = catalog.clone();
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
         let (replies_tx, mut replies_rx) = mpsc::unbounded_channel::<StepReply>();
         let (transport, pool) =
@@ -235,6 +247,7 @@ impl Engine {
         .await?;
         engine.intake.push(forward_replies);
         engine.rest.push(pool);
+        engine.watch_gauges(catalog_for_gauges, None, &options);
         Ok(engine)
     }
 
@@ -282,6 +295,7 @@ impl Engine {
         engine
             .intake
             .push(broker.serve_starts(engine.starter.clone()).await?);
+        engine.watch_gauges(catalog.clone(), Some(broker.jetstream()), &options);
         engine
             .intake
             .push(broker.serve_registrations(store, catalog).await?);
@@ -304,9 +318,11 @@ impl Engine {
             // behind (it was killed) are its own and can be taken at once.
             store.clear_leases().await?;
         }
-        let host = options.host.clone().unwrap_or_else(host_name);
-        let (mut keeper, lease_handle) =
-            LeaseKeeper::new(store.clone(), new_node(&host), options.leases);
+        let node = options
+            .node
+            .clone()
+            .unwrap_or_else(|| this_node(options.host.clone()));
+        let (mut keeper, lease_handle) = LeaseKeeper::new(store.clone(), node, options.leases);
         // Take a share before serving anything: a node with no partition can start no saga.
         // The share may not be free at once: a node restarted after a crash waits for its old
         // leases to lapse, and a node joining waits for the others to hand over.
@@ -348,6 +364,7 @@ impl Engine {
             ownership: ownership.clone(),
             refence: lease_handle.refence.clone(),
             seen_fence: Fence::default(),
+            dispatched: HashMap::new(),
         };
         if recovery == Recovery::ResendInFlight {
             let resent = driver.recover().await?;
@@ -388,6 +405,24 @@ impl Engine {
             ownership,
             _engine_lock: engine_lock,
         })
+    }
+
+    /// Refreshes the gauges while the engine takes work in, if `options` asks for them.
+    fn watch_gauges(
+        &mut self,
+        catalog: Arc<Catalog>,
+        broker: Option<async_nats::jetstream::Context>,
+        options: &EngineOptions,
+    ) {
+        if let Some(every) = options.gauges_every {
+            self.intake.push(tokio::spawn(gauges::run(
+                self.store.clone(),
+                catalog,
+                self.ownership.clone(),
+                broker,
+                every,
+            )));
+        }
     }
 
     /// Notifications of sagas this engine saw settle (completed, compensated, stuck), sent after
@@ -538,6 +573,12 @@ enum Recovery {
     ResendInFlight,
     /// Only unsent outbox commands (the relay's sweep): the broker kept the rest.
     OutboxOnly,
+}
+
+/// A new identity for an engine node running on `host` (this machine's host name when
+/// `None`): unique per process run (`HOST-PID-RANDOM`).
+pub fn this_node(host: Option<String>) -> crate::store::NodeInfo {
+    new_node(&host.unwrap_or_else(host_name))
 }
 
 /// This machine's host name, for the node id; `localhost` when it cannot be read.

@@ -74,6 +74,11 @@ impl Broker {
         Ok(Broker { client, js })
     }
 
+    /// The JetStream context, for reading the consumers' lag.
+    pub(crate) fn jetstream(&self) -> jetstream::Context {
+        self.js.clone()
+    }
+
     pub(crate) fn transport(&self) -> JetStreamTransport {
         JetStreamTransport {
             js: self.js.clone(),

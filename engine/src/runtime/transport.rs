@@ -5,9 +5,11 @@
 //! over NATS JetStream; the driver does not care which.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::future::BoxFuture;
 use sagaflow_protocol::{StepCommand, StepReply};
+use sagaflow_sdk::metrics as step_metrics;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::catalog::Catalog;
@@ -23,14 +25,19 @@ pub trait Transport: Send + Sync + 'static {
 /// The embedded transport: a channel to an in-process worker pool.
 #[derive(Debug, Clone)]
 pub struct InProcess {
-    commands: mpsc::UnboundedSender<StepCommand>,
+    /// Each command with when it was handed over, for its queue time.
+    commands: mpsc::UnboundedSender<(StepCommand, Instant)>,
 }
 
 impl Transport for InProcess {
     fn publish<'a>(&'a self, commands: &'a [StepCommand]) -> BoxFuture<'a, Vec<String>> {
         let accepted = commands
             .iter()
-            .filter(|command| self.commands.send((*command).clone()).is_ok())
+            .filter(|command| {
+                self.commands
+                    .send(((*command).clone(), Instant::now()))
+                    .is_ok()
+            })
             .map(|command| command.command_id.clone())
             .collect();
         Box::pin(async move { accepted })
@@ -45,17 +52,30 @@ impl InProcess {
         concurrency: usize,
         replies: mpsc::UnboundedSender<StepReply>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (commands, mut incoming) = mpsc::unbounded_channel::<StepCommand>();
+        let (commands, mut incoming) = mpsc::unbounded_channel::<(StepCommand, Instant)>();
         let permits = Arc::new(Semaphore::new(concurrency.max(1)));
         let pool = tokio::spawn(async move {
-            while let Some(command) = incoming.recv().await {
+            while let Some((command, handed_over)) = incoming.recv().await {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     break;
                 };
                 let catalog = catalog.clone();
                 let replies = replies.clone();
                 tokio::spawn(async move {
+                    step_metrics::queued(
+                        &command.saga,
+                        &command.step,
+                        command.direction,
+                        handed_over.elapsed(),
+                    );
+                    let began = Instant::now();
                     let reply = run_attempt(&catalog, &command).await;
+                    step_metrics::handled(
+                        &command.saga,
+                        &command.step,
+                        command.direction,
+                        began.elapsed(),
+                    );
                     let _ = replies.send(reply);
                     drop(permit);
                 });

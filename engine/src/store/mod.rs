@@ -31,7 +31,7 @@ pub use history_row::{Elapsed, HistoryEntry, OfSaga};
 pub use leases::{ClusterRows, LEASE_CHANNEL, LeaseRow, NodeInfo, NodeRow};
 pub use partitions::{DEFAULT_PARTITIONS, MAX_PARTITIONS, partition_of};
 
-use crate::machine::{Record, SagaState};
+use crate::machine::{Record, SagaState, SagaStatus};
 
 /// Rows per multi-row INSERT: stays well under both databases' bound-parameter limits.
 const INSERT_CHUNK: usize = 500;
@@ -45,6 +45,18 @@ pub struct StoredSaga {
     pub row_version: i64,
     /// The sequence number of its last history row.
     pub history_seq: i64,
+}
+
+/// How many sagas are in one status, and when the one waiting longest last changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusSummary {
+    /// The status.
+    pub status: SagaStatus,
+    /// How many sagas are in it.
+    pub count: i64,
+    /// The earliest last change among them (for stuck sagas: since when the longest-stuck
+    /// one has waited).
+    pub oldest_change: Option<Timestamp>,
 }
 
 /// One saga's part of a commit.

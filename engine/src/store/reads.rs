@@ -8,7 +8,10 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Qu
 use uuid::Uuid;
 
 use super::codecs::stored_from_row;
-use super::{HistoryColumns, HistoryEntry, INSERT_CHUNK, Store, StoredSaga, history, outbox, saga};
+use super::{
+    HistoryColumns, HistoryEntry, INSERT_CHUNK, StatusSummary, Store, StoredSaga, history, outbox,
+    saga,
+};
 use crate::EngineError;
 use crate::machine::SagaStatus;
 
@@ -221,6 +224,57 @@ impl Store {
     }
 
     /// The partitions to filter on, as column values: `None` when that is every partition.
+    /// For each unfinished status (created, running, compensating, stuck), how many sagas of
+    /// `partitions` (all where `None`) are in it and when the one that has waited longest last
+    /// changed. Read from the status index, so its cost follows the unfinished sagas, not the
+    /// finished ones.
+    pub async fn unfinished_summary(
+        &self,
+        partitions: Option<&[u32]>,
+    ) -> Result<Vec<StatusSummary>, EngineError> {
+        let unfinished = SagaStatus::ACTIVE
+            .iter()
+            .chain([SagaStatus::Stuck].iter())
+            .map(|s| s.as_str());
+        let rows: Vec<(String, i64, Option<i64>)> = saga::Entity::find()
+            .select_only()
+            .column(saga::Column::Status)
+            .column_as(saga::Column::Id.count(), "n")
+            .column_as(saga::Column::UpdatedAt.min(), "oldest")
+            .filter(saga::Column::Status.is_in(unfinished))
+            .apply_if(self.partition_filter(partitions), |query, within| {
+                query.filter(saga::Column::PartitionId.is_in(within))
+            })
+            .group_by(saga::Column::Status)
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(EngineError::db("counting unfinished sagas"))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(status, count, oldest)| {
+                Some(StatusSummary {
+                    status: SagaStatus::parse(&status)?,
+                    count,
+                    oldest_change: oldest.map(Timestamp),
+                })
+            })
+            .collect())
+    }
+
+    /// How many commands the outbox holds and when the oldest was committed.
+    pub async fn outbox_summary(&self) -> Result<(i64, Option<Timestamp>), EngineError> {
+        let row: Option<(i64, Option<i64>)> = outbox::Entity::find()
+            .select_only()
+            .column_as(outbox::Column::Id.count(), "n")
+            .column_as(outbox::Column::CreatedAt.min(), "oldest")
+            .into_tuple()
+            .one(&self.db)
+            .await
+            .map_err(EngineError::db("measuring the outbox"))?;
+        Ok(row.map_or((0, None), |(n, oldest)| (n, oldest.map(Timestamp))))
+    }
+
     fn partition_filter(&self, partitions: Option<&[u32]>) -> Option<Vec<i32>> {
         let partitions = partitions?;
         if partitions.len() as u32 >= self.partitions {

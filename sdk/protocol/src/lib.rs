@@ -40,6 +40,7 @@ pub use spec::{Direction, SagaSpec, StepKind, StepSpec};
 pub use step_error::{ErrorClass, StepError, codes};
 #[cfg(feature = "jetstream")]
 pub use streams::{
-    DUPLICATE_WINDOW, MAX_STREAM_REPLICAS, durable_consumer, ensure_streams, server_addrs,
+    DUPLICATE_WINDOW, MAX_STREAM_REPLICAS, consumer_lag, durable_consumer, ensure_streams,
+    server_addrs,
 };
 pub use time::Timestamp;

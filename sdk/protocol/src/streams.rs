@@ -162,6 +162,28 @@ pub fn server_addrs(list: &str) -> Result<Vec<ServerAddr>, ProtocolError> {
         .collect()
 }
 
+/// How far consumer `durable` of `stream_name` lags: messages not yet delivered, and messages
+/// delivered but not yet acknowledged.
+pub async fn consumer_lag(
+    js: &jetstream::Context,
+    stream_name: &str,
+    durable: &str,
+) -> Result<(u64, u64), ProtocolError> {
+    let failed = |e: Box<dyn std::error::Error + Send + Sync>| ProtocolError::Stream {
+        action: format!("read consumer {durable} of stream {stream_name}"),
+        source: e,
+    };
+    let stream = js
+        .get_stream(stream_name)
+        .await
+        .map_err(|e| failed(Box::new(e)))?;
+    let info = stream
+        .consumer_info(durable)
+        .await
+        .map_err(|e| failed(Box::new(e)))?;
+    Ok((info.num_pending, info.num_ack_pending as u64))
+}
+
 /// The durable pull consumer named `durable` on `stream_name`, filtered to `filter`.
 ///
 /// It sets no replica count: the broker then keeps it on as many servers as its stream (a

@@ -27,6 +27,7 @@ use tracing::{info, warn};
 pub use epochs::EpochCheck;
 pub use results::ResultStore;
 
+use crate::metrics::{self, CommandOutcome, RejectReason};
 use crate::protocol::backoff::Backoff;
 use crate::protocol::{
     EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StepCommand, StepOutcome, StepReply, codes,
@@ -72,6 +73,9 @@ pub struct WorkerOptions {
     /// server. A stream that exists with another count is changed to this one, so give every
     /// engine and worker on a broker the same count.
     pub stream_replicas: usize,
+    /// How often the lag of this worker's command consumers is read for the metrics gauges,
+    /// when the process exports metrics; `None` (the default) reads nothing.
+    pub gauges_every: Option<Duration>,
 }
 
 impl Default for WorkerOptions {
@@ -82,6 +86,7 @@ impl Default for WorkerOptions {
             ack_wait: Duration::from_secs(30),
             max_deliver: 5,
             stream_replicas: 1,
+            gauges_every: None,
         }
     }
 }
@@ -159,6 +164,13 @@ impl Worker {
         // Aborted when `run` returns or its future is dropped: a dropped worker must not go on
         // announcing sagas it no longer serves.
         let announcer = AbortOnDrop(tokio::spawn(announce(worker.clone())));
+        for saga in worker.sagas.values().flatten() {
+            metrics::describe_saga_steps(saga.spec());
+        }
+        let lag_reader = worker
+            .options
+            .gauges_every
+            .map(|every| AbortOnDrop(tokio::spawn(read_consumer_lag(worker.clone(), every))));
         let permits = Arc::new(Semaphore::new(
             worker.options.concurrency.max(1) * consumers.len(),
         ));
@@ -180,6 +192,7 @@ impl Worker {
             let _ = handle.await;
         }
         drop(announcer);
+        drop(lag_reader);
         let all = u32::try_from(worker.options.concurrency.max(1) * worker.sagas.len())
             .unwrap_or(u32::MAX);
         let _ = tokio::time::timeout(worker.options.ack_wait, permits.acquire_many(all)).await;
@@ -250,6 +263,7 @@ impl Worker {
             Ok(command) => command,
             Err(e) => {
                 warn!(subject = %message.subject, error = %e, "malformed command: dropped");
+                metrics::rejected(RejectReason::MalformedCommand);
                 if let Some((reply_to, epoch, reply)) =
                     reply_to_malformed(&message.payload, &self.options.id, &e)
                 {
@@ -261,6 +275,7 @@ impl Worker {
         };
         let reply = if command.v != PROTOCOL_VERSION {
             warn!(command = %command.command_id, v = command.v, "unsupported command version");
+            metrics::rejected(RejectReason::UnsupportedVersion);
             self.refuse(
                 &command,
                 codes::UNSUPPORTED_VERSION,
@@ -271,7 +286,7 @@ impl Worker {
             )
         } else {
             match self.saga(saga_name, &command) {
-                Some(saga) => match self.answer(&saga, &command).await {
+                Some(saga) => match self.answer(&saga, &command, queued_since(&message)).await {
                     Ok(reply) => reply,
                     Err(e) => {
                         // Without the idempotency record the attempt must not run: try later.
@@ -282,14 +297,17 @@ impl Worker {
                         return;
                     }
                 },
-                None => self.refuse(
-                    &command,
-                    codes::UNKNOWN_SAGA,
-                    format!(
-                        "this worker serves no saga `{}` version {}",
-                        command.saga, command.saga_version
-                    ),
-                ),
+                None => {
+                    metrics::rejected(RejectReason::UnknownSaga);
+                    self.refuse(
+                        &command,
+                        codes::UNKNOWN_SAGA,
+                        format!(
+                            "this worker serves no saga `{}` version {}",
+                            command.saga, command.saga_version
+                        ),
+                    )
+                }
             }
         };
         match self.publish(&command.reply_to, command.epoch, &reply).await {
@@ -317,8 +335,15 @@ impl Worker {
     }
 
     /// Refuses a command of a superseded epoch, or answers from the idempotency record, or runs
-    /// the handler and records a success.
-    async fn answer(&self, saga: &Saga, command: &StepCommand) -> Result<StepReply, WorkerError> {
+    /// the handler and records a success. `queued` is how long the command waited since its
+    /// dispatch, where the broker says.
+    async fn answer(
+        &self,
+        saga: &Saga,
+        command: &StepCommand,
+        queued: Option<Duration>,
+    ) -> Result<StepReply, WorkerError> {
+        let (step, direction) = (command.step.as_str(), command.direction);
         if let EpochCheck::Stale { highest } = self
             .results
             .check_epoch(command.partition, command.epoch)
@@ -331,6 +356,7 @@ impl Worker {
                 highest,
                 "command of a superseded epoch refused"
             );
+            metrics::answered(&command.saga, step, direction, CommandOutcome::StaleEpoch);
             return Ok(self.refuse(
                 command,
                 codes::STALE_EPOCH,
@@ -342,9 +368,21 @@ impl Worker {
             ));
         }
         if let Some(recorded) = self.results.lookup(&command.idempotency_key).await? {
+            metrics::answered(&command.saga, step, direction, CommandOutcome::Duplicate);
             return Ok(StepReply::to(command, &self.options.id, recorded));
         }
+        if let Some(queued) = queued {
+            metrics::queued(&command.saga, step, direction, queued);
+        }
+        let began = std::time::Instant::now();
         let reply = saga.handle(command, &self.options.id).await;
+        metrics::handled(&command.saga, step, direction, began.elapsed());
+        metrics::answered(
+            &command.saga,
+            step,
+            direction,
+            CommandOutcome::of(&reply.outcome),
+        );
         // Only successes are recorded. A permanent failure promises nothing was applied, so
         // running the handler again is safe, and it must run again when an operator who fixed
         // the cause resumes the step.
@@ -480,6 +518,32 @@ fn reply_to_malformed(
         },
     };
     Some((reply_to, epoch, reply))
+}
+
+/// Reads the lag of the command consumer of each saga `worker` serves every `every`, for the
+/// metrics gauges.
+async fn read_consumer_lag(worker: Arc<Worker>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        for name in worker.sagas.keys() {
+            let consumer = names::worker_consumer(name);
+            match crate::protocol::consumer_lag(&worker.js, names::COMMAND_STREAM, &consumer).await
+            {
+                Ok((pending, ack_pending)) => {
+                    metrics::consumer_lag(names::COMMAND_STREAM, &consumer, pending, ack_pending)
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot read a command consumer's lag"),
+            }
+        }
+    }
+}
+
+/// How long `message` waited between its publication (the engine's dispatch, as the broker
+/// stamped it) and now; `None` where the broker's metadata cannot be read.
+fn queued_since(message: &jetstream::Message) -> Option<Duration> {
+    let published = message.info().ok()?.published;
+    Duration::try_from(async_nats::datetime::now() - published).ok()
 }
 
 /// A task that ends when its handle is dropped.

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::OpenOptions;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -18,6 +19,7 @@ use sagaflow_engine::store::{HistoryEntry, Store};
 use sagaflow_sdk::Direction;
 use sagaflow_sdk::protocol::server_addrs;
 use sagaflow_sdk::protocol::{EngineAnswer, PROTOCOL_VERSION, StartRequest, names};
+use sagaflow_tests::metrics::{Scrape, free_metrics_addr, scrape};
 use sagaflow_tests::{Backend, CLUSTER_SIZE, NatsCluster, NatsServer, TestDb};
 use sagaflow_workflows::{
     DEMO_STOCK, Faults, Inventory, OrderMix, PLACE_ORDER, PlaceOrder, SagaOutcomes,
@@ -234,6 +236,9 @@ pub(super) struct Cluster {
     /// `--lease` and `--renew-every` of every engine.
     lease: (&'static str, &'static str),
     worker_lives: Vec<usize>,
+    /// Where each engine node and worker serves `/metrics` (kept across restarts).
+    engine_metrics: Vec<SocketAddr>,
+    worker_metrics: Vec<SocketAddr>,
     ack_wait_secs: u64,
     started_at: Instant,
     pub(super) store: Store,
@@ -324,6 +329,8 @@ impl Cluster {
             engine_lives: vec![0; engines],
             lease,
             worker_lives: vec![0; workers],
+            engine_metrics: (0..engines).map(|_| free_metrics_addr()).collect(),
+            worker_metrics: (0..workers).map(|_| free_metrics_addr()).collect(),
             ack_wait_secs,
             started_at,
             store,
@@ -405,6 +412,8 @@ impl Cluster {
             ])
             .args(["--lease", self.lease.0, "--renew-every", self.lease.1])
             .args(["--node-name", &format!("e{e}")])
+            .args(["--metrics-addr", &self.engine_metrics[e].to_string()])
+            .args(["--gauges-every", "500ms"])
             .env("RUST_LOG", CHILD_LOG)
             .env("RUST_BACKTRACE", "0")
             .env("NO_COLOR", "1");
@@ -433,6 +442,7 @@ impl Cluster {
             .args(["--id", &id, "--seed", &seed])
             .args(["--transient", TRANSIENT, "--lost-reply", LOST_REPLY])
             .args(["--ack-wait-secs", &self.ack_wait_secs.to_string()])
+            .args(["--metrics-addr", &self.worker_metrics[i].to_string()])
             .env("RUST_LOG", CHILD_LOG)
             .env("RUST_BACKTRACE", "0")
             .env("NO_COLOR", "1");
@@ -441,6 +451,21 @@ impl Cluster {
             &mut command,
             &self.log(&id),
         ));
+    }
+
+    /// How many idempotency records the workers keep.
+    pub(super) async fn worker_results(&self) -> i64 {
+        count(&self.demo, "SELECT COUNT(*) FROM worker_results").await
+    }
+
+    /// What engine node `e` serves at `/metrics` now.
+    pub(super) fn scrape_node(&self, e: usize) -> Scrape {
+        scrape(self.engine_metrics[e])
+    }
+
+    /// What worker `i` serves at `/metrics` now.
+    pub(super) fn scrape_worker(&self, i: usize) -> Scrape {
+        scrape(self.worker_metrics[i])
     }
 
     /// Waits until `log` holds `needle` `times` times (once per life of the process).

@@ -140,6 +140,102 @@ async fn commands_and_replies_delivered_twice_apply_once() {
         "duplicates: no reply was recorded as an ignored duplicate: {:?}",
         findings.ignored
     );
+    metrics_agree_with_the_database(&cluster).await;
+}
+
+/// The engine's and the worker's `/metrics` hold every documented series, and the engine's
+/// counters agree with what it wrote (it ran one life, so its counters cover the history).
+async fn metrics_agree_with_the_database(cluster: &Cluster) {
+    let engine = cluster.scrape_node(0);
+    let worker = cluster.scrape_worker(0);
+    crate::metrics::assert_documented(&engine, "serve");
+    crate::metrics::assert_documented(&worker, "worker");
+    let db = cluster.store.connection();
+    let checks = [
+        (
+            "sagaflow_sagas_started_total",
+            vec![],
+            "SELECT COUNT(*) FROM sagas",
+        ),
+        (
+            "sagaflow_sagas_completed_total",
+            vec![],
+            "SELECT COUNT(*) FROM sagas WHERE status = 'completed'",
+        ),
+        (
+            "sagaflow_sagas_compensated_total",
+            vec![],
+            "SELECT COUNT(*) FROM sagas WHERE status = 'compensated'",
+        ),
+        (
+            "sagaflow_compensations_started_total",
+            vec![],
+            "SELECT COUNT(*) FROM saga_history WHERE kind = 'compensation_started'",
+        ),
+        (
+            "sagaflow_retries_scheduled_total",
+            vec![],
+            "SELECT COUNT(*) FROM saga_history WHERE kind = 'retry_scheduled'",
+        ),
+        (
+            "sagaflow_replies_ignored_total",
+            vec![],
+            "SELECT COUNT(*) FROM saga_history WHERE kind = 'reply_ignored'",
+        ),
+        (
+            "sagaflow_replies_ignored_total",
+            vec![("cause", "duplicate")],
+            "SELECT COUNT(*) FROM saga_history WHERE kind = 'reply_ignored' \
+             AND payload LIKE '%\"reason\":\"duplicate:%'",
+        ),
+        (
+            "sagaflow_step_attempts_total",
+            vec![("outcome", "succeeded")],
+            "SELECT COUNT(*) FROM saga_history WHERE kind = 'attempt_succeeded'",
+        ),
+        (
+            "sagaflow_step_attempts_total",
+            vec![("outcome", "timed_out")],
+            "SELECT COUNT(*) FROM saga_history WHERE kind = 'attempt_timed_out'",
+        ),
+    ];
+    for (name, labels, sql) in checks {
+        let metric = engine.sum(name, &labels);
+        let stored = count(db, sql).await as f64;
+        assert_eq!(
+            metric, stored,
+            "the engine's {name}{labels:?} is {metric}, the database says {stored}"
+        );
+    }
+    // One reply consumer per partition, all read by the one node.
+    let consumers = engine
+        .parsed
+        .samples
+        .iter()
+        .filter(|s| s.metric == "sagaflow_consumer_pending_messages")
+        .filter(|s| s.labels.get("stream") == Some("SAGAFLOW_REPLIES"))
+        .count();
+    assert_eq!(
+        consumers as f64,
+        engine.sum("sagaflow_partitions_owned", &[])
+    );
+    assert_eq!(engine.sum("sagaflow_stale_writes_total", &[]), 0.0);
+    // The copies of commands were answered from the worker's record.
+    let duplicates = worker.sum("sagaflow_worker_duplicate_commands_total", &[]);
+    assert!(duplicates > 0.0, "the worker counted no duplicate command");
+    let recorded = cluster.worker_results().await as f64;
+    let succeeded = worker.sum(
+        "sagaflow_worker_commands_total",
+        &[("outcome", "succeeded")],
+    );
+    assert!(
+        succeeded >= recorded,
+        "the worker counted {succeeded} successful runs but recorded {recorded} results"
+    );
+    println!(
+        "duplicates: metrics agree with the database; the worker answered {duplicates} commands \
+         from its record"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,12 +53,27 @@ struct Args {
     /// engine's --stream-replicas.
     #[arg(long, env = "SAGAFLOW_STREAM_REPLICAS", default_value_t = 1)]
     stream_replicas: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9465), labelled with
+    /// this worker's id: its commands, handler times, queue times, its consumers' lag and the
+    /// demo inventory's reservations. Off unless given.
+    #[arg(long, env = "SAGAFLOW_METRICS_ADDR", value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// How log lines on stderr are written: human (default) or json (one object a line).
+    #[arg(long, env = "SAGAFLOW_LOG_FORMAT", default_value = "human")]
+    log_format: sagaflow_sdk::process::LogFormat,
 }
+
+/// How often the command consumers' lag is read while metrics are served.
+const GAUGES_EVERY: Duration = Duration::from_secs(5);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    sagaflow_sdk::process::init_logging();
     let args = Args::parse();
+    sagaflow_sdk::process::init_logging_as(args.log_format);
+    if let Some(addr) = args.metrics_addr {
+        sagaflow_sdk::process::serve_metrics(addr, Some(&args.id))?;
+        sagaflow_workflows::describe_metrics();
+    }
     let url = sagaflow_sdk::database_url(&args.database_url);
     let db = Database::connect(&url)
         .await
@@ -81,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
         concurrency: args.concurrency,
         ack_wait: Duration::from_secs(args.ack_wait_secs),
         stream_replicas: args.stream_replicas,
+        gauges_every: args.metrics_addr.map(|_| GAUGES_EVERY),
         ..WorkerOptions::default()
     };
     let worker = Worker::connect(&args.nats_url, results, sagas, options).await?;

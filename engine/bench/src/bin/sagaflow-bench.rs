@@ -144,6 +144,21 @@ struct Args {
     /// Print only the JSON line.
     #[arg(long)]
     json: bool,
+    /// Serve this process's metrics at http://ADDR/metrics while it runs (engine, worker and
+    /// load in one process), with the gauges read every 5 s as `sagaflow serve` does: to
+    /// measure what metrics cost, against a run without.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// How often the gauges are read when `--metrics-addr` is given (`sagaflow serve`'s default).
+const GAUGES_EVERY: Duration = Duration::from_secs(5);
+
+impl Args {
+    /// The gauges' interval for engines and workers: only when metrics are served.
+    fn gauges_every(&self) -> Option<Duration> {
+        self.metrics_addr.map(|_| GAUGES_EVERY)
+    }
 }
 
 /// Opens the engine's store, creating a new database with `--partitions` if given.
@@ -397,6 +412,7 @@ async fn bench_worker(args: &Args, url: &str, saga: Saga) -> anyhow::Result<Work
     let options = WorkerOptions {
         id: "bench-worker".into(),
         concurrency: args.in_flight.max(1),
+        gauges_every: args.gauges_every(),
         ..WorkerOptions::default()
     };
     Ok(Worker::connect(&args.nats_url, results, vec![saga], options).await?)
@@ -820,6 +836,9 @@ async fn parent_gone() {
 async fn main() -> anyhow::Result<()> {
     sagaflow_sdk::process::init_logging();
     let args = Args::parse();
+    if let Some(addr) = args.metrics_addr {
+        sagaflow_sdk::process::serve_metrics(addr, Some("bench"))?;
+    }
     if args.serve_engine {
         return serve_engine(&args).await;
     }
@@ -852,6 +871,7 @@ async fn main() -> anyhow::Result<()> {
             let store = engine_store(&args, &url).await?;
             let options = EngineOptions {
                 worker_concurrency: args.in_flight.max(1),
+                gauges_every: args.gauges_every(),
                 ..EngineOptions::default()
             };
             let engine = Engine::launch(store, vec![saga], options).await?;
@@ -883,13 +903,13 @@ async fn main() -> anyhow::Result<()> {
                 None => {
                     let store = engine_store(&args, &url).await?;
                     let spec = saga.spec().clone();
-                    let engine = Engine::launch_distributed(
-                        store,
-                        &args.nats_url,
-                        vec![spec],
-                        EngineOptions::default(),
-                    )
-                    .await?;
+                    let options = EngineOptions {
+                        gauges_every: args.gauges_every(),
+                        ..EngineOptions::default()
+                    };
+                    let engine =
+                        Engine::launch_distributed(store, &args.nats_url, vec![spec], options)
+                            .await?;
                     Engines::InProcess(Arc::new(engine))
                 }
                 Some(count) => {

@@ -55,3 +55,31 @@ fn a_stale_epoch_refusal_is_ignored_and_the_attempt_stays_in_flight() {
     assert_eq!(count(&trace, RecordKind::RetryScheduled), 0);
     assert_eq!(trace.final_state.status, SagaStatus::Compensated);
 }
+
+#[test]
+fn every_ignored_reply_of_the_corpus_has_the_cause_its_reason_names() {
+    let mut causes = std::collections::BTreeMap::new();
+    for scenario in scenarios::all() {
+        for reason in ignored_reasons(&scenarios::run(&scenario)) {
+            let cause = ReplyIgnoredCause::of_reason(&reason);
+            let expected = if reason.starts_with("duplicate") {
+                ReplyIgnoredCause::Duplicate
+            } else if reason.starts_with("late") {
+                ReplyIgnoredCause::Late
+            } else if reason.starts_with("stale epoch") {
+                ReplyIgnoredCause::StaleEpoch
+            } else if reason.starts_with("the saga is already") {
+                ReplyIgnoredCause::Finished
+            } else {
+                ReplyIgnoredCause::Other
+            };
+            assert_eq!(cause, expected, "{reason}");
+            *causes.entry(cause.as_str()).or_insert(0) += 1;
+        }
+    }
+    // The corpus shows every cause, so a reason reworded without its cause fails here.
+    assert_eq!(
+        causes.keys().copied().collect::<Vec<_>>(),
+        vec!["duplicate", "finished", "late", "other", "stale_epoch"]
+    );
+}
