@@ -1,5 +1,5 @@
 //! Metrics of the step side: what a worker (or the embedded engine's in-process pool) counts
-//! and times, through the [`metrics`](::metrics) facade.
+//! and times, through the `metrics` crate's facade.
 //!
 //! Nothing is exported unless the process installs a recorder:
 //! [`crate::process::serve_metrics`] installs the Prometheus exporter behind `/metrics`. The
