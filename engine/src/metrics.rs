@@ -290,7 +290,6 @@ pub fn describe() {
         OUTBOX_OLDEST_AGE,
         STUCK_SAGAS,
         STUCK_OLDEST_AGE,
-        PARTITIONS_OWNED,
     ] {
         gauge!(name).set(0.0);
     }

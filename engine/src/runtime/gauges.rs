@@ -46,6 +46,7 @@ pub(crate) async fn run(
             }
         }
         let owned = ownership.borrow().partitions(tokio::time::Instant::now());
+        ::metrics::gauge!(metrics::PARTITIONS_OWNED).set(owned.len() as f64);
         let now = Timestamp::now();
         sagas(&store, &owned, now).await;
         outbox(&store, now).await;
