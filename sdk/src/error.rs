@@ -53,4 +53,13 @@ pub enum SdkError {
         /// What the exporter said.
         detail: String,
     },
+    /// The trace exporter cannot be set up from the `OTEL_*` variables.
+    #[error(
+        "cannot export traces: {detail}; fix the OTEL_EXPORTER_OTLP_* variables or unset \
+         OTEL_EXPORTER_OTLP_ENDPOINT to run without exporting"
+    )]
+    Telemetry {
+        /// What was wrong.
+        detail: String,
+    },
 }

@@ -128,6 +128,7 @@ pub mod metrics;
 #[cfg(feature = "process")]
 pub mod process;
 mod saga;
+pub mod telemetry;
 #[cfg(feature = "worker")]
 pub mod worker;
 

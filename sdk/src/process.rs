@@ -2,6 +2,11 @@
 //! and stop on SIGTERM or Ctrl-C. The `sagaflow` binary, the benchmarks and worker binaries
 //! all use these, so they log, export and stop alike.
 
+use opentelemetry_otlp::WithExportConfig;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LogFormat {
@@ -26,30 +31,266 @@ impl std::str::FromStr for LogFormat {
 }
 
 /// Logs `tracing` events to stderr in the human format, filtered by `RUST_LOG` (default:
-/// warnings and errors).
+/// warnings and errors), and exports no spans. For tools that never trace; a service calls
+/// [`init_telemetry`].
 ///
 /// Call it once, first thing in `main`; a second call does nothing.
 pub fn init_logging() {
-    init_logging_as(LogFormat::Human);
+    let _ = tracing_subscriber::registry()
+        .with(log_filter())
+        .with(log_layer(LogFormat::Human))
+        .try_init();
 }
 
-/// Logs `tracing` events to stderr in `format`, filtered by `RUST_LOG` (default: warnings and
-/// errors). Call it once, first thing in `main`; a second call does nothing.
-pub fn init_logging_as(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second call finds a subscriber in place: keeping the first is what callers want.
-    let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder
+/// What a process keeps while it exports spans: dropping it sends the spans still buffered
+/// (waiting for at most the exporter's timeout), so hold it until `main` returns.
+#[must_use = "dropping the telemetry guard stops exporting spans"]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported (`OTEL_EXPORTER_OTLP_ENDPOINT` was set).
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(error) = provider.shutdown()
+        {
+            eprintln!("warning: spans still buffered were not all exported: {error}");
+        }
+    }
+}
+
+/// Sets up what this process reports, once, first thing in `main`:
+///
+/// - logs: `tracing` events on stderr in `format`, filtered by `RUST_LOG` (default: warnings
+///   and errors);
+/// - traces: when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is
+///   set, the spans of Sagaflow and of the step handlers are exported over OTLP/HTTP
+///   (protobuf, or JSON with `OTEL_EXPORTER_OTLP_PROTOCOL=http/json`) as service `service`
+///   (`OTEL_SERVICE_NAME` overrides it). Unset, nothing is recorded and nothing costs.
+///
+/// A second call sets nothing up and exports nothing.
+pub fn init_telemetry(service: &str, format: LogFormat) -> Result<Telemetry, crate::SdkError> {
+    if otlp_endpoint().is_none() {
+        let _ = tracing_subscriber::registry()
+            .with(log_filter())
+            .with(log_layer(format))
+            .try_init();
+        return Ok(Telemetry { provider: None });
+    }
+    let failed = |detail: String| crate::SdkError::Telemetry { detail };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(otlp_protocol().map_err(failed)?)
+        .build()
+        .map_err(|e| failed(e.to_string()))?;
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none_or(|name| name.is_empty()) {
+        resource = resource.with_service_name(service.to_string());
+    }
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_id_generator(SagaRootIds::default())
+        .with_resource(resource.build())
+        .build();
+    let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "sagaflow");
+    // One filter in front of both layers, not one per layer: per-layer filters keep state
+    // between a callsite's `enabled` check and its span, which a library that checks
+    // `enabled!` without then emitting (the database driver does) leaves stale, and the next
+    // span then goes missing from one of the layers.
+    let filter = SpansAndLogs {
+        logs: log_filter(),
+        spans: exported_spans(),
+    };
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(log_layer(format))
+        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .try_init();
+    if installed.is_err() {
+        // Another subscriber was set first: its spans are not ours to export.
+        let _ = provider.shutdown();
+        return Ok(Telemetry { provider: None });
+    }
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    crate::telemetry::set_exporting();
+    Ok(Telemetry {
+        provider: Some(provider),
+    })
+}
+
+/// `RUST_LOG`, or warnings and errors.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
+}
+
+/// The log lines on stderr.
+fn log_layer<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync + 'static>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => layer.boxed(),
+        LogFormat::Json => layer
             .json()
             .with_current_span(true)
             .with_span_list(true)
-            .try_init(),
-    };
+            .boxed(),
+    }
+}
+
+/// The filter of a process that exports spans: the spans [`exported_spans`] names, and the
+/// events (and spans) `RUST_LOG` asks for.
+struct SpansAndLogs {
+    logs: tracing_subscriber::EnvFilter,
+    spans: tracing_subscriber::filter::Targets,
+}
+
+impl SpansAndLogs {
+    fn exports(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        metadata.is_span() && self.spans.would_enable(metadata.target(), metadata.level())
+    }
+}
+
+impl<S> Layer<S> for SpansAndLogs
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn register_callsite(
+        &self,
+        metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if self.exports(metadata) {
+            tracing::subscriber::Interest::always()
+        } else {
+            Layer::<S>::register_callsite(&self.logs, metadata)
+        }
+    }
+
+    fn enabled(
+        &self,
+        metadata: &tracing::Metadata<'_>,
+        cx: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        self.exports(metadata) || Layer::<S>::enabled(&self.logs, metadata, cx)
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        let logs = Layer::<S>::max_level_hint(&self.logs)?;
+        Some(logs.max(tracing::level_filters::LevelFilter::INFO))
+    }
+
+    // `RUST_LOG` may filter by span (`[span{field=value}]`): the log filter follows spans.
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        cx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        Layer::<S>::on_new_span(&self.logs, attrs, id, cx);
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        cx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        Layer::<S>::on_record(&self.logs, id, values, cx);
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        Layer::<S>::on_enter(&self.logs, id, cx);
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        Layer::<S>::on_exit(&self.logs, id, cx);
+    }
+
+    fn on_close(&self, id: tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        Layer::<S>::on_close(&self.logs, id, cx);
+    }
+}
+
+/// Which spans are exported: every span at INFO or above, Sagaflow's and the step handlers',
+/// but not those of the database driver, the HTTP stack or the exporter itself (whose spans
+/// would be exported by the export they describe).
+fn exported_spans() -> tracing_subscriber::filter::Targets {
+    use tracing::level_filters::LevelFilter;
+    tracing_subscriber::filter::Targets::new()
+        .with_default(LevelFilter::INFO)
+        .with_targets([
+            ("sqlx", LevelFilter::WARN),
+            ("sea_orm", LevelFilter::WARN),
+            ("async_nats", LevelFilter::WARN),
+            ("hyper", LevelFilter::OFF),
+            ("hyper_util", LevelFilter::OFF),
+            ("h2", LevelFilter::OFF),
+            ("reqwest", LevelFilter::OFF),
+            ("opentelemetry", LevelFilter::OFF),
+            ("opentelemetry_sdk", LevelFilter::OFF),
+            ("opentelemetry_otlp", LevelFilter::OFF),
+            ("opentelemetry_http", LevelFilter::OFF),
+        ])
+}
+
+/// Where spans go, if anywhere: the standard OpenTelemetry variables, traces' own first.
+fn otlp_endpoint() -> Option<String> {
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .into_iter()
+    .filter_map(|name| std::env::var(name).ok())
+    .find(|value| !value.trim().is_empty())
+}
+
+/// The OTLP protocol the variables ask for; protobuf over HTTP by default, as the
+/// specification says.
+fn otlp_protocol() -> Result<opentelemetry_otlp::Protocol, String> {
+    let asked = [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]
+    .into_iter()
+    .filter_map(|name| std::env::var(name).ok())
+    .find(|value| !value.trim().is_empty());
+    match asked.as_deref().map(str::trim) {
+        None | Some("http/protobuf") => Ok(opentelemetry_otlp::Protocol::HttpBinary),
+        Some("http/json") => Ok(opentelemetry_otlp::Protocol::HttpJson),
+        Some(other) => Err(format!(
+            "OTEL_EXPORTER_OTLP_PROTOCOL `{other}` is not supported: use http/protobuf or http/json"
+        )),
+    }
+}
+
+/// Random ids, except for a saga's root span, whose ids come from its saga id
+/// ([`crate::telemetry::record_finished_saga`]).
+#[derive(Debug, Default)]
+struct SagaRootIds {
+    random: opentelemetry_sdk::trace::RandomIdGenerator,
+}
+
+impl opentelemetry_sdk::trace::IdGenerator for SagaRootIds {
+    fn new_trace_id(&self) -> opentelemetry::trace::TraceId {
+        crate::telemetry::NEXT_ROOT_IDS
+            .with(|ids| ids.get())
+            .map_or_else(|| self.random.new_trace_id(), |(trace, _)| trace)
+    }
+
+    fn new_span_id(&self) -> opentelemetry::trace::SpanId {
+        crate::telemetry::NEXT_ROOT_IDS
+            .with(|ids| ids.get())
+            .map_or_else(|| self.random.new_span_id(), |(_, span)| span)
+    }
 }
 
 /// Resolves when the process is asked to stop: SIGTERM (what `kill` and service managers send)

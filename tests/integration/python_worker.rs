@@ -112,6 +112,11 @@ impl Drop for ChildGuard {
     }
 }
 
+/// The Python worker's script.
+pub(crate) fn python_worker_script() -> PathBuf {
+    repo_root().join("tests/python/transfer_worker.py")
+}
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -120,7 +125,7 @@ fn repo_root() -> PathBuf {
 }
 
 /// Fails (never skips) when the Python side cannot run here.
-fn require_python_with_nats() {
+pub(crate) fn require_python_with_nats() {
     let output = Command::new("python3")
         .args(["-c", "import nats, sqlite3; print(nats.__name__)"])
         .output()
@@ -141,7 +146,7 @@ async fn start_python_worker(nats_url: &str, dir: &Path) -> ChildGuard {
     let log = dir.join("python-worker.log");
     let stderr = std::fs::File::create(&log).expect("create the worker's log");
     let mut child = Command::new("python3")
-        .arg(repo_root().join("tests/python/transfer_worker.py"))
+        .arg(python_worker_script())
         .args(["--nats-url", nats_url, "--id", WORKER_ID, "--db"])
         .arg(dir.join("py_transfer_worker.db"))
         .stdin(Stdio::null())

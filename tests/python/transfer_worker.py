@@ -14,6 +14,14 @@ The money rules, so that the test can steer outcomes through the input alone:
 - `credit` (the pivot) fails permanently (`account_closed`) when `to` starts with `closed-`;
 - `notify` fails retryably (`mail_busy`) on its first attempt, then succeeds.
 
+Tracing (section 16): the worker joins the trace a command's `traceparent` header names (or,
+without a valid one, the saga's own trace, whose id is the saga id), makes a `process` span per
+command it serves and a `send` span per reply it publishes, and puts the send span in the
+reply's `traceparent` (and the command's `tracestate`, unchanged). The spans are exported as
+OTLP/HTTP JSON only when `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (the full URL) or
+`OTEL_EXPORTER_OTLP_ENDPOINT` (to which `/v1/traces` is added) is set, under the service name
+`OTEL_SERVICE_NAME` (default `py-transfer-worker`); otherwise none are kept.
+
 Run: python3 tests/python/transfer_worker.py --nats-url nats://127.0.0.1:4222 --db /tmp/w.db
 It prints `READY <id>` on stdout once its consumer exists and an engine accepted its definition.
 """
@@ -23,9 +31,12 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
 import sqlite3
 import sys
+import time
+import urllib.request
 import uuid
 
 import nats
@@ -490,12 +501,292 @@ def epoch_of(command):
     return epoch if is_u64(epoch) else 0
 
 
+# Section 16 (tracing): the W3C trace context a command carries in its headers, the spans this
+# worker makes while serving it, and their export over OTLP/HTTP JSON.
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+MSG_ID = "Nats-Msg-Id"
+SAMPLED = "01"
+SPAN_KIND_PRODUCER = 4
+SPAN_KIND_CONSUMER = 5
+STATUS_UNSET = 0
+STATUS_ERROR = 2
+SERVICE_NAME = "py-transfer-worker"
+EXPORT_INTERVAL_SECONDS = 0.2
+EXPORT_TIMEOUT_SECONDS = 5
+MAX_BUFFERED_SPANS = 10000
+LOWER_HEX = frozenset("0123456789abcdef")
+
+
+def is_lower_hex(text, length):
+    return len(text) == length and set(text) <= LOWER_HEX
+
+
+def parse_traceparent(value):
+    """Section 16 (tracing): (trace id, parent span id, flags) of a `traceparent` header, or None
+    unless it reads `00-<32 hex>-<16 hex>-<2 hex>` in lowercase with neither id all zeros."""
+    if not isinstance(value, str):
+        return None
+    fields = value.strip().split("-")
+    if len(fields) != 4:
+        return None
+    version, trace_id, span_id, flags = fields
+    valid = (
+        version == "00"
+        and is_lower_hex(trace_id, 32)
+        and trace_id != "0" * 32
+        and is_lower_hex(span_id, 16)
+        and span_id != "0" * 16
+        and is_lower_hex(flags, 2)
+    )
+    return (trace_id, span_id, flags) if valid else None
+
+
+def saga_trace(saga_id):
+    """A saga's own trace (section 16): the saga id as the trace id, the id's last 16 hex digits
+    as the span id of the saga's root span, sampled."""
+    trace_id = uuid.UUID(saga_id).hex
+    return trace_id, trace_id[16:], SAMPLED
+
+
+def header(headers, name):
+    """A header's value, or None. nats-py gives the headers as a dict (or None), names as sent."""
+    if not headers:
+        return None
+    if name in headers:
+        return headers[name]
+    return next((value for key, value in headers.items() if key.lower() == name.lower()), None)
+
+
+class TraceContext:
+    """Where a span sits: its trace, its parent span, the trace flags and the `tracestate` that
+    travels with them."""
+
+    def __init__(self, trace_id, parent_id, flags, state=None):
+        self.trace_id = trace_id
+        self.parent_id = parent_id
+        self.flags = flags
+        self.state = state
+
+    @property
+    def sampled(self):
+        return int(self.flags, 16) & 1 == 1
+
+
+def incoming_context(headers, saga_id):
+    """Section 16 (tracing): the parent of the spans for a command: the one its `traceparent`
+    names, or else the root span of the saga's own trace."""
+    parsed = parse_traceparent(header(headers, TRACEPARENT))
+    if parsed is None:
+        # A `tracestate` is only meaningful beside the `traceparent` it came with (W3C).
+        return TraceContext(*saga_trace(saga_id))
+    return TraceContext(*parsed, state=header(headers, TRACESTATE) or None)
+
+
+def new_span_id():
+    span_id = secrets.token_hex(8)
+    return span_id if span_id != "0" * 16 else new_span_id()
+
+
+class Span:
+    """One span of this worker; `finish` hands it to the exporter, which may ignore it."""
+
+    def __init__(self, exporter, context, name, kind, attributes, start=None):
+        self.exporter = exporter
+        self.context = context
+        self.span_id = new_span_id()
+        self.name = name
+        self.kind = kind
+        self.attributes = attributes
+        self.start = start if start is not None else time.time_ns()
+        self.end = None
+        self.status = (STATUS_UNSET, "")
+
+    def child(self, name, kind, attributes):
+        context = TraceContext(self.context.trace_id, self.span_id, self.context.flags, self.context.state)
+        return Span(self.exporter, context, name, kind, attributes)
+
+    def trace_headers(self):
+        """Section 16 (tracing): the headers that make this span the parent of a message's reader."""
+        context = self.context
+        headers = {TRACEPARENT: f"00-{context.trace_id}-{self.span_id}-{context.flags}"}
+        if context.state:
+            headers[TRACESTATE] = context.state
+        return headers
+
+    def fail(self, message):
+        self.status = (STATUS_ERROR, message)
+
+    def finish(self):
+        if self.end is None:
+            self.end = time.time_ns()
+            self.exporter.record(self)
+
+    def to_otlp(self):
+        code, message = self.status
+        return {
+            "traceId": self.context.trace_id,
+            "spanId": self.span_id,
+            "parentSpanId": self.context.parent_id,
+            "name": self.name,
+            "kind": self.kind,
+            "startTimeUnixNano": str(self.start),
+            "endTimeUnixNano": str(self.end),
+            "attributes": otlp_attributes(self.attributes),
+            "status": {"code": code, "message": message},
+        }
+
+
+def messaging_attributes(operation_type, operation_name, subject, message_id):
+    """The OpenTelemetry messaging attributes of a span that reads or sends a NATS message."""
+    attributes = {
+        "messaging.system": "nats",
+        "messaging.operation.type": operation_type,
+        "messaging.operation.name": operation_name,
+        "messaging.destination.name": subject,
+    }
+    if message_id is not None:
+        attributes["messaging.message.id"] = message_id
+    return attributes
+
+
+def saga_attributes(command, node):
+    """The `sagaflow.*` attributes of a command's spans, from those of its fields that are valid."""
+    attributes = {"sagaflow.saga_id": command["saga_id"]}
+    for field in ("saga", "step", "direction"):
+        if isinstance(command.get(field), str):
+            attributes[f"sagaflow.{field}"] = command[field]
+    if is_u32(command.get("attempt"), least=1):
+        attributes["sagaflow.attempt"] = command["attempt"]
+    attributes["sagaflow.node"] = node
+    return attributes
+
+
+def record_outcome(span, outcome):
+    """Puts a reply's status on the process span; a permanent failure makes it an error."""
+    if span is None:
+        return
+    span.attributes["sagaflow.outcome"] = outcome["status"]
+    error = outcome.get("error")
+    if outcome["status"] == "failed" and isinstance(error, dict) and error.get("class") == "permanent":
+        span.fail(str(error.get("message", "")))
+
+
+# OTLP/HTTP JSON: ids in lowercase hex, 64-bit integers as decimal strings.
+def otlp_value(value):
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if is_int(value):
+        return {"intValue": str(value)}
+    return {"stringValue": str(value)}
+
+
+def otlp_attributes(attributes):
+    return [{"key": key, "value": otlp_value(value)} for key, value in attributes.items()]
+
+
+def otlp_body(spans, service_name):
+    """The body of an OTLP/HTTP JSON export of `spans`."""
+    return {
+        "resourceSpans": [
+            {
+                "resource": {"attributes": otlp_attributes({"service.name": service_name})},
+                "scopeSpans": [{"scope": {"name": SERVICE_NAME}, "spans": [s.to_otlp() for s in spans]}],
+            }
+        ]
+    }
+
+
+def traces_url(environ):
+    """Where to export spans, from the standard OpenTelemetry variables, or None: no export."""
+    url = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if url:
+        return url
+    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    return f"{base.rstrip('/')}/v1/traces" if base else None
+
+
+def post_spans(url, spans, service_name):
+    """One blocking POST of an export; raises on any failure, a non-2xx answer included."""
+    body = json.dumps(otlp_body(spans, service_name), separators=(",", ":")).encode()
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=EXPORT_TIMEOUT_SECONDS) as response:
+        response.read()
+
+
+class SpanExporter:
+    """Buffers finished, sampled spans and posts them every 200 ms from a background task, the
+    POST running in a thread so that serving never waits on it. Without a URL it keeps nothing.
+    A failed export is logged and its spans dropped."""
+
+    def __init__(self, url=None, service_name=SERVICE_NAME):
+        self.url = url
+        self.service_name = service_name
+        self.spans = []
+        self.full = False
+        self.task = None
+
+    @classmethod
+    def from_env(cls, environ=os.environ):
+        return cls(traces_url(environ), environ.get("OTEL_SERVICE_NAME") or SERVICE_NAME)
+
+    def record(self, span):
+        if self.url is None or not span.context.sampled:
+            return
+        if len(self.spans) >= MAX_BUFFERED_SPANS:
+            if not self.full:
+                log.warning("%d spans wait for export; dropping further spans", len(self.spans))
+                self.full = True
+            return
+        self.spans.append(span)
+
+    def start(self):
+        if self.url is not None:
+            self.task = asyncio.create_task(self.run())
+
+    async def run(self):
+        while True:
+            await asyncio.sleep(EXPORT_INTERVAL_SECONDS)
+            await self.flush()
+
+    async def flush(self):
+        spans, self.spans, self.full = self.spans, [], False
+        if not spans:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, post_spans, self.url, spans, self.service_name)
+        except Exception as e:
+            log.warning("exporting %d spans to %s failed (%r); they are dropped", len(spans), self.url, e)
+
+    async def close(self):
+        """Stops the background task and exports what is left, once."""
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+            self.task = None
+        await self.flush()
+
+
+def parse_command(data):
+    """Section 10 step 1: the command and why it is malformed (None when it is not)."""
+    try:
+        command = json.loads(data)
+        return command, schema_problem(command)
+    except ValueError as e:
+        return None, f"not JSON: {e}"
+
+
 class Worker:
-    def __init__(self, nc, js, ledger, worker_id):
+    def __init__(self, nc, js, ledger, worker_id, exporter=None):
         self.nc = nc
         self.js = js
         self.ledger = ledger
         self.id = worker_id
+        self.exporter = exporter if exporter is not None else SpanExporter()
 
     def reply_to(self, command, outcome):
         """Section 7.2: the reply, copied fields first, outcome flattened beside them."""
@@ -512,95 +803,138 @@ class Worker:
         reply.update(outcome)
         return reply
 
-    async def publish_reply(self, reply_to, epoch, reply):
+    def process_span(self, msg, command, received):
+        """Section 16 (tracing): the span of serving `msg`, from its receipt to its ack, in the
+        trace the command names; None for a command without a saga id."""
+        if not isinstance(command, dict) or not is_uuid(command.get("saga_id")):
+            return None
+        attributes = messaging_attributes("process", "process", msg.subject, header(msg.headers, MSG_ID))
+        attributes.update(saga_attributes(command, self.id))
+        context = incoming_context(msg.headers, command["saga_id"])
+        return Span(self.exporter, context, f"process {msg.subject}", SPAN_KIND_CONSUMER, attributes, received)
+
+    @staticmethod
+    def send_span(parent, reply_to, message_id):
+        """Section 16 (tracing): the span of publishing a reply, a child of the process span."""
+        if parent is None:
+            return None
+        attributes = messaging_attributes("send", "publish", reply_to, message_id)
+        attributes.update(
+            (key, value)
+            for key, value in parent.attributes.items()
+            if key.startswith("sagaflow.") and key != "sagaflow.outcome"
+        )
+        return parent.child(f"send {reply_to}", SPAN_KIND_PRODUCER, attributes)
+
+    async def publish_reply(self, reply_to, epoch, reply, span=None):
         """Sections 3, 6 and 10 step 7: a JetStream publish on the command's `reply_to`, opaque
-        and unchanged, with Nats-Msg-Id `reply:{command_id}@{epoch}`, waiting for the ack."""
+        and unchanged, with Nats-Msg-Id `reply:{command_id}@{epoch}`, waiting for the ack.
+        Section 16 (tracing): under the process `span`, with the send span's `traceparent`."""
         payload = json.dumps(reply, separators=(",", ":")).encode()
         if len(payload) > MAX_MESSAGE_BYTES:
             raise ValueError(f"reply of {len(payload)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
-        ack = await self.js.publish(
-            reply_to,
-            payload,
-            timeout=5,
-            headers={"Nats-Msg-Id": reply_message_id(reply["command_id"], epoch)},
-        )
+        message_id = reply_message_id(reply["command_id"], epoch)
+        headers = {MSG_ID: message_id}
+        send = self.send_span(span, reply_to, message_id)
+        if send is not None:
+            headers.update(send.trace_headers())
+        try:
+            ack = await self.js.publish(reply_to, payload, timeout=5, headers=headers)
+        except Exception as e:
+            if send is not None:
+                send.fail(f"the reply was not stored: {e!r}")
+            raise
+        finally:
+            if send is not None:
+                send.finish()
         if ack.duplicate:
             log.info("reply to %s was already stored", reply["command_id"])
 
     async def serve(self, msg):
-        # Step 1: parse.
+        received = time.time_ns()
+        command, problem = parse_command(msg.data)
+        span = self.process_span(msg, command, received)
         try:
-            command = json.loads(msg.data)
-            problem = schema_problem(command)
-        except ValueError as e:
-            command, problem = None, f"not JSON: {e}"
-        if problem is not None:
-            log.warning("malformed command on %s dropped: %s", msg.subject, problem)
-            if names_its_attempt(command):
-                reply = self.reply_to(
-                    command,
-                    failed("permanent", "malformed_command", f"the command does not match the protocol: {problem}"),
-                )
-                try:
-                    await self.publish_reply(command["reply_to"], epoch_of(command), reply)
-                except Exception as e:
-                    log.warning("could not answer the malformed command: %r", e)
-            await msg.term()
-            return
+            if problem is not None:
+                await self.refuse(msg, command, problem, span)
+            else:
+                await self.answer(msg, command, span)
+        finally:
+            if span is not None:
+                span.finish()
 
-        # Steps 2-3: version, saga, step. Step 4: the epoch. Steps 5-6: the record, or the handler.
+    async def refuse(self, msg, command, problem, span):
+        """Section 10 step 1: a malformed command is answered if it names its attempt, and
+        terminated."""
+        log.warning("malformed command on %s dropped: %s", msg.subject, problem)
+        if names_its_attempt(command):
+            outcome = failed("permanent", "malformed_command", f"the command does not match the protocol: {problem}")
+            record_outcome(span, outcome)
+            try:
+                await self.publish_reply(command["reply_to"], epoch_of(command), self.reply_to(command, outcome), span)
+            except Exception as e:
+                log.warning("could not answer the malformed command: %r", e)
+        elif span is not None:
+            span.fail(f"malformed command dropped unanswered: {problem}")
+        await msg.term()
+
+    def outcome_of(self, command):
+        """Steps 2-3: version, saga, step. Step 4: the epoch. Steps 5-6: the record, or the
+        handler. Raises StoreUnavailable when the worker's database cannot answer."""
         if command["v"] != PROTOCOL_VERSION:
             log.warning("command %s has schema version %s", command["command_id"], command["v"])
-            outcome = failed(
+            return failed(
                 "permanent",
                 "unsupported_version",
                 f"command schema version {command['v']} is not supported by this worker (it speaks {PROTOCOL_VERSION})",
             )
-        elif command["saga"] != SAGA or command["saga_version"] != SAGA_VERSION:
-            outcome = failed(
+        if command["saga"] != SAGA or command["saga_version"] != SAGA_VERSION:
+            return failed(
                 "permanent",
                 "unknown_saga",
                 f"this worker serves no saga `{command['saga']}` version {command['saga_version']}",
             )
-        elif (
+        if (
             command["step_index"] >= len(SPEC["steps"])
             or SPEC["steps"][command["step_index"]]["name"] != command["step"]
             or (command["step"], command["direction"]) not in HANDLERS
         ):
-            outcome = failed(
+            return failed(
                 "permanent",
                 "unknown_step",
                 f"saga `{SAGA}` v{SAGA_VERSION} has no step `{command['step']}` ({command['direction']}) at position {command['step_index']}",
             )
-        else:
-            try:
-                highest = self.ledger.check_epoch(command["partition"], command["epoch"])
-                if command["epoch"] < highest:
-                    # Rule 9.7: the sender lost the partition. Neither the record nor the
-                    # handler is looked at: the reply says nothing about the step.
-                    log.warning(
-                        "command %s of partition %s has epoch %s, superseded by %s: refused",
-                        command["command_id"], command["partition"], command["epoch"], highest,
-                    )
-                    outcome = failed(
-                        "permanent",
-                        "stale_epoch",
-                        f"partition {command['partition']}: epoch {command['epoch']} was superseded by "
-                        f"epoch {highest}; the engine node that sent this command no longer owns the "
-                        "saga, nothing was run",
-                    )
-                else:
-                    handler = HANDLERS[(command["step"], command["direction"])]
-                    outcome = self.ledger.answer(command, handler)
-            except StoreUnavailable as e:
-                log.warning("worker database unavailable (%s); command %s retried later", e, command["command_id"])
-                await msg.nak(delay=1.0)
-                return
+        highest = self.ledger.check_epoch(command["partition"], command["epoch"])
+        if command["epoch"] < highest:
+            # Rule 9.7: the sender lost the partition. Neither the record nor the handler is
+            # looked at: the reply says nothing about the step.
+            log.warning(
+                "command %s of partition %s has epoch %s, superseded by %s: refused",
+                command["command_id"], command["partition"], command["epoch"], highest,
+            )
+            return failed(
+                "permanent",
+                "stale_epoch",
+                f"partition {command['partition']}: epoch {command['epoch']} was superseded by "
+                f"epoch {highest}; the engine node that sent this command no longer owns the "
+                "saga, nothing was run",
+            )
+        handler = HANDLERS[(command["step"], command["direction"])]
+        return self.ledger.answer(command, handler)
+
+    async def answer(self, msg, command, span):
+        try:
+            outcome = self.outcome_of(command)
+        except StoreUnavailable as e:
+            log.warning("worker database unavailable (%s); command %s retried later", e, command["command_id"])
+            await msg.nak(delay=1.0)
+            return
+        record_outcome(span, outcome)
 
         # Step 7: reply where the command says, wait for JetStream to store it, then ack.
         reply = self.reply_to(command, outcome)
         try:
-            await self.publish_reply(command["reply_to"], command["epoch"], reply)
+            await self.publish_reply(command["reply_to"], command["epoch"], reply, span)
         except Exception as e:
             log.warning("reply to %s not stored (%r); the command will be redelivered", command["command_id"], e)
             try:
@@ -705,7 +1039,9 @@ async def main():
     subscription = await ensure_consumer(js, SAGA)
     await announce(nc, once=True)
     reannounce = asyncio.create_task(announce(nc, once=False))
-    worker = Worker(nc, js, ledger, args.id)
+    exporter = SpanExporter.from_env()
+    exporter.start()
+    worker = Worker(nc, js, ledger, args.id, exporter)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -731,7 +1067,11 @@ async def main():
 
     log.info("stopping")
     reannounce.cancel()
-    await nc.drain()
+    try:
+        await nc.drain()
+    finally:
+        # Section 16 (tracing): the spans of the last commands served leave before the process.
+        await exporter.close()
 
 
 if __name__ == "__main__":

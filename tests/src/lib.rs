@@ -9,6 +9,7 @@ use sea_orm::{ConnectionTrait, Database};
 
 pub mod metrics;
 mod nats;
+pub mod otlp;
 
 pub use nats::{CLUSTER_SIZE, NatsCluster, NatsServer};
 

@@ -94,7 +94,8 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
-    sagaflow_sdk::process::init_logging_as(args.log_format);
+    // Held to the end: dropping it sends the spans still buffered.
+    let _telemetry = sagaflow_sdk::process::init_telemetry("sagaflow", args.log_format)?;
     match args.command {
         Commands::Demo(demo) => demo::run(demo).await,
         Commands::List(args) => list::run(args).await,

@@ -12,16 +12,17 @@ use std::time::Duration;
 
 use sagaflow_protocol::backoff::RandomizedDelays;
 use sagaflow_protocol::{Direction, SagaSpec, Timestamp};
+use sagaflow_sdk::telemetry;
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
-use tracing::{debug, error, warn};
+use tracing::{Span, debug, error, field, info_span, warn};
 use uuid::Uuid;
 
 use super::catalog::Catalog;
 use crate::EngineError;
 use crate::machine::{
     Activity, Command, Event, Inputs, OperatorCommand, Record, RecordKind, Reply, SagaState,
-    Transition, decide,
+    SagaStatus, Transition, decide,
 };
 use crate::metrics::{self, StaleCause};
 use crate::store::{Fence, SagaWrite, Store, StoredSaga, WriteOutcome};
@@ -30,6 +31,7 @@ use sagaflow_protocol::{StepCommand, StepReply};
 use super::commands::{Route, command_for};
 use super::leases::{Ownership, changed_partitions};
 use super::relay::Outgoing;
+use super::transport::Outbound;
 
 /// The most events folded into one commit.
 const MAX_BATCH: usize = 512;
@@ -42,8 +44,9 @@ pub(crate) enum Inbound {
         start_key: Option<String>,
         respond: oneshot::Sender<Result<Uuid, EngineError>>,
     },
-    /// A worker's reply, with the acknowledgement to send once its transition is committed.
-    Reply(StepReply, Option<Acker>),
+    /// A worker's reply, with the acknowledgement to send once its transition is committed and
+    /// the span of its receipt (the parent of the transition it causes).
+    Reply(StepReply, Option<Acker>, Span),
     Wake(Uuid),
     /// A message about a saga that was refused; recorded in its history.
     Rejected {
@@ -133,6 +136,8 @@ struct Pending {
     events: Vec<Inbound>,
     start_responders: Vec<oneshot::Sender<Result<Uuid, EngineError>>>,
     operator_responders: Vec<oneshot::Sender<Result<(), EngineError>>>,
+    /// The span of this batch's transition of the saga, in the saga's trace.
+    span: Span,
 }
 
 impl Driver {
@@ -169,7 +174,7 @@ impl Driver {
                     let route = self.route(fence, stored.state.saga_id);
                     if let Some(command) = resend_command(&stored.state, &spec, route) {
                         let _ = self.relay.send(Outgoing {
-                            commands: vec![command],
+                            commands: vec![Outbound::uncaused(command)],
                             in_outbox: false,
                         });
                         resent += 1;
@@ -274,7 +279,7 @@ impl Driver {
             return None;
         };
         let refused_now = work.events.iter().any(|event| match event {
-            Inbound::Reply(reply, _) => {
+            Inbound::Reply(reply, _, _) => {
                 reply.step_index == step
                     && reply.direction == direction
                     && reply.attempt == attempt
@@ -371,6 +376,8 @@ impl Driver {
                     if let Some(key) = &start_key {
                         keys_in_batch.insert(key.clone(), saga_id);
                     }
+                    let span = transition_span(saga_id, &spec.name, &ownership.fence.node, "start");
+                    telemetry::join_saga_trace(&span, saga_id, None);
                     order.push(saga_id);
                     pending.insert(
                         saga_id,
@@ -384,6 +391,7 @@ impl Driver {
                             events: Vec::new(),
                             start_responders: vec![respond],
                             operator_responders: Vec::new(),
+                            span,
                         },
                     );
                 }
@@ -402,7 +410,7 @@ impl Driver {
         pending: &mut HashMap<Uuid, Pending>,
     ) {
         let (saga_id, event) = match &inbound {
-            Inbound::Reply(reply, _) => (reply.saga_id, Event::Reply(machine_reply(reply))),
+            Inbound::Reply(reply, _, _) => (reply.saga_id, Event::Reply(machine_reply(reply))),
             Inbound::Rejected {
                 saga_id,
                 source,
@@ -428,13 +436,14 @@ impl Driver {
         if let Entry::Vacant(slot) = pending.entry(saga_id) {
             let Some(stored) = self.cache.get(&saga_id).cloned() else {
                 match inbound {
-                    Inbound::Reply(reply, acker) => {
+                    Inbound::Reply(reply, acker, span) => {
                         warn!(
+                            parent: &span,
                             saga = %reply.saga_id,
                             command = %reply.command_id,
                             "reply for an unknown saga; dropped"
                         );
-                        acknowledge(vec![Inbound::Reply(reply, acker)]);
+                        acknowledge(vec![Inbound::Reply(reply, acker, span)]);
                     }
                     Inbound::Operator { respond, .. } => {
                         let _ = respond.send(Err(EngineError::UnknownSaga(saga_id)));
@@ -450,8 +459,19 @@ impl Driver {
                     return;
                 }
             };
+            let span = transition_span(
+                saga_id,
+                &spec.name,
+                &self.seen_fence.node,
+                event_name(&inbound),
+            );
+            match &inbound {
+                Inbound::Reply(_, _, received) => telemetry::follow(&span, received, saga_id),
+                _ => telemetry::join_saga_trace(&span, saga_id, None),
+            }
             order.push(saga_id);
             slot.insert(Pending {
+                span,
                 spec,
                 state: stored.state.clone(),
                 base: Some(stored),
@@ -512,10 +532,26 @@ impl Driver {
                     .collect()
             })
             .collect();
+        let writing = |w: &&Pending| w.base.is_none() || !w.records.is_empty();
+        let batch_size = works.iter().filter(writing).count();
+        // One span per saga for the one commit they share, each in its saga's trace.
+        let commit_spans: Vec<Span> = works
+            .iter()
+            .filter(writing)
+            .map(|w| {
+                describe_transition(w);
+                info_span!(
+                    parent: &w.span,
+                    "commit",
+                    sagaflow.batch_size = batch_size,
+                    sagaflow.outcome = field::Empty,
+                )
+            })
+            .collect();
         let writes: Vec<SagaWrite<'_>> = works
             .iter()
             .zip(&dispatches)
-            .filter(|(w, _)| w.base.is_none() || !w.records.is_empty())
+            .filter(|(w, _)| writing(w))
             .map(|(w, commands)| SagaWrite {
                 spec: &w.spec,
                 base: w.base.as_ref(),
@@ -551,6 +587,12 @@ impl Driver {
             result
         };
         drop(writes);
+        if let Ok(outcomes) = &outcomes {
+            for (span, outcome) in commit_spans.iter().zip(outcomes) {
+                span.record("sagaflow.outcome", outcome_name(outcome));
+            }
+        }
+        drop(commit_spans);
         let outcomes = match outcomes {
             Ok(outcomes) => outcomes,
             Err(error) => {
@@ -598,7 +640,23 @@ impl Driver {
                 }) => {
                     metrics::committed(&work.spec.name, &work.records, now);
                     self.time_attempts(&work);
-                    to_publish.extend(commands);
+                    if matches!(
+                        work.state.status,
+                        SagaStatus::Completed | SagaStatus::Compensated
+                    ) {
+                        telemetry::record_finished_saga(telemetry::FinishedSaga {
+                            saga_id,
+                            saga: &work.spec.name,
+                            version: work.state.version,
+                            status: work.state.status.as_str(),
+                            started: system_time(work.state.created_at),
+                            node: &ownership.fence.node,
+                        });
+                    }
+                    to_publish.extend(commands.into_iter().map(|command| Outbound {
+                        command,
+                        cause: work.span.clone(),
+                    }));
                     if let Some(again) = self.resend_after_stale_refusal(&work, &ownership.fence) {
                         to_resend.push(again);
                     }
@@ -693,7 +751,7 @@ impl Driver {
         if !to_resend.is_empty() {
             // Not in the outbox: if this send is lost, the attempt's deadline recovers it.
             let _ = self.relay.send(Outgoing {
-                commands: to_resend,
+                commands: to_resend.into_iter().map(Outbound::uncaused).collect(),
                 in_outbox: false,
             });
         }
@@ -769,7 +827,7 @@ impl Driver {
         let missing: Vec<Uuid> = batch
             .iter()
             .filter_map(|inbound| match inbound {
-                Inbound::Reply(reply, _) => Some(reply.saga_id),
+                Inbound::Reply(reply, _, _) => Some(reply.saga_id),
                 Inbound::Rejected { saga_id, .. } => Some(*saga_id),
                 Inbound::Wake(id) => Some(*id),
                 Inbound::Operator { saga_id, .. } => Some(*saga_id),
@@ -848,7 +906,7 @@ fn commit_failure(error: &EngineError, doing: &'static str) -> EngineError {
 /// nothing to commit).
 fn acknowledge(events: Vec<Inbound>) {
     for event in events {
-        if let Inbound::Reply(_, Some(acker)) = event {
+        if let Inbound::Reply(_, Some(acker), _) = event {
             acker(Settle::Done);
         }
     }
@@ -858,7 +916,7 @@ fn acknowledge(events: Vec<Inbound>) {
 /// write what they cause, the partition's owner will.
 fn redeliver(events: Vec<Inbound>) {
     for event in events {
-        if let Inbound::Reply(_, Some(acker)) = event {
+        if let Inbound::Reply(_, Some(acker), _) = event {
             acker(Settle::Redeliver);
         }
     }
@@ -879,6 +937,79 @@ fn apply(
             delays: &mut RandomizedDelays,
         },
     )?)
+}
+
+/// The span of one saga's transition in a batch, caused by an event of kind `event`; its step,
+/// attempt and resulting status are recorded once the batch is folded
+/// ([`describe_transition`]).
+fn transition_span(saga_id: Uuid, saga: &str, node: &str, event: &'static str) -> Span {
+    info_span!(
+        parent: None,
+        "transition",
+        otel.name = %format!("transition {saga}"),
+        sagaflow.saga_id = %saga_id,
+        sagaflow.saga = saga,
+        sagaflow.node = node,
+        sagaflow.event = event,
+        sagaflow.step = field::Empty,
+        sagaflow.direction = field::Empty,
+        sagaflow.attempt = field::Empty,
+        sagaflow.status = field::Empty,
+    )
+}
+
+/// What caused a transition, as its span says.
+fn event_name(inbound: &Inbound) -> &'static str {
+    match inbound {
+        Inbound::Start { .. } => "start",
+        Inbound::Reply(..) => "reply",
+        Inbound::Wake(_) => "timer",
+        Inbound::Operator { .. } => "operator",
+        Inbound::Rejected { .. } => "rejected",
+        Inbound::Shutdown => "shutdown",
+    }
+}
+
+/// Records on a transition's span the status it leads to and the attempt it is about: the one
+/// a reply answered, or else the one it dispatched.
+fn describe_transition(work: &Pending) {
+    if work.span.is_disabled() {
+        return;
+    }
+    work.span
+        .record("sagaflow.status", work.state.status.as_str());
+    let answered = work.events.iter().find_map(|event| match event {
+        Inbound::Reply(reply, _, _) => Some((reply.step.as_str(), reply.direction, reply.attempt)),
+        _ => None,
+    });
+    let dispatched = || {
+        work.commands.iter().find_map(|command| match command {
+            Command::Dispatch(d) => Some((d.step_name.as_str(), d.direction, d.attempt)),
+            _ => None,
+        })
+    };
+    if let Some((step, direction, attempt)) = answered.or_else(dispatched) {
+        work.span.record("sagaflow.step", step);
+        work.span
+            .record("sagaflow.direction", tracing::field::display(direction));
+        work.span.record("sagaflow.attempt", attempt);
+    }
+}
+
+/// How a saga's write ended, as its commit span says.
+fn outcome_name(outcome: &WriteOutcome) -> &'static str {
+    match outcome {
+        WriteOutcome::Committed { .. } => "committed",
+        WriteOutcome::Fenced => "fenced",
+        WriteOutcome::Stale => "stale",
+        WriteOutcome::StartKeyTaken => "start_key_taken",
+    }
+}
+
+/// `at` as the system clock's time.
+fn system_time(at: Timestamp) -> std::time::SystemTime {
+    let millis = u64::try_from(at.as_millis()).unwrap_or(0);
+    std::time::UNIX_EPOCH + Duration::from_millis(millis)
 }
 
 /// A worker's reply as the state machine's event.

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sagaflow_protocol::SagaSpec;
-use sagaflow_protocol::StepReply;
 use sagaflow_sdk::Saga;
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -28,7 +27,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 pub use catalog::Catalog;
-pub use transport::{InProcess, Transport, run_attempt};
+pub use transport::{HandledReply, InProcess, Outbound, Transport, run_attempt};
 
 use crate::EngineError;
 use crate::machine::{OperatorCommand, SagaStatus};
@@ -224,13 +223,16 @@ impl Engine {
         }
         let catalog_for_gauges = catalog.clone();
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
-        let (replies_tx, mut replies_rx) = mpsc::unbounded_channel::<StepReply>();
+        let (replies_tx, mut replies_rx) = mpsc::unbounded_channel::<HandledReply>();
         let (transport, pool) =
             InProcess::spawn(catalog.clone(), options.worker_concurrency, replies_tx);
         let forward_inbox = inbox.clone();
         let forward_replies = tokio::spawn(async move {
-            while let Some(reply) = replies_rx.recv().await {
-                if forward_inbox.send(Inbound::Reply(reply, None)).is_err() {
+            while let Some((reply, span)) = replies_rx.recv().await {
+                if forward_inbox
+                    .send(Inbound::Reply(reply, None, span))
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -275,8 +277,17 @@ impl Engine {
             nats::warn_untimed_steps(spec);
         }
         let broker = nats::Broker::connect(nats_url, options.stream_replicas).await?;
+        // Named before it starts, so that its spans name it from the first one.
+        let node = options
+            .node
+            .clone()
+            .unwrap_or_else(|| this_node(options.host.clone()));
+        let options = EngineOptions {
+            node: Some(node.clone()),
+            ..options
+        };
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
-        let transport = Arc::new(broker.transport());
+        let transport = Arc::new(broker.transport(&node.id));
         let mut engine = Self::assemble(
             store.clone(),
             catalog.clone(),
@@ -289,7 +300,7 @@ impl Engine {
         .await?;
         engine.intake.push(
             broker
-                .consume_replies(inbox.clone(), engine.ownership.clone())
+                .consume_replies(inbox.clone(), engine.ownership.clone(), &node.id)
                 .await?,
         );
         engine

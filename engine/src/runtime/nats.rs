@@ -10,21 +10,22 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use sagaflow_protocol::backoff::Backoff;
+use sagaflow_protocol::trace::{read_trace_headers, write_trace_headers};
 use sagaflow_protocol::{
-    AnswerCode, EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StartRequest, StepCommand,
-    StepReply, names,
+    AnswerCode, EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StartRequest, StepReply, names,
 };
 use sagaflow_protocol::{durable_consumer, ensure_streams};
+use sagaflow_sdk::telemetry;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{Span, error, info, warn};
 use uuid::Uuid;
 
 use super::Starter;
 use super::catalog::Catalog;
 use super::driver::{Acker, Inbound, Settle};
 use super::leases::Ownership;
-use super::transport::Transport;
+use super::transport::{Outbound, Transport};
 use crate::EngineError;
 use crate::store::Store;
 
@@ -79,9 +80,11 @@ impl Broker {
         self.js.clone()
     }
 
-    pub(crate) fn transport(&self) -> JetStreamTransport {
+    /// The transport that publishes the commands of engine node `node`.
+    pub(crate) fn transport(&self, node: &str) -> JetStreamTransport {
         JetStreamTransport {
             js: self.js.clone(),
+            node: node.into(),
         }
     }
 
@@ -94,9 +97,11 @@ impl Broker {
         &self,
         inbox: mpsc::UnboundedSender<Inbound>,
         mut ownership: watch::Receiver<Ownership>,
+        node: &str,
     ) -> Result<JoinHandle<()>, EngineError> {
         self.retire_legacy_consumer().await?;
         let js = self.js.clone();
+        let node: Arc<str> = node.into();
         Ok(tokio::spawn(async move {
             let mut readers: HashMap<u32, AbortOnDrop> = HashMap::new();
             loop {
@@ -116,6 +121,7 @@ impl Broker {
                             js.clone(),
                             partition,
                             inbox.clone(),
+                            node.clone(),
                         )))
                     });
                 }
@@ -297,6 +303,7 @@ async fn read_partition(
     js: jetstream::Context,
     partition: u32,
     inbox: mpsc::UnboundedSender<Inbound>,
+    node: Arc<str>,
 ) {
     let consumer_name = names::engine_consumer(partition);
     let filter = names::partition_reply_filter(partition);
@@ -353,7 +360,7 @@ async fn read_partition(
                 }
             };
             backoff.succeeded(&what);
-            if let Some(inbound) = admit_reply(message).await
+            if let Some(inbound) = admit_reply(message, &node).await
                 && inbox.send(inbound).is_err()
             {
                 return;
@@ -379,11 +386,15 @@ impl Drop for AbortOnDrop {
 
 /// Turns a reply message into the driver's input, or drops it (acknowledged, so it is not
 /// redelivered) when it cannot be one.
-async fn admit_reply(message: jetstream::Message) -> Option<Inbound> {
+async fn admit_reply(message: jetstream::Message, node: &str) -> Option<Inbound> {
     match serde_json::from_slice::<StepReply>(&message.payload) {
         Ok(reply) if reply.v == PROTOCOL_VERSION => {
+            let span = processing_span(&message, &reply, node);
+            // The processing lasts until the reply is settled: the acker holds the span.
+            let processing = span.clone();
             let acker: Acker = Box::new(move |settle| {
                 tokio::spawn(async move {
+                    let _processing = processing;
                     let kind = match settle {
                         Settle::Done => AckKind::Ack,
                         // Not at once: while this node's lease is lapsing it may still pull
@@ -395,7 +406,7 @@ async fn admit_reply(message: jetstream::Message) -> Option<Inbound> {
                     }
                 });
             });
-            Some(Inbound::Reply(reply, Some(acker)))
+            Some(Inbound::Reply(reply, Some(acker), span))
         }
         Ok(reply) => {
             let reason = format!(
@@ -427,6 +438,25 @@ async fn admit_reply(message: jetstream::Message) -> Option<Inbound> {
             })
         }
     }
+}
+
+/// The span of this node's handling of a reply, under the worker's span that sent it.
+fn processing_span(message: &jetstream::Message, reply: &StepReply, node: &str) -> Span {
+    let headers = message.headers.as_ref();
+    let message_id = headers.and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID));
+    telemetry::processing_span(
+        &message.subject,
+        message_id.map(|id| id.as_str()),
+        read_trace_headers(headers).as_ref(),
+        &telemetry::MessageAbout {
+            saga_id: reply.saga_id,
+            saga: "",
+            step: &reply.step,
+            direction: reply.direction,
+            attempt: reply.attempt,
+            node,
+        },
+    )
 }
 
 fn refusal(code: AnswerCode, message: String) -> EngineAnswer {
@@ -470,15 +500,46 @@ async fn respond(
 /// Publishes step commands to JetStream, de-duplicated by command id.
 pub(crate) struct JetStreamTransport {
     js: jetstream::Context,
+    /// The engine node publishing, named on the spans.
+    node: String,
+}
+
+impl JetStreamTransport {
+    /// The span of one command's publication, with the trace headers that make the worker's
+    /// handling its child (none when nothing records it).
+    fn sending(
+        &self,
+        outbound: &Outbound,
+        subject: &str,
+        id: &str,
+    ) -> (Span, async_nats::HeaderMap) {
+        let command = &outbound.command;
+        let about = telemetry::MessageAbout {
+            saga_id: command.saga_id,
+            saga: &command.saga,
+            step: &command.step,
+            direction: command.direction,
+            attempt: command.attempt,
+            node: &self.node,
+        };
+        let (span, context) = telemetry::sending_span(subject, id, &about, &outbound.cause);
+        span.record("sagaflow.epoch", command.epoch);
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some((parent, state)) = context {
+            write_trace_headers(&mut headers, &parent, state.as_deref());
+        }
+        (span, headers)
+    }
 }
 
 impl Transport for JetStreamTransport {
-    fn publish<'a>(&'a self, commands: &'a [StepCommand]) -> BoxFuture<'a, Vec<String>> {
+    fn publish<'a>(&'a self, commands: &'a [Outbound]) -> BoxFuture<'a, Vec<String>> {
         Box::pin(async move {
             // Send every publish first, then wait for the acks together: one round trip for
             // the batch instead of one per command.
             let mut pending = Vec::with_capacity(commands.len());
-            for command in commands {
+            for outbound in commands {
+                let command = &outbound.command;
                 let payload = match serde_json::to_vec(command) {
                     Ok(payload) => payload,
                     Err(e) => {
@@ -500,33 +561,32 @@ impl Transport for JetStreamTransport {
                     pending.push((command.command_id.clone(), None));
                     continue;
                 }
+                let subject = names::command_subject(&command.saga, &command.step);
+                let message_id = names::command_message_id(&command.command_id, command.epoch);
+                let (span, headers) = self.sending(outbound, &subject, &message_id);
                 let publish = jetstream::message::PublishMessage::build()
                     .payload(payload.into())
-                    .message_id(names::command_message_id(
-                        &command.command_id,
-                        command.epoch,
-                    ));
-                match self
-                    .js
-                    .send_publish(
-                        names::command_subject(&command.saga, &command.step),
-                        publish,
-                    )
-                    .await
-                {
-                    Ok(ack) => pending.push((command.command_id.clone(), Some(ack))),
-                    Err(e) => warn!(command = %command.command_id, error = %e, "publish failed"),
+                    .headers(headers)
+                    .message_id(message_id);
+                match self.js.send_publish(subject, publish).await {
+                    // The span lasts until the broker acknowledges the command.
+                    Ok(ack) => pending.push((command.command_id.clone(), Some((ack, span)))),
+                    Err(e) => {
+                        warn!(parent: &span, command = %command.command_id, error = %e, "publish failed")
+                    }
                 }
             }
             let mut accepted = Vec::with_capacity(pending.len());
             for (id, ack) in pending {
-                let Some(ack) = ack else {
+                let Some((ack, span)) = ack else {
                     accepted.push(id);
                     continue;
                 };
                 match ack.await {
                     Ok(_) => accepted.push(id),
-                    Err(e) => warn!(command = %id, error = %e, "publish not acknowledged"),
+                    Err(e) => {
+                        warn!(parent: &span, command = %id, error = %e, "publish not acknowledged")
+                    }
                 }
             }
             accepted

@@ -12,12 +12,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use sagaflow_protocol::StepCommand;
 use sagaflow_protocol::Timestamp;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use super::transport::Transport;
+use super::transport::{Outbound, Transport};
 use crate::store::Store;
 
 /// How old an unsent command must be before the sweep takes it, so that it does not race the
@@ -39,7 +38,7 @@ const FORGET_AT_MOST: usize = 4_096;
 
 /// Commands for the relay to publish.
 pub(crate) struct Outgoing {
-    pub commands: Vec<StepCommand>,
+    pub commands: Vec<Outbound>,
     /// Whether they are rows in the outbox, to be deleted once published. The embedded engine
     /// does not write its own commands there: on a restart it re-sends every attempt in flight
     /// anyway.
@@ -91,6 +90,8 @@ pub(crate) async fn run(
                 let written_by = Timestamp(now.as_millis() - SWEEP_GRACE.as_millis() as i64);
                 match store.unsent(written_by, MAX_BATCH as u64).await {
                     Ok(commands) if !commands.is_empty() => {
+                        let commands: Vec<Outbound> =
+                            commands.into_iter().map(Outbound::uncaused).collect();
                         let _ = published.send(publish(transport.as_ref(), &commands).await);
                     }
                     Ok(_) => {}
@@ -128,7 +129,7 @@ async fn forget_published(store: Store, mut to_forget: mpsc::UnboundedReceiver<V
 }
 
 /// Publishes `commands`; returns the ids the broker accepted.
-async fn publish(transport: &dyn Transport, commands: &[StepCommand]) -> Vec<String> {
+async fn publish(transport: &dyn Transport, commands: &[Outbound]) -> Vec<String> {
     let accepted = transport.publish(commands).await;
     if accepted.len() < commands.len() {
         warn!(

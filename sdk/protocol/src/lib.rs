@@ -13,6 +13,8 @@
 //! - with the `jetstream` feature, creating the protocol's streams and consumers
 //!   (`ensure_streams`, `durable_consumer`) and reading a list of NATS servers
 //!   (`server_addrs`);
+//! - [`trace`]: the W3C trace context (`traceparent`, `tracestate`) messages carry, and the
+//!   trace every saga's spans share;
 //! - [`database_url`]: how a database URL given by a user becomes the URL the driver opens.
 //!
 //! A workflow author depends on `sagaflow-sdk`, which re-exports what an author needs from here.
@@ -28,6 +30,7 @@ mod step_error;
 #[cfg(feature = "jetstream")]
 mod streams;
 mod time;
+pub mod trace;
 
 pub use database_url::{database_url, redact_database_url, sqlite_file};
 pub use error::ProtocolError;
@@ -44,3 +47,4 @@ pub use streams::{
     server_addrs,
 };
 pub use time::Timestamp;
+pub use trace::TraceParent;

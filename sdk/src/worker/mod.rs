@@ -22,17 +22,19 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use thiserror::Error;
 use tokio::sync::Semaphore;
-use tracing::{info, warn};
+use tracing::{Instrument, Span, info, warn};
 
 pub use epochs::EpochCheck;
 pub use results::ResultStore;
 
 use crate::metrics::{self, CommandOutcome, RejectReason};
 use crate::protocol::backoff::Backoff;
+use crate::protocol::trace::{read_trace_headers, write_trace_headers};
 use crate::protocol::{
     EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StepCommand, StepOutcome, StepReply, codes,
     durable_consumer, ensure_streams, names,
 };
+use crate::telemetry;
 use crate::{Saga, StepError};
 
 /// What can stop a worker.
@@ -267,12 +269,45 @@ impl Worker {
                 if let Some((reply_to, epoch, reply)) =
                     reply_to_malformed(&message.payload, &self.options.id, &e)
                 {
-                    let _ = self.publish(&reply_to, epoch, &reply).await;
+                    let span = self.processing_span(
+                        &message,
+                        &reply.step,
+                        reply.direction,
+                        reply.attempt,
+                        reply.saga_id,
+                        "",
+                    );
+                    telemetry::record_outcome(&span, &reply.outcome);
+                    let _ = self
+                        .publish(&reply_to, epoch, &reply, &span)
+                        .instrument(span.clone())
+                        .await;
                 }
                 let _ = message.ack_with(AckKind::Term).await;
                 return;
             }
         };
+        let span = self.processing_span(
+            &message,
+            &command.step,
+            command.direction,
+            command.attempt,
+            command.saga_id,
+            &command.saga,
+        );
+        self.serve_command(saga_name, message, command, &span)
+            .instrument(span.clone())
+            .await;
+    }
+
+    /// Serves a well-formed command within `span`, the span of its processing.
+    async fn serve_command(
+        &self,
+        saga_name: &str,
+        message: jetstream::Message,
+        command: StepCommand,
+        span: &Span,
+    ) {
         let reply = if command.v != PROTOCOL_VERSION {
             warn!(command = %command.command_id, v = command.v, "unsupported command version");
             metrics::rejected(RejectReason::UnsupportedVersion);
@@ -310,7 +345,11 @@ impl Worker {
                 }
             }
         };
-        match self.publish(&command.reply_to, command.epoch, &reply).await {
+        telemetry::record_outcome(span, &reply.outcome);
+        match self
+            .publish(&command.reply_to, command.epoch, &reply, span)
+            .await
+        {
             Ok(()) => {
                 // A lost ack means one more delivery, answered from the record.
                 if let Err(e) = message.ack().await {
@@ -410,28 +449,78 @@ impl Worker {
         )
     }
 
-    /// Publishes `reply` where its command said (`reply_to`, opaque to the worker).
+    /// The span of this worker's handling of a command, under the engine's span that sent it
+    /// (or the saga's root). The handler runs within it, so its own spans and logs belong to
+    /// the saga's trace too.
+    fn processing_span(
+        &self,
+        message: &jetstream::Message,
+        step: &str,
+        direction: crate::Direction,
+        attempt: u32,
+        saga_id: uuid::Uuid,
+        saga: &str,
+    ) -> Span {
+        let headers = message.headers.as_ref();
+        let message_id = headers.and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID));
+        telemetry::processing_span(
+            &message.subject,
+            message_id.map(|id| id.as_str()),
+            read_trace_headers(headers).as_ref(),
+            &telemetry::MessageAbout {
+                saga_id,
+                saga,
+                step,
+                direction,
+                attempt,
+                node: &self.options.id,
+            },
+        )
+    }
+
+    /// Publishes `reply` where its command said (`reply_to`, opaque to the worker), in a span
+    /// under `processing` whose context the reply's headers carry.
     async fn publish(
         &self,
         reply_to: &str,
         epoch: u64,
         reply: &StepReply,
+        processing: &Span,
     ) -> Result<(), WorkerError> {
         let payload = serde_json::to_vec(reply)
             .map_err(|e| WorkerError::broker("cannot encode a reply", e))?;
-        let ack = self
-            .js
-            .send_publish(
-                reply_to.to_string(),
-                jetstream::message::PublishMessage::build()
-                    .payload(payload.into())
-                    .message_id(names::reply_message_id(&reply.command_id, epoch)),
-            )
-            .await
-            .map_err(|e| WorkerError::broker("cannot publish a reply", e))?;
-        ack.await
-            .map_err(|e| WorkerError::broker("reply not acknowledged", e))?;
-        Ok(())
+        let message_id = names::reply_message_id(&reply.command_id, epoch);
+        let about = telemetry::MessageAbout {
+            saga_id: reply.saga_id,
+            saga: "",
+            step: &reply.step,
+            direction: reply.direction,
+            attempt: reply.attempt,
+            node: &self.options.id,
+        };
+        let (span, context) = telemetry::sending_span(reply_to, &message_id, &about, processing);
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some((parent, state)) = context {
+            write_trace_headers(&mut headers, &parent, state.as_deref());
+        }
+        async {
+            let ack = self
+                .js
+                .send_publish(
+                    reply_to.to_string(),
+                    jetstream::message::PublishMessage::build()
+                        .payload(payload.into())
+                        .headers(headers)
+                        .message_id(message_id),
+                )
+                .await
+                .map_err(|e| WorkerError::broker("cannot publish a reply", e))?;
+            ack.await
+                .map_err(|e| WorkerError::broker("reply not acknowledged", e))?;
+            Ok(())
+        }
+        .instrument(span)
+        .await
     }
 }
 

@@ -249,6 +249,26 @@ pub(super) struct Cluster {
     engine_db: TestDb,
     worker_db: TestDb,
     logs: tempfile::TempDir,
+    /// What every engine and worker is started with besides the harness's own settings.
+    options: ChildOptions,
+}
+
+/// How the engines and workers of a run are started.
+#[derive(Debug, Clone)]
+pub(super) struct ChildOptions {
+    /// `--transient` and `--lost-reply` of the workers.
+    worker_faults: (&'static str, &'static str),
+    /// Environment variables of every engine and worker.
+    env: Vec<(String, String)>,
+}
+
+impl Default for ChildOptions {
+    fn default() -> Self {
+        ChildOptions {
+            worker_faults: (TRANSIENT, LOST_REPLY),
+            env: Vec::new(),
+        }
+    }
 }
 
 impl Cluster {
@@ -276,8 +296,23 @@ impl Cluster {
             workers,
             ack_wait_secs,
             Broker::Single(NatsServer::start()),
+            ChildOptions::default(),
         )
         .await
+    }
+
+    /// One engine and one worker whose spans are exported to `otlp_endpoint`, the worker
+    /// injecting no faults (every step's path is the plain one).
+    pub(super) async fn traced(name: &'static str, otlp_endpoint: &str) -> Cluster {
+        let options = ChildOptions {
+            worker_faults: ("0", "0"),
+            env: vec![(
+                "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+                otlp_endpoint.to_string(),
+            )],
+        };
+        let broker = Broker::Single(NatsServer::start());
+        Cluster::assemble(name, 1, ("1s", "250ms"), 1, 10, broker, options).await
     }
 
     /// As [`Cluster::with_engines`] on a three-server JetStream cluster, the engines and
@@ -290,7 +325,17 @@ impl Cluster {
         ack_wait_secs: u64,
     ) -> Cluster {
         let broker = Broker::Clustered(tokio::task::block_in_place(NatsCluster::start));
-        Cluster::assemble(name, engines, lease, workers, ack_wait_secs, broker).await
+        let options = ChildOptions::default();
+        Cluster::assemble(
+            name,
+            engines,
+            lease,
+            workers,
+            ack_wait_secs,
+            broker,
+            options,
+        )
+        .await
     }
 
     async fn assemble(
@@ -300,6 +345,7 @@ impl Cluster {
         workers: usize,
         ack_wait_secs: u64,
         nats: Broker,
+        options: ChildOptions,
     ) -> Cluster {
         let started_at = Instant::now();
         binaries();
@@ -341,6 +387,7 @@ impl Cluster {
             engine_db,
             worker_db,
             logs: tempfile::tempdir().expect("a folder for the logs"),
+            options,
         };
         for e in 0..engines {
             cluster.start_node(e);
@@ -416,7 +463,8 @@ impl Cluster {
             .args(["--gauges-every", "500ms"])
             .env("RUST_LOG", CHILD_LOG)
             .env("RUST_BACKTRACE", "0")
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .envs(self.options.env.iter().cloned());
         let who = Self::node_log_name(e);
         self.engines[e] = Some(Proc::spawn(
             &format!("engine node e{e}"),
@@ -440,12 +488,14 @@ impl Cluster {
                 &self.nats.stream_replicas().to_string(),
             ])
             .args(["--id", &id, "--seed", &seed])
-            .args(["--transient", TRANSIENT, "--lost-reply", LOST_REPLY])
+            .args(["--transient", self.options.worker_faults.0])
+            .args(["--lost-reply", self.options.worker_faults.1])
             .args(["--ack-wait-secs", &self.ack_wait_secs.to_string()])
             .args(["--metrics-addr", &self.worker_metrics[i].to_string()])
             .env("RUST_LOG", CHILD_LOG)
             .env("RUST_BACKTRACE", "0")
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .envs(self.options.env.iter().cloned());
         self.workers[i] = Some(Proc::spawn(
             &format!("worker {id}"),
             &mut command,

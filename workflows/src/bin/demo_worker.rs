@@ -69,7 +69,9 @@ const GAUGES_EVERY: Duration = Duration::from_secs(5);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    sagaflow_sdk::process::init_logging_as(args.log_format);
+    // Held to the end: dropping it sends the spans still buffered.
+    let _telemetry =
+        sagaflow_sdk::process::init_telemetry("sagaflow-demo-worker", args.log_format)?;
     if let Some(addr) = args.metrics_addr {
         sagaflow_sdk::process::serve_metrics(addr, Some(&args.id))?;
         sagaflow_workflows::describe_metrics();

@@ -834,7 +834,11 @@ async fn parent_gone() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    sagaflow_sdk::process::init_logging();
+    // Held to the end: dropping it sends the spans still buffered.
+    let _telemetry = sagaflow_sdk::process::init_telemetry(
+        "sagaflow-bench",
+        sagaflow_sdk::process::LogFormat::Human,
+    )?;
     let args = Args::parse();
     if let Some(addr) = args.metrics_addr {
         sagaflow_sdk::process::serve_metrics(addr, Some("bench"))?;
