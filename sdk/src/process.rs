@@ -97,21 +97,36 @@ pub fn init_telemetry(service: &str, format: LogFormat) -> Result<Telemetry, cra
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_id_generator(SagaRootIds::default())
+        // Sagaflow samples by saga id itself (`sampled_ratio`), before any span exists; the
+        // SDK's own `traceidratio` reads the low bits of the trace id, which in a saga id
+        // hold the UUID variant, and would drop them all.
+        .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
         .with_resource(resource.build())
         .build();
     let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "sagaflow");
-    // One filter in front of both layers, not one per layer: per-layer filters keep state
-    // between a callsite's `enabled` check and its span, which a library that checks
-    // `enabled!` without then emitting (the database driver does) leaves stale, and the next
-    // span then goes missing from one of the layers.
+    // One filter in front of both layers, not one per layer: with per-layer filters, a worker
+    // on PostgreSQL whose RUST_LOG also enabled its spans lost most of them from the export
+    // (per-layer filters keep state between a callsite's check and its span).
     let filter = SpansAndLogs {
         logs: log_filter(),
         spans: exported_spans(),
     };
     let installed = tracing_subscriber::registry()
         .with(filter)
-        .with(log_layer(format))
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        // The log lines only: formatting the fields of every exported span for nothing cost
+        // more than exporting it.
+        .with(log_layer(format).with_filter(log_filter()))
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                // Each of these is an attribute more on every span, for every saga.
+                .with_location(false)
+                .with_threads(false)
+                .with_tracked_inactivity(false)
+                // Spans are placed with explicit parents (`telemetry`), never the current
+                // OpenTelemetry context.
+                .with_context_activation(false),
+        )
         .try_init();
     if installed.is_err() {
         // Another subscriber was set first: its spans are not ours to export.
@@ -119,7 +134,7 @@ pub fn init_telemetry(service: &str, format: LogFormat) -> Result<Telemetry, cra
         return Ok(Telemetry { provider: None });
     }
     opentelemetry::global::set_tracer_provider(provider.clone());
-    crate::telemetry::set_exporting();
+    crate::telemetry::set_exporting(sampled_ratio().map_err(failed)?);
     Ok(Telemetry {
         provider: Some(provider),
     })
@@ -240,6 +255,32 @@ fn exported_spans() -> tracing_subscriber::filter::Targets {
             ("opentelemetry_otlp", LevelFilter::OFF),
             ("opentelemetry_http", LevelFilter::OFF),
         ])
+}
+
+/// The share of sagas traced, from `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`: every
+/// saga unless `traceidratio` (or `parentbased_traceidratio`) names a ratio. The decision is
+/// taken on the saga id, so that every engine and worker with the same ratio traces the same
+/// sagas, and nothing at all is recorded for the others.
+fn sampled_ratio() -> Result<f64, String> {
+    let sampler = std::env::var("OTEL_TRACES_SAMPLER").unwrap_or_default();
+    match sampler.trim() {
+        "" | "always_on" | "parentbased_always_on" => Ok(1.0),
+        "always_off" | "parentbased_always_off" => Ok(0.0),
+        "traceidratio" | "parentbased_traceidratio" => {
+            let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG").unwrap_or_else(|_| "1.0".into());
+            arg.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|ratio| (0.0..=1.0).contains(ratio))
+                .ok_or_else(|| {
+                    format!("OTEL_TRACES_SAMPLER_ARG `{arg}` is not a ratio between 0 and 1")
+                })
+        }
+        other => Err(format!(
+            "OTEL_TRACES_SAMPLER `{other}` is not supported: use always_on, always_off or \
+             traceidratio (with OTEL_TRACES_SAMPLER_ARG)"
+        )),
+    }
 }
 
 /// Where spans go, if anywhere: the standard OpenTelemetry variables, traces' own first.

@@ -12,7 +12,7 @@
 
 use std::cell::Cell;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use opentelemetry::trace::{
@@ -27,6 +27,11 @@ use uuid::Uuid;
 
 /// Whether this process exports spans (set once by the telemetry set-up).
 static EXPORTING: AtomicBool = AtomicBool::new(false);
+/// Which sagas are traced: those whose id's 62 random low bits (the id's last 8 bytes without
+/// the UUID variant's two bits) fall below this; every saga by default.
+static SAMPLED_BELOW: AtomicU64 = AtomicU64::new(u64::MAX);
+/// The low bits of a saga id that are random in every UUID of the RFC 9562 variant.
+const RANDOM_LOW_BITS: u64 = u64::MAX >> 2;
 
 thread_local! {
     /// The ids the next span built on this thread must have: a saga's root span is built with
@@ -40,8 +45,30 @@ pub fn exporting() -> bool {
 }
 
 #[cfg(feature = "process")]
-pub(crate) fn set_exporting() {
+pub(crate) fn set_exporting(ratio: f64) {
+    let below = if ratio >= 1.0 {
+        u64::MAX
+    } else {
+        // The cast saturates; a ratio of 0 (or NaN) traces nothing.
+        (ratio.max(0.0) * (RANDOM_LOW_BITS as f64 + 1.0)) as u64
+    };
+    SAMPLED_BELOW.store(below, Ordering::Relaxed);
     EXPORTING.store(true, Ordering::Relaxed);
+}
+
+/// Whether saga `saga_id`'s spans are recorded here: spans are exported and the saga is in the
+/// sampled share (`OTEL_TRACES_SAMPLER=traceidratio` with `OTEL_TRACES_SAMPLER_ARG`). The
+/// decision is the saga id's, so every process with the same ratio takes the same one; a
+/// message's `traceparent` flags, where it has one, decide instead.
+pub fn traced(saga_id: Uuid) -> bool {
+    if !exporting() {
+        return false;
+    }
+    let below = SAMPLED_BELOW.load(Ordering::Relaxed);
+    below == u64::MAX || {
+        let root = TraceParent::root_span_id(saga_id);
+        (u64::from_be_bytes(root) & RANDOM_LOW_BITS) < below
+    }
 }
 
 /// A message's trace context: the sender's span and the vendors' `tracestate`.
@@ -147,6 +174,13 @@ pub fn processing_span(
     sender: Option<&Incoming>,
     about: &MessageAbout<'_>,
 ) -> Span {
+    let recorded = match sender {
+        Some((parent, _)) => exporting() && parent.is_sampled(),
+        None => traced(about.saga_id),
+    };
+    if !recorded {
+        return Span::none();
+    }
     let span = info_span!(
         parent: None,
         "process",
@@ -179,6 +213,9 @@ pub fn sending_span(
     about: &MessageAbout<'_>,
     cause: &Span,
 ) -> (Span, Option<Incoming>) {
+    if cause.is_disabled() && !traced(about.saga_id) {
+        return (Span::none(), unsampled(about.saga_id));
+    }
     let span = info_span!(
         parent: None,
         "send",
@@ -200,6 +237,17 @@ pub fn sending_span(
     follow(&span, cause, about.saga_id);
     let context = trace_parent(&span);
     (span, context)
+}
+
+/// The trace context of a message about saga `saga_id` sent without a recorded span: the
+/// saga's root with the `sampled` flag off, so that the receiver records nothing either; `None`
+/// where spans are not exported at all (no header is written then).
+pub fn unsampled(saga_id: Uuid) -> Option<Incoming> {
+    exporting().then(|| {
+        let mut root = TraceParent::of_saga(saga_id);
+        root.flags = 0;
+        (root, None)
+    })
 }
 
 /// The remote span context `parent` names.
@@ -237,7 +285,7 @@ pub struct FinishedSaga<'a> {
 /// commits the end; a saga that never ends (stuck, waiting for an operator) has its spans
 /// under a root that is not recorded until it does.
 pub fn record_finished_saga(finished: FinishedSaga<'_>) {
-    if !exporting() {
+    if !traced(finished.saga_id) {
         return;
     }
     let root = TraceParent::of_saga(finished.saga_id);

@@ -59,7 +59,8 @@ impl ReceivedSpan {
 pub enum Keep {
     /// Every span, to be inspected.
     Spans,
-    /// Only how many came (a long benchmark sends millions).
+    /// Only how many requests and bytes came, nothing decoded: a benchmark's receiver must
+    /// not take the CPU the processes it measures need.
     Counts,
 }
 
@@ -68,6 +69,7 @@ struct Received {
     spans: Mutex<Vec<ReceivedSpan>>,
     span_count: AtomicU64,
     requests: AtomicU64,
+    bytes: AtomicU64,
     refused: AtomicU64,
 }
 
@@ -136,7 +138,7 @@ impl OtlpReceiver {
             .unwrap_or_default()
     }
 
-    /// How many spans came.
+    /// How many spans came (none counted when only counting requests).
     pub fn span_count(&self) -> u64 {
         self.received.span_count.load(Ordering::Relaxed)
     }
@@ -144,6 +146,11 @@ impl OtlpReceiver {
     /// How many export requests came.
     pub fn requests(&self) -> u64 {
         self.received.requests.load(Ordering::Relaxed)
+    }
+
+    /// How many bytes of exports came.
+    pub fn bytes(&self) -> u64 {
+        self.received.bytes.load(Ordering::Relaxed)
     }
 
     /// How many requests could not be read as a trace export.
@@ -168,6 +175,10 @@ async fn receive(
         Err(_) => return answer(StatusCode::BAD_REQUEST, json),
     };
     state.requests.fetch_add(1, Ordering::Relaxed);
+    state.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    if keep == Keep::Counts {
+        return answer(StatusCode::OK, json);
+    }
     let export = if json {
         serde_json::from_slice::<ExportTraceServiceRequest>(&body).map_err(|e| e.to_string())
     } else {
@@ -208,9 +219,7 @@ async fn receive(
     state
         .span_count
         .fetch_add(spans.len() as u64, Ordering::Relaxed);
-    if keep == Keep::Spans
-        && let Ok(mut kept) = state.spans.lock()
-    {
+    if let Ok(mut kept) = state.spans.lock() {
         kept.extend(spans);
     }
     answer(StatusCode::OK, json)

@@ -534,20 +534,9 @@ impl Driver {
             .collect();
         let writing = |w: &&Pending| w.base.is_none() || !w.records.is_empty();
         let batch_size = works.iter().filter(writing).count();
-        // One span per saga for the one commit they share, each in its saga's trace.
-        let commit_spans: Vec<Span> = works
-            .iter()
-            .filter(writing)
-            .map(|w| {
-                describe_transition(w);
-                info_span!(
-                    parent: &w.span,
-                    "commit",
-                    sagaflow.batch_size = batch_size,
-                    sagaflow.outcome = field::Empty,
-                )
-            })
-            .collect();
+        for work in works.iter().filter(writing) {
+            describe_transition(work, batch_size);
+        }
         let writes: Vec<SagaWrite<'_>> = works
             .iter()
             .zip(&dispatches)
@@ -588,11 +577,10 @@ impl Driver {
         };
         drop(writes);
         if let Ok(outcomes) = &outcomes {
-            for (span, outcome) in commit_spans.iter().zip(outcomes) {
-                span.record("sagaflow.outcome", outcome_name(outcome));
+            for (work, outcome) in works.iter().filter(writing).zip(outcomes) {
+                work.span.record("sagaflow.commit", outcome_name(outcome));
             }
         }
-        drop(commit_spans);
         let outcomes = match outcomes {
             Ok(outcomes) => outcomes,
             Err(error) => {
@@ -939,10 +927,15 @@ fn apply(
     )?)
 }
 
-/// The span of one saga's transition in a batch, caused by an event of kind `event`; its step,
-/// attempt and resulting status are recorded once the batch is folded
-/// ([`describe_transition`]).
+/// The span of one saga's transition in a batch, caused by an event of kind `event`, from the
+/// event's folding to the end of the batch's commit: its step, attempt, resulting status and
+/// batch size are recorded before the commit ([`describe_transition`]), and the commit's
+/// outcome (`sagaflow.commit`) after it. One span for both: the commit is the batch's, and a
+/// span of its own per saga would add a span per saga and batch to what tracing costs.
 fn transition_span(saga_id: Uuid, saga: &str, node: &str, event: &'static str) -> Span {
+    if !telemetry::traced(saga_id) {
+        return Span::none();
+    }
     info_span!(
         parent: None,
         "transition",
@@ -955,6 +948,8 @@ fn transition_span(saga_id: Uuid, saga: &str, node: &str, event: &'static str) -
         sagaflow.direction = field::Empty,
         sagaflow.attempt = field::Empty,
         sagaflow.status = field::Empty,
+        sagaflow.batch_size = field::Empty,
+        sagaflow.commit = field::Empty,
     )
 }
 
@@ -970,14 +965,15 @@ fn event_name(inbound: &Inbound) -> &'static str {
     }
 }
 
-/// Records on a transition's span the status it leads to and the attempt it is about: the one
-/// a reply answered, or else the one it dispatched.
-fn describe_transition(work: &Pending) {
+/// Records on a transition's span the status it leads to, the attempt it is about (the one a
+/// reply answered, or else the one it dispatched) and how many sagas share its commit.
+fn describe_transition(work: &Pending, batch_size: usize) {
     if work.span.is_disabled() {
         return;
     }
     work.span
         .record("sagaflow.status", work.state.status.as_str());
+    work.span.record("sagaflow.batch_size", batch_size);
     let answered = work.events.iter().find_map(|event| match event {
         Inbound::Reply(reply, _, _) => Some((reply.step.as_str(), reply.direction, reply.attempt)),
         _ => None,
@@ -996,7 +992,7 @@ fn describe_transition(work: &Pending) {
     }
 }
 
-/// How a saga's write ended, as its commit span says.
+/// How a saga's write ended, as its transition's span says.
 fn outcome_name(outcome: &WriteOutcome) -> &'static str {
     match outcome {
         WriteOutcome::Committed { .. } => "committed",

@@ -94,18 +94,22 @@ impl InProcess {
                         command.direction,
                         handed_over.elapsed(),
                     );
-                    let span = info_span!(
-                        parent: None,
-                        "step",
-                        otel.name = %format!("step {}.{}", command.saga, command.step),
-                        sagaflow.saga_id = %command.saga_id,
-                        sagaflow.saga = %command.saga,
-                        sagaflow.step = %command.step,
-                        sagaflow.direction = %command.direction,
-                        sagaflow.attempt = command.attempt,
-                        sagaflow.node = "embedded",
-                        sagaflow.outcome = tracing::field::Empty,
-                    );
+                    let span = if cause.is_disabled() && !telemetry::traced(command.saga_id) {
+                        Span::none()
+                    } else {
+                        info_span!(
+                            parent: None,
+                            "step",
+                            otel.name = %format!("step {}.{}", command.saga, command.step),
+                            sagaflow.saga_id = %command.saga_id,
+                            sagaflow.saga = %command.saga,
+                            sagaflow.step = %command.step,
+                            sagaflow.direction = %command.direction,
+                            sagaflow.attempt = command.attempt,
+                            sagaflow.node = "embedded",
+                            sagaflow.outcome = tracing::field::Empty,
+                        )
+                    };
                     telemetry::follow(&span, &cause, command.saga_id);
                     let began = Instant::now();
                     let reply = run_attempt(&catalog, &command)

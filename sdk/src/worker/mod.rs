@@ -498,7 +498,12 @@ impl Worker {
             attempt: reply.attempt,
             node: &self.options.id,
         };
-        let (span, context) = telemetry::sending_span(reply_to, &message_id, &about, processing);
+        let (span, context) = if processing.is_disabled() {
+            // Not recorded here (not exported, or a saga not sampled): the reply says so.
+            (Span::none(), telemetry::unsampled(reply.saga_id))
+        } else {
+            telemetry::sending_span(reply_to, &message_id, &about, processing)
+        };
         let mut headers = async_nats::HeaderMap::new();
         if let Some((parent, state)) = context {
             write_trace_headers(&mut headers, &parent, state.as_deref());

@@ -240,6 +240,18 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
 }
 
 /// The partitions that have a saga still running (or compensating) now.
+/// The lease takeovers the engine nodes running now, but for `except`, have counted.
+fn takeovers_counted(cluster: &Cluster, except: usize) -> f64 {
+    (0..cluster.engines.len())
+        .filter(|e| *e != except && cluster.engines[*e].is_some())
+        .map(|e| {
+            cluster
+                .scrape_node(e)
+                .sum("sagaflow_lease_takeovers_total", &[])
+        })
+        .sum()
+}
+
 async fn partitions_with_active_sagas(cluster: &Cluster) -> std::collections::BTreeSet<u32> {
     rows(
         cluster.store.connection(),
@@ -327,6 +339,7 @@ async fn a_node_sigkilled_repeatedly_is_taken_over_within_a_lease() {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(500..2_000))).await;
         let held = leases.held_by(&prefix);
         let busy = partitions_with_active_sagas(&cluster).await;
+        let counted_before = takeovers_counted(&cluster, victim);
         let killed_at = now_ms();
         cluster.kill_node(victim);
         let give_up = Instant::now() + Duration::from_secs(20);
@@ -336,6 +349,21 @@ async fn a_node_sigkilled_repeatedly_is_taken_over_within_a_lease() {
                 "node_kill: the partitions of {prefix} were not taken over in 20 s"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The survivors' `/metrics` count each of those takeovers, once.
+        let give_up = Instant::now() + Duration::from_secs(2);
+        loop {
+            let counted = takeovers_counted(&cluster, victim) - counted_before;
+            if counted == held.len() as f64 {
+                break;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "node_kill: the survivors counted {counted} lease takeovers; the database shows \
+                 the {} partitions of {prefix} taken over",
+                held.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // New sagas start in the live nodes' partitions, so the work of the killed node's is
         // what it left active: the new owner's first write there is the takeover. A partition
@@ -466,9 +494,28 @@ async fn a_node_paused_past_its_lease_writes_nothing_and_rejoins() {
             .await;
         }
     }
+    // Every lease a paused node found lost on waking was taken over by another node, and
+    // counted there.
+    let scrapes: Vec<_> = (0..3).map(|e| cluster.scrape_node(e)).collect();
+    let total = |name: &str| -> f64 { scrapes.iter().map(|s| s.sum(name, &[])).sum() };
+    let (losses, takeovers) = (
+        total("sagaflow_lease_losses_total"),
+        total("sagaflow_lease_takeovers_total"),
+    );
+    let fenced: f64 = scrapes
+        .iter()
+        .map(|s| s.sum("sagaflow_stale_writes_total", &[("cause", "epoch")]))
+        .sum();
     println!(
-        "node_pause: {} pauses past the lease; {late} records written under a lapsed lease",
+        "node_pause: {} pauses past the lease; {late} records written under a lapsed lease; \
+         {takeovers} lease takeovers and {losses} leases found lost counted; {fenced} writes \
+         fenced off by the paused nodes' lapsed leases",
         lapses.len()
+    );
+    assert!(
+        losses > 0.0 && takeovers >= losses,
+        "node_pause: {losses} leases found lost, {takeovers} taken over: each pause past the \
+         lease must lose leases, and each one lost was taken over by another node"
     );
     assert_eq!(
         late, 0,

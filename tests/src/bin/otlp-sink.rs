@@ -1,5 +1,7 @@
 //! A local OpenTelemetry receiver for benchmarks and debugging: takes OTLP/HTTP trace exports
-//! (protobuf or JSON) on a loopback address and counts the spans, or prints each one.
+//! (protobuf or JSON) on a loopback address and counts the requests and bytes (decoding
+//! nothing, so that it takes little CPU from what is measured), or decodes and prints every
+//! span (`--print`).
 //!
 //! ```text
 //! cargo run --release -p sagaflow-tests --bin otlp-sink -- 127.0.0.1:4318 [--print]
@@ -47,18 +49,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             printed = spans.len();
         }
-        if receiver.span_count() != shown {
-            shown = receiver.span_count();
+        if receiver.requests() != shown {
+            shown = receiver.requests();
             eprintln!(
-                "otlp-sink: {shown} spans in {} requests",
-                receiver.requests()
+                "otlp-sink: {shown} requests, {} bytes, {} spans decoded",
+                receiver.bytes(),
+                receiver.span_count()
             );
         }
     }
     println!(
-        "otlp-sink: {} spans in {} requests, {} refused",
-        receiver.span_count(),
+        "otlp-sink: {} requests, {} bytes, {} spans decoded, {} refused",
         receiver.requests(),
+        receiver.bytes(),
+        receiver.span_count(),
         receiver.refused()
     );
     Ok(())
