@@ -20,7 +20,7 @@ use opentelemetry::trace::{
     TraceState, Tracer,
 };
 use opentelemetry::{Context, KeyValue};
-use sagaflow_protocol::{Direction, ErrorClass, StepOutcome, TraceParent};
+use sagaflow_protocol::{Direction, ErrorClass, StepOutcome, TraceContext, TraceParent};
 use tracing::{Span, info_span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
@@ -71,13 +71,10 @@ pub fn traced(saga_id: Uuid) -> bool {
     }
 }
 
-/// A message's trace context: the sender's span and the vendors' `tracestate`.
-pub type Incoming = (TraceParent, Option<String>);
-
 /// Puts `span` into the trace of saga `saga_id`: under the span that sent the message being
 /// handled (`sender`, read from its headers), or else under the saga's root span. Call it
 /// before the span is entered; it does nothing for a span no exporter records.
-pub fn join_saga_trace(span: &Span, saga_id: Uuid, sender: Option<&Incoming>) {
+pub fn join_saga_trace(span: &Span, saga_id: Uuid, sender: Option<&TraceContext>) {
     if !exporting() || span.is_disabled() {
         return;
     }
@@ -109,7 +106,7 @@ pub fn follow(span: &Span, cause: &Span, saga_id: Uuid) {
 
 /// The trace context naming `span`, for the headers of the message sent within it; `None`
 /// when nothing records the span (then no header is written).
-pub fn trace_parent(span: &Span) -> Option<Incoming> {
+pub fn trace_parent(span: &Span) -> Option<TraceContext> {
     if !exporting() || span.is_disabled() {
         return None;
     }
@@ -171,7 +168,7 @@ pub struct MessageAbout<'a> {
 pub fn processing_span(
     subject: &str,
     message_id: Option<&str>,
-    sender: Option<&Incoming>,
+    sender: Option<&TraceContext>,
     about: &MessageAbout<'_>,
 ) -> Span {
     let recorded = match sender {
@@ -212,7 +209,7 @@ pub fn sending_span(
     message_id: &str,
     about: &MessageAbout<'_>,
     cause: &Span,
-) -> (Span, Option<Incoming>) {
+) -> (Span, Option<TraceContext>) {
     if cause.is_disabled() && !traced(about.saga_id) {
         return (Span::none(), unsampled(about.saga_id));
     }
@@ -242,7 +239,7 @@ pub fn sending_span(
 /// The trace context of a message about saga `saga_id` sent without a recorded span: the
 /// saga's root with the `sampled` flag off, so that the receiver records nothing either; `None`
 /// where spans are not exported at all (no header is written then).
-pub fn unsampled(saga_id: Uuid) -> Option<Incoming> {
+pub fn unsampled(saga_id: Uuid) -> Option<TraceContext> {
     exporting().then(|| {
         let mut root = TraceParent::of_saga(saga_id);
         root.flags = 0;

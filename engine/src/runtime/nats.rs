@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use sagaflow_protocol::backoff::Backoff;
-use sagaflow_protocol::trace::{read_trace_headers, write_trace_headers};
+use sagaflow_protocol::trace::{message_id, read_trace_headers, trace_headers};
 use sagaflow_protocol::{
     AnswerCode, EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StartRequest, StepReply, names,
 };
@@ -442,11 +442,13 @@ async fn admit_reply(message: jetstream::Message, node: &str) -> Option<Inbound>
 
 /// The span of this node's handling of a reply, under the worker's span that sent it.
 fn processing_span(message: &jetstream::Message, reply: &StepReply, node: &str) -> Span {
+    if !telemetry::exporting() {
+        return Span::none();
+    }
     let headers = message.headers.as_ref();
-    let message_id = headers.and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID));
     telemetry::processing_span(
         &message.subject,
-        message_id.map(|id| id.as_str()),
+        message_id(headers),
         read_trace_headers(headers).as_ref(),
         &telemetry::MessageAbout {
             saga_id: reply.saga_id,
@@ -524,11 +526,7 @@ impl JetStreamTransport {
         };
         let (span, context) = telemetry::sending_span(subject, id, &about, &outbound.cause);
         span.record("sagaflow.epoch", command.epoch);
-        let mut headers = async_nats::HeaderMap::new();
-        if let Some((parent, state)) = context {
-            write_trace_headers(&mut headers, &parent, state.as_deref());
-        }
-        (span, headers)
+        (span, trace_headers(context.as_ref()))
     }
 }
 

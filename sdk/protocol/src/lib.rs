@@ -47,4 +47,4 @@ pub use streams::{
     server_addrs,
 };
 pub use time::Timestamp;
-pub use trace::TraceParent;
+pub use trace::{TraceContext, TraceParent};

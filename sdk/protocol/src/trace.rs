@@ -16,6 +16,10 @@ pub const TRACEPARENT: &str = "traceparent";
 /// The header with vendors' trace state, passed on unchanged.
 pub const TRACESTATE: &str = "tracestate";
 
+/// A message's place in a trace: the span that sent it ([`TraceParent`]) and the vendors'
+/// `tracestate`, if any.
+pub type TraceContext = (TraceParent, Option<String>);
+
 /// The `sampled` bit of the trace flags.
 const SAMPLED: u8 = 0x01;
 
@@ -124,9 +128,7 @@ fn lower_hex(text: &str) -> Option<Vec<u8>> {
 /// The trace context a message carries in its headers, if it carries a valid one, with its
 /// `tracestate`.
 #[cfg(feature = "jetstream")]
-pub fn read_trace_headers(
-    headers: Option<&async_nats::HeaderMap>,
-) -> Option<(TraceParent, Option<String>)> {
+pub fn read_trace_headers(headers: Option<&async_nats::HeaderMap>) -> Option<TraceContext> {
     let headers = headers?;
     let parent = TraceParent::parse(headers.get(TRACEPARENT)?.as_str())?;
     let state = headers
@@ -136,17 +138,24 @@ pub fn read_trace_headers(
     Some((parent, state))
 }
 
-/// Puts `parent` (and `state`, when there is one) into `headers`.
+/// The `Nats-Msg-Id` of a received message, if it has one.
 #[cfg(feature = "jetstream")]
-pub fn write_trace_headers(
-    headers: &mut async_nats::HeaderMap,
-    parent: &TraceParent,
-    state: Option<&str>,
-) {
-    headers.insert(TRACEPARENT, parent.to_string().as_str());
-    if let Some(state) = state.filter(|state| !state.is_empty()) {
-        headers.insert(TRACESTATE, state);
+pub fn message_id(headers: Option<&async_nats::HeaderMap>) -> Option<&str> {
+    Some(headers?.get(async_nats::header::NATS_MESSAGE_ID)?.as_str())
+}
+
+/// Headers carrying `context` (`traceparent`, and `tracestate` when there is one); empty
+/// without a context.
+#[cfg(feature = "jetstream")]
+pub fn trace_headers(context: Option<&TraceContext>) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some((parent, state)) = context {
+        headers.insert(TRACEPARENT, parent.to_string().as_str());
+        if let Some(state) = state.as_deref().filter(|state| !state.is_empty()) {
+            headers.insert(TRACESTATE, state);
+        }
     }
+    headers
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ pub use results::ResultStore;
 
 use crate::metrics::{self, CommandOutcome, RejectReason};
 use crate::protocol::backoff::Backoff;
-use crate::protocol::trace::{read_trace_headers, write_trace_headers};
+use crate::protocol::trace::{message_id, read_trace_headers, trace_headers};
 use crate::protocol::{
     EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StepCommand, StepOutcome, StepReply, codes,
     durable_consumer, ensure_streams, names,
@@ -461,11 +461,13 @@ impl Worker {
         saga_id: uuid::Uuid,
         saga: &str,
     ) -> Span {
+        if !telemetry::exporting() {
+            return Span::none();
+        }
         let headers = message.headers.as_ref();
-        let message_id = headers.and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID));
         telemetry::processing_span(
             &message.subject,
-            message_id.map(|id| id.as_str()),
+            message_id(headers),
             read_trace_headers(headers).as_ref(),
             &telemetry::MessageAbout {
                 saga_id,
@@ -504,10 +506,7 @@ impl Worker {
         } else {
             telemetry::sending_span(reply_to, &message_id, &about, processing)
         };
-        let mut headers = async_nats::HeaderMap::new();
-        if let Some((parent, state)) = context {
-            write_trace_headers(&mut headers, &parent, state.as_deref());
-        }
+        let headers = trace_headers(context.as_ref());
         async {
             let ack = self
                 .js

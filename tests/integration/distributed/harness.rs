@@ -1090,9 +1090,19 @@ pub(super) fn check_history(
 /// answers with its id: the answer is lost when the engine dies or the broker restarts, and an
 /// engine refuses while it stops or before a worker has told it the saga.
 pub(super) async fn start_saga(client: &async_nats::Client, key: &str, input: Value) -> Uuid {
+    start_saga_of(client, PLACE_ORDER, key, input).await
+}
+
+/// As [`start_saga`], for a saga named `saga`.
+pub(super) async fn start_saga_of(
+    client: &async_nats::Client,
+    saga: &str,
+    key: &str,
+    input: Value,
+) -> Uuid {
     let request = StartRequest {
         v: PROTOCOL_VERSION,
-        saga: PLACE_ORDER.to_string(),
+        saga: saga.to_string(),
         version: None,
         input,
         key: Some(key.to_string()),

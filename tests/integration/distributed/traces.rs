@@ -13,9 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sagaflow_engine::machine::{RecordKind, SagaStatus};
-use sagaflow_sdk::protocol::{
-    EngineAnswer, PROTOCOL_VERSION, StartRequest, StepCommand, TraceParent, names,
-};
+use sagaflow_sdk::protocol::{StepCommand, TraceParent, names};
 use sagaflow_tests::otlp::{OtlpReceiver, ReceivedSpan, kind};
 use sagaflow_workflows::{OrderMix, PLACE_ORDER, generate_orders};
 use serde_json::json;
@@ -74,10 +72,8 @@ async fn one_trace_per_saga_across_the_engine_and_rust_and_python_workers() {
     }
     for (key, to) in [("transfer-ok", "dest-1"), ("transfer-closed", "closed-2")] {
         let input = json!({ "from": format!("acct-{key}"), "to": to, "amount": 10 });
-        sagas.push((
-            start_transfer(&cluster.client, key, input).await,
-            PY_TRANSFER,
-        ));
+        let id = start_saga_of(&cluster.client, PY_TRANSFER, key, input).await;
+        sagas.push((id, PY_TRANSFER));
     }
     let mut statuses = HashMap::new();
     for (id, _) in &sagas {
@@ -147,35 +143,6 @@ async fn one_trace_per_saga_across_the_engine_and_rust_and_python_workers() {
             trace.len(),
             dispatched.len()
         );
-    }
-}
-
-/// Starts a `py_transfer` saga over NATS, retried until an engine knows the saga.
-async fn start_transfer(client: &async_nats::Client, key: &str, input: serde_json::Value) -> Uuid {
-    let request = StartRequest {
-        v: PROTOCOL_VERSION,
-        saga: PY_TRANSFER.into(),
-        version: None,
-        input,
-        key: Some(key.into()),
-    };
-    let payload = serde_json::to_vec(&request).expect("encode a start request");
-    let give_up = Instant::now() + PATIENCE;
-    loop {
-        let answer = client
-            .request(names::START_SUBJECT, payload.clone().into())
-            .await
-            .map(|m| serde_json::from_slice::<EngineAnswer>(&m.payload));
-        match answer {
-            Ok(Ok(EngineAnswer::Ok {
-                saga_id: Some(id), ..
-            })) => return id,
-            other => assert!(
-                Instant::now() < give_up,
-                "no engine started {key}: {other:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
