@@ -221,6 +221,11 @@ pub enum EngineError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    /// NATS refused the connection: credentials refused, TLS failed, or the credentials or
+    /// certificates could not be read (the message says which, and what to check).
+    #[error(transparent)]
+    NatsConnection(ProtocolError),
+
     /// The engine is shutting down or has stopped.
     #[error("the engine has stopped; start it again to continue")]
     Stopped,

@@ -125,6 +125,8 @@ mod error;
 mod handler;
 mod json;
 pub mod metrics;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "process")]
 pub mod process;
 mod saga;

@@ -178,14 +178,14 @@ pub fn processing_span(
     if !recorded {
         return Span::none();
     }
+    let name = format!("process {subject}");
     let span = info_span!(
         parent: None,
         "process",
-        otel.name = %format!("process {subject}"),
+        otel.name = name.as_str(),
         otel.kind = "consumer",
         messaging.system = "nats",
         messaging.operation.type = "process",
-        messaging.operation.name = "process",
         messaging.destination.name = subject,
         messaging.message.id = message_id,
         sagaflow.saga_id = %about.saga_id,
@@ -200,38 +200,37 @@ pub fn processing_span(
     span
 }
 
-/// The span of publishing a message (OpenTelemetry messaging `send`, kind producer) under
-/// `cause`, or under the saga's root when `cause` is not recorded, with the trace context to
-/// put in the message's headers (`None` when nothing records the span). It has an empty
-/// `sagaflow.epoch` field.
+/// The span of publishing a message about saga `saga_id` (OpenTelemetry messaging `send`, kind
+/// producer) under `cause`, or under the saga's root when `cause` is not recorded, with the
+/// trace context to put in the message's headers (`None` when nothing records the span). It
+/// has an empty `sagaflow.epoch` field.
+///
+/// Its only attributes are the message's: the saga, step, attempt and node are those of the
+/// span it is under (the transition that dispatched a command, the handling that answers
+/// it), and a send happens for every message of every saga, so each attribute repeated here
+/// would be paid for many times over.
 pub fn sending_span(
     subject: &str,
     message_id: &str,
-    about: &MessageAbout<'_>,
+    saga_id: Uuid,
     cause: &Span,
 ) -> (Span, Option<TraceContext>) {
-    if cause.is_disabled() && !traced(about.saga_id) {
-        return (Span::none(), unsampled(about.saga_id));
+    if cause.is_disabled() && !traced(saga_id) {
+        return (Span::none(), unsampled(saga_id));
     }
+    let name = format!("send {subject}");
     let span = info_span!(
         parent: None,
         "send",
-        otel.name = %format!("send {subject}"),
+        otel.name = name.as_str(),
         otel.kind = "producer",
         messaging.system = "nats",
         messaging.operation.type = "send",
-        messaging.operation.name = "publish",
         messaging.destination.name = subject,
         messaging.message.id = message_id,
-        sagaflow.saga_id = %about.saga_id,
-        sagaflow.saga = about.saga,
-        sagaflow.step = about.step,
-        sagaflow.direction = %about.direction,
-        sagaflow.attempt = about.attempt,
-        sagaflow.node = about.node,
         sagaflow.epoch = tracing::field::Empty,
     );
-    follow(&span, cause, about.saga_id);
+    follow(&span, cause, saga_id);
     let context = trace_parent(&span);
     (span, context)
 }

@@ -637,12 +637,11 @@ class Span:
         }
 
 
-def messaging_attributes(operation_type, operation_name, subject, message_id):
+def messaging_attributes(operation_type, subject, message_id):
     """The OpenTelemetry messaging attributes of a span that reads or sends a NATS message."""
     attributes = {
         "messaging.system": "nats",
         "messaging.operation.type": operation_type,
-        "messaging.operation.name": operation_name,
         "messaging.destination.name": subject,
     }
     if message_id is not None:
@@ -808,7 +807,7 @@ class Worker:
         trace the command names; None for a command without a saga id."""
         if not isinstance(command, dict) or not is_uuid(command.get("saga_id")):
             return None
-        attributes = messaging_attributes("process", "process", msg.subject, header(msg.headers, MSG_ID))
+        attributes = messaging_attributes("process", msg.subject, header(msg.headers, MSG_ID))
         attributes.update(saga_attributes(command, self.id))
         context = incoming_context(msg.headers, command["saga_id"])
         return Span(self.exporter, context, f"process {msg.subject}", SPAN_KIND_CONSUMER, attributes, received)
@@ -818,12 +817,8 @@ class Worker:
         """Section 16 (tracing): the span of publishing a reply, a child of the process span."""
         if parent is None:
             return None
-        attributes = messaging_attributes("send", "publish", reply_to, message_id)
-        attributes.update(
-            (key, value)
-            for key, value in parent.attributes.items()
-            if key.startswith("sagaflow.") and key != "sagaflow.outcome"
-        )
+        # Only the message's attributes: the saga, step, attempt and node are the parent's.
+        attributes = messaging_attributes("send", reply_to, message_id)
         return parent.child(f"send {reply_to}", SPAN_KIND_PRODUCER, attributes)
 
     async def publish_reply(self, reply_to, epoch, reply, span=None):

@@ -10,6 +10,7 @@ use sea_orm::{ConnectionTrait, Database};
 pub mod metrics;
 mod nats;
 pub mod otlp;
+pub mod secure_nats;
 
 pub use nats::{CLUSTER_SIZE, NatsCluster, NatsServer};
 

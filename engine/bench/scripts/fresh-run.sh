@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One distributed sagaflow-bench run on a fresh PostgreSQL database and a fresh private
 # nats-server (free loopback port, empty store), both removed afterwards, so that runs of two
-# builds alternated side by side start from the same state. Prints LABEL and the JSON line.
+# builds alternated side by side start from the same state. Prints LABEL, the JSON line and
+# cpu_ms_per_saga: the CPU time the whole machine spent (user, system, interrupts; not idle, not
+# I/O wait, not stolen by the host) while the benchmark ran, per saga. On a shared host whose
+# throughput varies from run to run, the CPU a saga costs varies much less; on a CPU-bound
+# machine throughput is the inverse of it.
 #
 #   engine/bench/scripts/fresh-run.sh LABEL path/to/sagaflow-bench [bench options...]
 #   e.g. for i in 1 2 3; do fresh-run.sh before /tmp/old/sagaflow-bench --sagas 10000
@@ -29,6 +33,16 @@ for _ in $(seq 1 50); do
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
   sleep 0.1
 done
+# user nice system irq softirq, in clock ticks.
+busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
+busy_before=$(busy_ticks)
 result=$("$bench" --mode distributed --database-url "postgres://postgres@127.0.0.1:5432/$database" \
   --nats-url "nats://127.0.0.1:$port" --json "$@" | tail -n 1)
-echo "$label $result"
+busy_after=$(busy_ticks)
+cpu_ms_per_saga=$(python3 -c "
+import json, os, sys
+sagas = json.loads(sys.argv[3])['completed']
+ticks = int(float(sys.argv[2]) - float(sys.argv[1]))
+print(round(ticks * 1000 / os.sysconf('SC_CLK_TCK') / max(sagas, 1), 3))
+" "$busy_before" "$busy_after" "$result")
+echo "$label $result cpu_ms_per_saga=$cpu_ms_per_saga"

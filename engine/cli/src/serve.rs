@@ -5,6 +5,8 @@ use std::time::Duration;
 use anyhow::Context;
 use sagaflow_engine::runtime::{Engine, EngineOptions, LeaseSettings, this_node};
 use sagaflow_engine::store::{Store, StoreOptions};
+use sagaflow_sdk::nats::NatsArgs;
+use sagaflow_sdk::protocol::redact_nats_servers;
 
 use crate::common::duration;
 
@@ -23,6 +25,8 @@ pub struct ServeArgs {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    #[command(flatten)]
+    nats: NatsArgs,
     /// How long a SIGTERM waits for the transitions in progress before exiting anyway.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_secs: u64,
@@ -59,6 +63,7 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let nats = args.nats.security()?;
     let node = this_node(args.node_name.clone());
     if let Some(addr) = args.metrics_addr {
         sagaflow_sdk::process::serve_metrics(addr, Some(&node.id))?;
@@ -80,6 +85,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         node: Some(node),
         stream_replicas: args.stream_replicas,
         gauges_every: args.metrics_addr.map(|_| args.gauges_every),
+        nats,
         ..EngineOptions::default()
     };
     let partitions = store.partitions();
@@ -94,7 +100,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     eprintln!(
         "sagaflow engine serving on {} (start sagas with `sagaflow start` or a request on sagaflow.start)",
-        args.nats_url
+        redact_nats_servers(&args.nats_url)
     );
     sagaflow_sdk::process::termination().await;
     eprintln!("stopping: no new work; finishing the transitions in progress");

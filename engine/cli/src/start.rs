@@ -4,7 +4,10 @@ use crate::common::print_text;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use sagaflow_sdk::protocol::{EngineAnswer, PROTOCOL_VERSION, StartRequest, names};
+use sagaflow_sdk::nats::NatsArgs;
+use sagaflow_sdk::protocol::{
+    EngineAnswer, PROTOCOL_VERSION, StartRequest, WhileUnreachable, names,
+};
 
 /// Options of `sagaflow start`.
 #[derive(Debug, clap::Args)]
@@ -28,6 +31,8 @@ pub struct StartArgs {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    #[command(flatten)]
+    nats: NatsArgs,
     /// How long to wait for an engine to answer.
     #[arg(long, default_value_t = 10)]
     timeout_secs: u64,
@@ -43,13 +48,15 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         input,
         key: args.key,
     };
-    let servers = sagaflow_sdk::protocol::server_addrs(&args.nats_url)?;
-    let client = async_nats::ConnectOptions::new()
-        .name("sagaflow-cli")
-        .request_timeout(Some(Duration::from_secs(args.timeout_secs)))
-        .connect(servers)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {}", args.nats_url))?;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let client = sagaflow_sdk::protocol::connect_with(
+        &args.nats_url,
+        &args.nats.security()?,
+        "sagaflow-cli",
+        WhileUnreachable::Fail,
+        |options| options.request_timeout(Some(timeout)),
+    )
+    .await?;
     let answer = client
         .request(names::START_SUBJECT, serde_json::to_vec(&request)?.into())
         .await

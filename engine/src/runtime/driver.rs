@@ -936,10 +936,11 @@ fn transition_span(saga_id: Uuid, saga: &str, node: &str, event: &'static str) -
     if !telemetry::traced(saga_id) {
         return Span::none();
     }
+    let name = format!("transition {saga}");
     info_span!(
         parent: None,
         "transition",
-        otel.name = %format!("transition {saga}"),
+        otel.name = name.as_str(),
         sagaflow.saga_id = %saga_id,
         sagaflow.saga = saga,
         sagaflow.node = node,

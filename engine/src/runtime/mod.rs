@@ -88,6 +88,8 @@ pub struct EngineOptions {
     /// exports metrics; `None` (the default) reads nothing. Counters and histograms need no
     /// setting: they cost nothing until a recorder is installed.
     pub gauges_every: Option<Duration>,
+    /// Credentials and TLS for the NATS connection (distributed mode only); none by default.
+    pub nats: sagaflow_protocol::NatsSecurity,
 }
 
 impl Default for EngineOptions {
@@ -100,6 +102,7 @@ impl Default for EngineOptions {
             node: None,
             stream_replicas: 1,
             gauges_every: None,
+            nats: sagaflow_protocol::NatsSecurity::default(),
         }
     }
 }
@@ -276,7 +279,8 @@ impl Engine {
             store.register_definition(spec).await?;
             nats::warn_untimed_steps(spec);
         }
-        let broker = nats::Broker::connect(nats_url, options.stream_replicas).await?;
+        let broker =
+            nats::Broker::connect(nats_url, &options.nats, options.stream_replicas).await?;
         // Named before it starts, so that its spans name it from the first one.
         let node = options
             .node
@@ -287,7 +291,7 @@ impl Engine {
             ..options
         };
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
-        let transport = Arc::new(broker.transport(&node.id));
+        let transport = Arc::new(broker.transport());
         let mut engine = Self::assemble(
             store.clone(),
             catalog.clone(),

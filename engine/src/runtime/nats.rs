@@ -14,7 +14,7 @@ use sagaflow_protocol::trace::{message_id, read_trace_headers, trace_headers};
 use sagaflow_protocol::{
     AnswerCode, EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StartRequest, StepReply, names,
 };
-use sagaflow_protocol::{durable_consumer, ensure_streams};
+use sagaflow_protocol::{NatsSecurity, WhileUnreachable, durable_consumer, ensure_streams};
 use sagaflow_sdk::telemetry;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -59,15 +59,15 @@ impl Broker {
     /// Connects to the servers of `url`, one NATS URL or several separated by commas (the
     /// client reconnects to another of them when its server goes away), and creates the
     /// streams with `stream_replicas` replicas.
-    pub(crate) async fn connect(url: &str, stream_replicas: usize) -> Result<Self, EngineError> {
-        let servers = sagaflow_protocol::server_addrs(url)
-            .map_err(|e| broker_error("cannot read the NATS server list", e))?;
-        let client = async_nats::ConnectOptions::new()
-            .name("sagaflow-engine")
-            .retry_on_initial_connect()
-            .connect(servers)
-            .await
-            .map_err(|e| broker_error(&format!("cannot connect to {url}"), e))?;
+    pub(crate) async fn connect(
+        url: &str,
+        security: &NatsSecurity,
+        stream_replicas: usize,
+    ) -> Result<Self, EngineError> {
+        let client =
+            sagaflow_protocol::connect(url, security, "sagaflow-engine", WhileUnreachable::Wait)
+                .await
+                .map_err(EngineError::NatsConnection)?;
         let js = jetstream::new(client.clone());
         ensure_streams(&js, stream_replicas)
             .await
@@ -80,11 +80,10 @@ impl Broker {
         self.js.clone()
     }
 
-    /// The transport that publishes the commands of engine node `node`.
-    pub(crate) fn transport(&self, node: &str) -> JetStreamTransport {
+    /// The transport that publishes this node's commands.
+    pub(crate) fn transport(&self) -> JetStreamTransport {
         JetStreamTransport {
             js: self.js.clone(),
-            node: node.into(),
         }
     }
 
@@ -502,8 +501,6 @@ async fn respond(
 /// Publishes step commands to JetStream, de-duplicated by command id.
 pub(crate) struct JetStreamTransport {
     js: jetstream::Context,
-    /// The engine node publishing, named on the spans.
-    node: String,
 }
 
 impl JetStreamTransport {
@@ -516,15 +513,8 @@ impl JetStreamTransport {
         id: &str,
     ) -> (Span, async_nats::HeaderMap) {
         let command = &outbound.command;
-        let about = telemetry::MessageAbout {
-            saga_id: command.saga_id,
-            saga: &command.saga,
-            step: &command.step,
-            direction: command.direction,
-            attempt: command.attempt,
-            node: &self.node,
-        };
-        let (span, context) = telemetry::sending_span(subject, id, &about, &outbound.cause);
+        let (span, context) =
+            telemetry::sending_span(subject, id, command.saga_id, &outbound.cause);
         span.record("sagaflow.epoch", command.epoch);
         (span, trace_headers(context.as_ref()))
     }

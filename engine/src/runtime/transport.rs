@@ -97,10 +97,11 @@ impl InProcess {
                     let span = if cause.is_disabled() && !telemetry::traced(command.saga_id) {
                         Span::none()
                     } else {
+                        let name = format!("step {}.{}", command.saga, command.step);
                         info_span!(
                             parent: None,
                             "step",
-                            otel.name = %format!("step {}.{}", command.saga, command.step),
+                            otel.name = name.as_str(),
                             sagaflow.saga_id = %command.saga_id,
                             sagaflow.saga = %command.saga,
                             sagaflow.step = %command.step,

@@ -72,6 +72,27 @@ pub enum ProtocolError {
         requested: usize,
     },
 
+    /// No connection to NATS: the servers refused the credentials, TLS failed, or (for a
+    /// command run by hand) none answered. The reason says which and what to check.
+    #[cfg(feature = "jetstream")]
+    #[error("cannot connect to NATS at {servers}: {reason}")]
+    Connect {
+        /// The servers tried, credentials masked.
+        servers: String,
+        /// What failed and what to check.
+        reason: String,
+    },
+
+    /// A credentials or TLS file could not be read or used.
+    #[cfg(feature = "jetstream")]
+    #[error("{what}: {reason}")]
+    Credentials {
+        /// What could not be read.
+        what: String,
+        /// Why, and what to check.
+        reason: String,
+    },
+
     /// A list of NATS servers could not be read.
     #[cfg(feature = "jetstream")]
     #[error("invalid NATS server list: {0}")]

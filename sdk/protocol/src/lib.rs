@@ -20,6 +20,8 @@
 //! A workflow author depends on `sagaflow-sdk`, which re-exports what an author needs from here.
 
 pub mod backoff;
+#[cfg(feature = "jetstream")]
+mod connect;
 mod database_url;
 mod error;
 mod messages;
@@ -32,6 +34,11 @@ mod streams;
 mod time;
 pub mod trace;
 
+#[cfg(feature = "jetstream")]
+pub use connect::{
+    NatsAuth, NatsSecurity, NatsTls, Secret, WhileUnreachable, connect, connect_with,
+    redact_nats_servers,
+};
 pub use database_url::{database_url, redact_database_url, sqlite_file};
 pub use error::ProtocolError;
 pub use messages::{

@@ -51,7 +51,8 @@ pub enum WorkerError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// The broker refused to create or open the protocol's streams or consumers.
+    /// The broker refused the connection (credentials, TLS) or to create or open the
+    /// protocol's streams or consumers.
     #[error(transparent)]
     Streams(#[from] sagaflow_protocol::ProtocolError),
     /// The worker's idempotency table is unreachable.
@@ -78,6 +79,9 @@ pub struct WorkerOptions {
     /// How often the lag of this worker's command consumers is read for the metrics gauges,
     /// when the process exports metrics; `None` (the default) reads nothing.
     pub gauges_every: Option<Duration>,
+    /// Credentials and TLS for the NATS connection ([`crate::nats::NatsArgs`] reads them from
+    /// flags); none by default.
+    pub nats: crate::nats::NatsSecurity,
 }
 
 impl Default for WorkerOptions {
@@ -89,6 +93,7 @@ impl Default for WorkerOptions {
             max_deliver: 5,
             stream_replicas: 1,
             gauges_every: None,
+            nats: crate::nats::NatsSecurity::default(),
         }
     }
 }
@@ -113,13 +118,13 @@ impl Worker {
         sagas: Vec<Saga>,
         options: WorkerOptions,
     ) -> Result<Self, WorkerError> {
-        let servers = crate::protocol::server_addrs(nats_url)?;
-        let client = async_nats::ConnectOptions::new()
-            .name(options.id.clone())
-            .retry_on_initial_connect()
-            .connect(servers)
-            .await
-            .map_err(|e| WorkerError::broker(format!("cannot connect to {nats_url}"), e))?;
+        let client = crate::protocol::connect(
+            nats_url,
+            &options.nats,
+            &options.id,
+            crate::protocol::WhileUnreachable::Wait,
+        )
+        .await?;
         let js = jetstream::new(client.clone());
         ensure_streams(&js, options.stream_replicas).await?;
         let mut by_name: BTreeMap<String, Vec<Arc<Saga>>> = BTreeMap::new();
@@ -492,19 +497,11 @@ impl Worker {
         let payload = serde_json::to_vec(reply)
             .map_err(|e| WorkerError::broker("cannot encode a reply", e))?;
         let message_id = names::reply_message_id(&reply.command_id, epoch);
-        let about = telemetry::MessageAbout {
-            saga_id: reply.saga_id,
-            saga: "",
-            step: &reply.step,
-            direction: reply.direction,
-            attempt: reply.attempt,
-            node: &self.options.id,
-        };
         let (span, context) = if processing.is_disabled() {
             // Not recorded here (not exported, or a saga not sampled): the reply says so.
             (Span::none(), telemetry::unsampled(reply.saga_id))
         } else {
-            telemetry::sending_span(reply_to, &message_id, &about, processing)
+            telemetry::sending_span(reply_to, &message_id, reply.saga_id, processing)
         };
         let headers = trace_headers(context.as_ref());
         async {

@@ -17,8 +17,8 @@ use rand::{Rng, SeedableRng};
 use sagaflow_engine::machine::{RecordKind, SagaStatus};
 use sagaflow_engine::store::{HistoryEntry, Store};
 use sagaflow_sdk::Direction;
-use sagaflow_sdk::protocol::server_addrs;
 use sagaflow_sdk::protocol::{EngineAnswer, PROTOCOL_VERSION, StartRequest, names};
+use sagaflow_sdk::protocol::{NatsSecurity, WhileUnreachable};
 use sagaflow_tests::metrics::{Scrape, free_metrics_addr, scrape};
 use sagaflow_tests::{Backend, CLUSTER_SIZE, NatsCluster, NatsServer, TestDb};
 use sagaflow_workflows::{
@@ -54,8 +54,8 @@ pub(super) const CHILD_LOG: &str =
 pub(super) static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub(super) struct Binaries {
-    engine: PathBuf,
-    worker: PathBuf,
+    pub(super) engine: PathBuf,
+    pub(super) worker: PathBuf,
 }
 
 pub(super) fn binaries() -> &'static Binaries {
@@ -259,7 +259,11 @@ pub(super) struct ChildOptions {
     /// `--transient` and `--lost-reply` of the workers.
     worker_faults: (&'static str, &'static str),
     /// Environment variables of every engine and worker.
-    env: Vec<(String, String)>,
+    pub(super) env: Vec<(String, String)>,
+    /// Flags of every engine and worker after the harness's own (credentials, TLS).
+    pub(super) nats_args: Vec<String>,
+    /// How the harness's own client connects.
+    pub(super) client: NatsSecurity,
 }
 
 impl Default for ChildOptions {
@@ -267,6 +271,8 @@ impl Default for ChildOptions {
         ChildOptions {
             worker_faults: (TRANSIENT, LOST_REPLY),
             env: Vec::new(),
+            nats_args: Vec::new(),
+            client: NatsSecurity::default(),
         }
     }
 }
@@ -310,8 +316,29 @@ impl Cluster {
                 "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
                 otlp_endpoint.to_string(),
             )],
+            ..ChildOptions::default()
         };
         let broker = Broker::Single(NatsServer::start());
+        Cluster::assemble(name, 1, ("1s", "250ms"), 1, 10, broker, options).await
+    }
+
+    /// One engine and one worker, injecting no faults, on `server` (one the test configured
+    /// with TLS or authentication), all of them and the harness connecting with `nats_args`,
+    /// `env` and `client`.
+    pub(super) async fn secured(
+        name: &'static str,
+        server: NatsServer,
+        nats_args: Vec<String>,
+        env: Vec<(String, String)>,
+        client: NatsSecurity,
+    ) -> Cluster {
+        let options = ChildOptions {
+            worker_faults: ("0", "0"),
+            env,
+            nats_args,
+            client,
+        };
+        let broker = Broker::Single(server);
         Cluster::assemble(name, 1, ("1s", "250ms"), 1, 10, broker, options).await
     }
 
@@ -360,13 +387,15 @@ impl Cluster {
             .await
             .expect("open the worker database");
         install(&demo).await.expect("create the demo tables");
-        let client = async_nats::ConnectOptions::new()
-            .name("sagaflow-fault-test")
-            .request_timeout(Some(Duration::from_secs(3)))
-            .retry_on_initial_connect()
-            .connect(server_addrs(&nats.urls()).expect("the broker's URLs"))
-            .await
-            .expect("connect to the test's nats-server");
+        let client = sagaflow_protocol::connect_with(
+            &nats.urls(),
+            &options.client,
+            "sagaflow-fault-test",
+            WhileUnreachable::Wait,
+            |o| o.request_timeout(Some(Duration::from_secs(3))),
+        )
+        .await
+        .expect("connect to the test's nats-server");
         let js = jetstream::new(client.clone());
         let mut cluster = Cluster {
             name,
@@ -424,6 +453,16 @@ impl Cluster {
         cluster
     }
 
+    /// The engine database's URL.
+    pub(super) fn engine_db_url(&self) -> &str {
+        &self.engine_db.url
+    }
+
+    /// The test's nats-server (of a single-server broker).
+    pub(super) fn nats_server(&mut self) -> &mut NatsServer {
+        self.nats.single()
+    }
+
     /// Prints how far the test got, and when.
     pub(super) fn phase(&self, what: &str) {
         println!("{}: {what} at {:.1?}", self.name, self.started_at.elapsed());
@@ -461,6 +500,7 @@ impl Cluster {
             .args(["--node-name", &format!("e{e}")])
             .args(["--metrics-addr", &self.engine_metrics[e].to_string()])
             .args(["--gauges-every", "500ms"])
+            .args(&self.options.nats_args)
             .env("RUST_LOG", CHILD_LOG)
             .env("RUST_BACKTRACE", "0")
             .env("NO_COLOR", "1")
@@ -492,6 +532,7 @@ impl Cluster {
             .args(["--lost-reply", self.options.worker_faults.1])
             .args(["--ack-wait-secs", &self.ack_wait_secs.to_string()])
             .args(["--metrics-addr", &self.worker_metrics[i].to_string()])
+            .args(&self.options.nats_args)
             .env("RUST_LOG", CHILD_LOG)
             .env("RUST_BACKTRACE", "0")
             .env("NO_COLOR", "1")

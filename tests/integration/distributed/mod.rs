@@ -17,6 +17,7 @@
 
 mod harness;
 mod multinode;
+mod security;
 mod traces;
 
 use std::time::{Duration, Instant};

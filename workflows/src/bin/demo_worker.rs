@@ -6,6 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use sagaflow_sdk::Timestamp;
+use sagaflow_sdk::nats::NatsArgs;
+use sagaflow_sdk::protocol::{redact_database_url, redact_nats_servers};
 use sagaflow_sdk::worker::{ResultStore, Worker, WorkerOptions};
 use sagaflow_workflows::{
     DEMO_STOCK, FaultPlan, Faults, Inventory, OrderServices, TripServices, book_trip_saga, install,
@@ -26,6 +28,8 @@ struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    #[command(flatten)]
+    nats: NatsArgs,
     /// Where the demo services keep their tables and this worker its idempotency records.
     #[arg(long, env = "SAGAFLOW_WORKER_DATABASE_URL")]
     database_url: String,
@@ -69,6 +73,7 @@ const GAUGES_EVERY: Duration = Duration::from_secs(5);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let nats = args.nats.security()?;
     // Held to the end: dropping it sends the spans still buffered.
     let _telemetry =
         sagaflow_sdk::process::init_telemetry("sagaflow-demo-worker", args.log_format)?;
@@ -79,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let url = sagaflow_sdk::database_url(&args.database_url);
     let db = Database::connect(&url)
         .await
-        .with_context(|| format!("cannot open {}", args.database_url))?;
+        .with_context(|| format!("cannot open {}", redact_database_url(&args.database_url)))?;
     install(&db)
         .await
         .context("installing the demo services' tables")?;
@@ -99,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
         ack_wait: Duration::from_secs(args.ack_wait_secs),
         stream_replicas: args.stream_replicas,
         gauges_every: args.metrics_addr.map(|_| GAUGES_EVERY),
+        nats,
         ..WorkerOptions::default()
     };
     let worker = Worker::connect(&args.nats_url, results, sagas, options).await?;
@@ -116,7 +122,8 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!(
         "{} serving place_order and book_trip on {}",
-        args.id, args.nats_url
+        args.id,
+        redact_nats_servers(&args.nats_url)
     );
     worker.run(sagaflow_sdk::process::termination()).await?;
     eprintln!("{} stopped", args.id);
