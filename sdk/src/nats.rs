@@ -70,6 +70,10 @@ pub struct NatsArgs {
     /// Refuse servers that do not offer TLS (implied by --nats-ca and --nats-cert).
     #[arg(long, env = "SAGAFLOW_NATS_TLS")]
     pub nats_tls: bool,
+    /// Prefix of this client's reply subjects (default `_INBOX`): give each role its own
+    /// (docs/security.md), so the server lets it read its own replies only.
+    #[arg(long, env = "SAGAFLOW_NATS_INBOX_PREFIX", value_name = "PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
 }
 
 /// The NATS settings are contradictory or a secret cannot be read.
@@ -148,34 +152,8 @@ impl NatsArgs {
                 client_cert: self.nats_cert.clone().zip(self.nats_key.clone()),
                 required: self.nats_tls,
             },
+            inbox_prefix: self.nats_inbox_prefix.clone(),
         })
-    }
-
-    /// The flags (and their values) that give the same settings to a child process; secrets
-    /// travel as file paths, or in the environment the child inherits.
-    pub fn to_args(&self) -> Vec<String> {
-        let mut args = Vec::new();
-        let mut flag = |name: &str, value: &Option<PathBuf>| {
-            if let Some(value) = value {
-                args.push(format!("--{name}"));
-                args.push(value.display().to_string());
-            }
-        };
-        flag("nats-password-file", &self.nats_password_file);
-        flag("nats-token-file", &self.nats_token_file);
-        flag("nats-nkey-seed-file", &self.nats_nkey_seed_file);
-        flag("nats-creds", &self.nats_creds);
-        flag("nats-ca", &self.nats_ca);
-        flag("nats-cert", &self.nats_cert);
-        flag("nats-key", &self.nats_key);
-        if let Some(user) = &self.nats_user {
-            args.push("--nats-user".into());
-            args.push(user.clone());
-        }
-        if self.nats_tls {
-            args.push("--nats-tls".into());
-        }
-        args
     }
 }
 

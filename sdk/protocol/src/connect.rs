@@ -111,6 +111,10 @@ pub struct NatsSecurity {
     pub auth: NatsAuth,
     /// The TLS settings.
     pub tls: NatsTls,
+    /// The prefix of this client's reply subjects (`_INBOX` when `None`): a role of its own
+    /// lets the server allow each client to subscribe to its own replies only
+    /// (`docs/security.md`).
+    pub inbox_prefix: Option<String>,
 }
 
 /// What [`connect`] does while no server can be reached.
@@ -233,6 +237,9 @@ async fn connect_options(
     }
     if tls.is_set() {
         options = options.require_tls(true);
+    }
+    if let Some(prefix) = &security.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix);
     }
     Ok(options)
 }
@@ -391,7 +398,7 @@ mod tests {
                 user: "engine".into(),
                 password: Secret::new("hunter2"),
             },
-            tls: NatsTls::default(),
+            ..NatsSecurity::default()
         };
         let shown = format!("{security:?} {}", security.auth.describe());
         assert!(!shown.contains("hunter2"), "{shown}");

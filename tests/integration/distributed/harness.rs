@@ -257,11 +257,13 @@ pub(super) struct Cluster {
 #[derive(Debug, Clone)]
 pub(super) struct ChildOptions {
     /// `--transient` and `--lost-reply` of the workers.
-    worker_faults: (&'static str, &'static str),
+    pub(super) worker_faults: (&'static str, &'static str),
     /// Environment variables of every engine and worker.
     pub(super) env: Vec<(String, String)>,
-    /// Flags of every engine and worker after the harness's own (credentials, TLS).
-    pub(super) nats_args: Vec<String>,
+    /// Flags of every engine after the harness's own (credentials, TLS).
+    pub(super) engine_args: Vec<String>,
+    /// Flags of every worker after the harness's own (credentials, TLS, the sagas it serves).
+    pub(super) worker_args: Vec<String>,
     /// How the harness's own client connects.
     pub(super) client: NatsSecurity,
 }
@@ -271,7 +273,8 @@ impl Default for ChildOptions {
         ChildOptions {
             worker_faults: (TRANSIENT, LOST_REPLY),
             env: Vec::new(),
-            nats_args: Vec::new(),
+            engine_args: Vec::new(),
+            worker_args: Vec::new(),
             client: NatsSecurity::default(),
         }
     }
@@ -323,20 +326,15 @@ impl Cluster {
     }
 
     /// One engine and one worker, injecting no faults, on `server` (one the test configured
-    /// with TLS or authentication), all of them and the harness connecting with `nats_args`,
-    /// `env` and `client`.
+    /// with TLS or authentication), started with `options` (whose faults are ignored).
     pub(super) async fn secured(
         name: &'static str,
         server: NatsServer,
-        nats_args: Vec<String>,
-        env: Vec<(String, String)>,
-        client: NatsSecurity,
+        options: ChildOptions,
     ) -> Cluster {
         let options = ChildOptions {
             worker_faults: ("0", "0"),
-            env,
-            nats_args,
-            client,
+            ..options
         };
         let broker = Broker::Single(server);
         Cluster::assemble(name, 1, ("1s", "250ms"), 1, 10, broker, options).await
@@ -500,7 +498,7 @@ impl Cluster {
             .args(["--node-name", &format!("e{e}")])
             .args(["--metrics-addr", &self.engine_metrics[e].to_string()])
             .args(["--gauges-every", "500ms"])
-            .args(&self.options.nats_args)
+            .args(&self.options.engine_args)
             .env("RUST_LOG", CHILD_LOG)
             .env("RUST_BACKTRACE", "0")
             .env("NO_COLOR", "1")
@@ -532,7 +530,7 @@ impl Cluster {
             .args(["--lost-reply", self.options.worker_faults.1])
             .args(["--ack-wait-secs", &self.ack_wait_secs.to_string()])
             .args(["--metrics-addr", &self.worker_metrics[i].to_string()])
-            .args(&self.options.nats_args)
+            .args(&self.options.worker_args)
             .env("RUST_LOG", CHILD_LOG)
             .env("RUST_BACKTRACE", "0")
             .env("NO_COLOR", "1")

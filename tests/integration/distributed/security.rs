@@ -28,6 +28,19 @@ struct Setup {
     client: NatsSecurity,
 }
 
+impl Setup {
+    /// The engine and worker both connect with the setup's flags and environment.
+    fn child_options(self) -> ChildOptions {
+        ChildOptions {
+            env: self.env,
+            engine_args: self.nats_args.clone(),
+            worker_args: self.nats_args,
+            client: self.client,
+            ..ChildOptions::default()
+        }
+    }
+}
+
 fn tls_client(pki: &Pki) -> NatsTls {
     NatsTls {
         ca_file: Some(pki.ca.clone()),
@@ -78,6 +91,7 @@ fn setups(pki: &Pki) -> Vec<Setup> {
                     password: Secret::new(password),
                 },
                 tls: tls_client(pki),
+                inbox_prefix: None,
             },
         },
         Setup {
@@ -91,6 +105,7 @@ fn setups(pki: &Pki) -> Vec<Setup> {
             client: NatsSecurity {
                 auth: NatsAuth::Token(Secret::new(token)),
                 tls: tls_client(pki),
+                inbox_prefix: None,
             },
         },
         Setup {
@@ -111,6 +126,7 @@ fn setups(pki: &Pki) -> Vec<Setup> {
             client: NatsSecurity {
                 auth: NatsAuth::NkeySeed(Secret::new(seed.clone())),
                 tls: tls_client(pki),
+                inbox_prefix: None,
             },
         },
         Setup {
@@ -121,6 +137,7 @@ fn setups(pki: &Pki) -> Vec<Setup> {
             client: NatsSecurity {
                 auth: NatsAuth::CredsFile(creds.clone()),
                 tls: tls_client(pki),
+                inbox_prefix: None,
             },
         },
         Setup {
@@ -143,6 +160,7 @@ fn setups(pki: &Pki) -> Vec<Setup> {
                     client_cert: Some(pki.client.clone()),
                     ..tls_client(pki)
                 },
+                inbox_prefix: None,
             },
         },
     ]
@@ -155,13 +173,13 @@ async fn the_order_saga_runs_over_tls_with_every_kind_of_credentials() {
     for setup in setups(&pki) {
         let server =
             tokio::task::block_in_place(|| NatsServer::start_with_config(&setup.server_config));
-        let mut cluster =
-            Cluster::secured("secured", server, setup.nats_args, setup.env, setup.client).await;
-        cluster.phase(&format!("{}: engine and worker connected", setup.name));
+        let name = setup.name;
+        let mut cluster = Cluster::secured("secured", server, setup.child_options()).await;
+        cluster.phase(&format!("{name}: engine and worker connected"));
         let starts = cluster.spawn_starts(cluster.orders(ORDERS_EACH, 3), Duration::ZERO);
         let started = starts.finish().await;
         let findings = settle_and_verify(&mut cluster, &started).await;
-        println!("secured/{}: {findings:?}", setup.name);
+        println!("secured/{name}: {findings:?}");
     }
 }
 
@@ -229,8 +247,7 @@ async fn refused_credentials_fail_at_once_with_a_clear_message_and_write_nothing
         .expect("the user and password setup");
     let server =
         tokio::task::block_in_place(|| NatsServer::start_with_config(&setup.server_config));
-    let mut cluster =
-        Cluster::secured("refused", server, setup.nats_args, setup.env, setup.client).await;
+    let mut cluster = Cluster::secured("refused", server, setup.child_options()).await;
     let url = cluster.nats_server().url();
     let engine_db = cluster.engine_db_url().to_string();
     let wrong = write_secret(&pki, "wrong-password", "not-the-password-71c2");
@@ -332,4 +349,166 @@ async fn refused_credentials_fail_at_once_with_a_clear_message_and_write_nothing
     );
     let id: uuid::Uuid = stdout.trim().parse().expect("start prints the saga id");
     println!("start with the right password: saga {id}");
+}
+
+/// The `authorization` block of `docs/security.md`, as it stands there.
+fn documented_permissions() -> String {
+    let docs =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/security.md"))
+            .expect("read docs/security.md");
+    let begin = docs
+        .find("<!-- permissions:begin -->")
+        .expect("docs/security.md marks where the permissions begin");
+    let end = docs
+        .find("<!-- permissions:end -->")
+        .expect("docs/security.md marks where the permissions end");
+    let block = &docs[begin..end];
+    let body = block
+        .split_once("```conf\n")
+        .and_then(|(_, rest)| rest.rsplit_once("```"))
+        .map(|(body, _)| body)
+        .expect("a ```conf block between the markers");
+    body.to_string()
+}
+
+fn credentials(user: &str, password: &str, prefix: &str) -> NatsSecurity {
+    NatsSecurity {
+        auth: NatsAuth::UserPassword {
+            user: user.into(),
+            password: Secret::new(password),
+        },
+        tls: NatsTls::default(),
+        inbox_prefix: Some(prefix.into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_may_touch_only_its_own_saga() {
+    let _turn = SERIAL.lock().await;
+    let secrets = tempfile::tempdir().expect("a folder for the passwords");
+    let passwords = [
+        ("ENGINE_PASSWORD", "engine-pw-51d0"),
+        ("WORKER_PASSWORD", "worker-pw-8e7b"),
+        ("CLIENT_PASSWORD", "client-pw-2c44"),
+        ("OPERATOR_PASSWORD", "operator-pw-93fa"),
+    ];
+    let config = passwords
+        .iter()
+        .map(|(name, value)| format!("{name}: {value:?}\n"))
+        .collect::<String>()
+        + &documented_permissions();
+    let server = tokio::task::block_in_place(|| NatsServer::start_with_config(&config));
+    let log = server.log_path();
+    let file = |name: &str, value: &str| {
+        let at = secrets.path().join(name);
+        std::fs::write(&at, value).expect("write a password");
+        path(&at)
+    };
+    let engine_password = file("engine", passwords[0].1);
+    let worker_password = file("worker", passwords[1].1);
+    let options = ChildOptions {
+        engine_args: [
+            "--nats-user",
+            "engine",
+            "--nats-password-file",
+            &engine_password,
+            "--nats-inbox-prefix",
+            "_INBOX_engine",
+        ]
+        .map(String::from)
+        .to_vec(),
+        worker_args: [
+            "--saga",
+            "place_order",
+            "--nats-user",
+            "worker-place-order",
+            "--nats-password-file",
+            &worker_password,
+            "--nats-inbox-prefix",
+            "_INBOX_worker_place_order",
+        ]
+        .map(String::from)
+        .to_vec(),
+        client: credentials("client", passwords[2].1, "_INBOX_client"),
+        ..ChildOptions::default()
+    };
+    let mut cluster = Cluster::secured("least_privilege", server, options).await;
+    // Each role does its job with exactly these permissions: the client starts, the engine
+    // dispatches, the worker serves place_order.
+    let starts = cluster.spawn_starts(cluster.orders(ORDERS_EACH, 5), Duration::ZERO);
+    let started = starts.finish().await;
+    settle_and_verify(&mut cluster, &started).await;
+
+    // With the worker's credentials: a reply for another saga, a command, a start.
+    let sagas_before = count(cluster.store.connection(), "SELECT COUNT(*) FROM sagas").await;
+    let history_before = count(
+        cluster.store.connection(),
+        "SELECT COUNT(*) FROM saga_history",
+    )
+    .await;
+    let url = cluster.nats_server().url();
+    let worker = sagaflow_sdk::protocol::connect_with(
+        &url,
+        &credentials(
+            "worker-place-order",
+            passwords[1].1,
+            "_INBOX_worker_place_order",
+        ),
+        "forger",
+        sagaflow_sdk::protocol::WhileUnreachable::Fail,
+        |o| o.request_timeout(Some(Duration::from_secs(2))),
+    )
+    .await
+    .expect("the worker's user connects");
+    let js = async_nats::jetstream::new(worker.clone());
+    let forged_reply = "sagaflow.reply.0.book_trip";
+    let forged_command = "sagaflow.cmd.place_order.reserve_inventory";
+    for subject in [forged_reply, forged_command] {
+        let stored = match js.publish(subject, "{}".into()).await {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        assert!(!stored, "the worker's user published on {subject}");
+    }
+    let start = serde_json::json!({
+        "v": 1, "saga": "place_order", "key": "forged-start",
+        "input": cluster.orders(1, 77).remove(0).to_json(),
+    });
+    let answer = worker
+        .request("sagaflow.start", start.to_string().into())
+        .await;
+    assert!(
+        answer.is_err(),
+        "the worker's user started a saga: {answer:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        count(cluster.store.connection(), "SELECT COUNT(*) FROM sagas").await,
+        sagas_before,
+        "a refused message started a saga"
+    );
+    assert_eq!(
+        count(
+            cluster.store.connection(),
+            "SELECT COUNT(*) FROM saga_history"
+        )
+        .await,
+        history_before,
+        "a refused message changed a saga's history"
+    );
+    let server_log = std::fs::read_to_string(&log).expect("read the server's log");
+    for subject in [forged_reply, forged_command, "sagaflow.start"] {
+        assert!(
+            server_log
+                .lines()
+                .any(|l| l.contains("Publish Violation") && l.contains(subject)),
+            "the server did not refuse {subject}:\n{}",
+            server_log
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
 }

@@ -33,6 +33,10 @@ struct Args {
     /// Where the demo services keep their tables and this worker its idempotency records.
     #[arg(long, env = "SAGAFLOW_WORKER_DATABASE_URL")]
     database_url: String,
+    /// Serve only this saga (place_order or book_trip; repeat for both, the default): a worker
+    /// whose NATS user may only touch one saga's subjects (docs/security.md) serves that one.
+    #[arg(long = "saga", value_name = "NAME")]
+    sagas: Vec<String>,
     /// Names this worker in the saga histories.
     #[arg(long, default_value_t = format!("demo-{}", std::process::id()))]
     id: String,
@@ -93,10 +97,21 @@ async fn main() -> anyhow::Result<()> {
         FaultPlan::uniform(args.transient, args.lost_reply)?,
         args.seed,
     );
-    let sagas = vec![
+    let mut sagas = vec![
         place_order_saga(&OrderServices::new(&db, &faults))?,
         book_trip_saga(&TripServices::new(&db, &faults))?,
     ];
+    if !args.sagas.is_empty() {
+        if let Some(unknown) = args
+            .sagas
+            .iter()
+            .find(|name| !sagas.iter().any(|s| &s.spec().name == *name))
+        {
+            anyhow::bail!("--saga {unknown}: this worker serves place_order and book_trip");
+        }
+        sagas.retain(|s| args.sagas.contains(&s.spec().name));
+    }
+    let serving: Vec<String> = sagas.iter().map(|s| s.spec().name.clone()).collect();
     let results = ResultStore::with_connection(db.clone()).await?;
     let options = WorkerOptions {
         id: args.id.clone(),
@@ -121,8 +136,9 @@ async fn main() -> anyhow::Result<()> {
     });
 
     eprintln!(
-        "{} serving place_order and book_trip on {}",
+        "{} serving {} on {}",
         args.id,
+        serving.join(" and "),
         redact_nats_servers(&args.nats_url)
     );
     worker.run(sagaflow_sdk::process::termination()).await?;
