@@ -38,6 +38,17 @@ impl NatsServer {
     /// Starts a server on a free port with a fresh store, and returns once it accepts
     /// connections. Panics, with the server's log, when it cannot start.
     pub fn start() -> NatsServer {
+        NatsServer::start_configured(None)
+    }
+
+    /// Starts a server as [`NatsServer::start`] does, with `config` (nats-server's configuration
+    /// syntax: `authorization`, `tls`, `accounts`, ...) as its configuration file. The port,
+    /// JetStream store and log given on the command line take precedence over the file.
+    pub fn start_with_config(config: &str) -> NatsServer {
+        NatsServer::start_configured(Some(config))
+    }
+
+    fn start_configured(config: Option<&str>) -> NatsServer {
         let binary = nats_server_binary();
         let mut failure = String::new();
         // A free port can be taken by someone else between finding and binding it: try again
@@ -45,32 +56,17 @@ impl NatsServer {
         for _ in 0..5 {
             let port = free_port();
             let mut server = NatsServer::unstarted(&binary, port, Vec::new());
+            if let Some(config) = config {
+                let path = server.dir.path().join("server.conf");
+                std::fs::write(&path, config).expect("write the nats-server configuration");
+                server.extra_args = vec!["-c".into(), path.display().to_string()];
+            }
             match server.spawn() {
                 Ok(()) => return server,
                 Err(e) => failure = e,
             }
         }
         panic!("nats-server did not start: {failure}");
-    }
-
-    /// Starts a server as [`NatsServer::start`] does, with `config` (nats-server's configuration
-    /// syntax: `authorization`, `tls`, `accounts`, ...) as its configuration file. The port,
-    /// JetStream store and log given on the command line take precedence over the file.
-    pub fn start_with_config(config: &str) -> NatsServer {
-        let binary = nats_server_binary();
-        let mut failure = String::new();
-        for _ in 0..5 {
-            let port = free_port();
-            let mut server = NatsServer::unstarted(&binary, port, Vec::new());
-            let path = server.dir.path().join("server.conf");
-            std::fs::write(&path, config).expect("write the nats-server configuration");
-            server.extra_args = vec!["-c".into(), path.display().to_string()];
-            match server.spawn() {
-                Ok(()) => return server,
-                Err(e) => failure = e,
-            }
-        }
-        panic!("nats-server did not start with its configuration: {failure}");
     }
 
     /// A server on `port` with a fresh store, not started yet.

@@ -189,18 +189,15 @@ async fn connect_options(
         .connection_timeout(Duration::from_secs(5))
         .event_callback(|event| async move { log_event(event) });
     options = match &security.auth {
+        // async-nats does not send the credentials of a URL by itself.
         NatsAuth::None => match addrs
             .iter()
-            .find(|a| a.has_user_pass() || a.username().is_some())
+            .find_map(|a| a.username().map(|user| (user, a.password())))
         {
-            // async-nats does not send the credentials of a URL by itself.
-            Some(addr) => match (addr.username(), addr.password()) {
-                (Some(user), Some(password)) => {
-                    options.user_and_password(user.to_string(), password.to_string())
-                }
-                (Some(token), None) => options.token(token.to_string()),
-                _ => options,
-            },
+            Some((user, Some(password))) => {
+                options.user_and_password(user.to_string(), password.to_string())
+            }
+            Some((token, None)) => options.token(token.to_string()),
             None => options,
         },
         NatsAuth::UserPassword { user, password } => {

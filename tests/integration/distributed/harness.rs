@@ -314,19 +314,18 @@ impl Cluster {
     /// injecting no faults (every step's path is the plain one).
     pub(super) async fn traced(name: &'static str, otlp_endpoint: &str) -> Cluster {
         let options = ChildOptions {
-            worker_faults: ("0", "0"),
             env: vec![(
                 "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
                 otlp_endpoint.to_string(),
             )],
             ..ChildOptions::default()
         };
-        let broker = Broker::Single(NatsServer::start());
-        Cluster::assemble(name, 1, ("1s", "250ms"), 1, 10, broker, options).await
+        Cluster::secured(name, NatsServer::start(), options).await
     }
 
-    /// One engine and one worker, injecting no faults, on `server` (one the test configured
-    /// with TLS or authentication), started with `options` (whose faults are ignored).
+    /// One engine and one worker, injecting no faults (every step's path is the plain one), on
+    /// `server` (one the test configured with TLS or authentication, or a plain one), started
+    /// with `options` (whose faults are ignored).
     pub(super) async fn secured(
         name: &'static str,
         server: NatsServer,
