@@ -70,6 +70,39 @@ pub enum EngineError {
     #[error("no saga has id {0}; `sagaflow list` shows the sagas there are")]
     UnknownSaga(Uuid),
 
+    /// A start's secret input member is in clear or not a well-formed envelope. Nothing was
+    /// started, and nothing of the input was stored.
+    #[error(
+        "input refused for saga `{saga}`: member `{field}` is secret and {problem}; seal it \
+         where the input enters (`sagaflow start --secret-keys FILE --seal {field}`, or \
+         SecretKeys::seal_fields in Rust; docs/protocol.md section 17). Nothing was started"
+    )]
+    SecretInClear {
+        /// The saga name.
+        saga: String,
+        /// The member.
+        field: String,
+        /// "arrived in clear", or what is wrong with its envelope.
+        problem: String,
+    },
+
+    /// Secret fields could not be sealed or opened, or no keys were given for them.
+    #[error("{0}")]
+    Secret(#[source] ProtocolError),
+
+    /// A saga run in this process declares secret fields, and the engine has no keys.
+    #[error(
+        "saga `{saga}` has secret fields ({fields}) and this engine runs its handlers without \
+         keys to seal and open them; give it the key file (--secret-keys or \
+         SAGAFLOW_SECRET_KEYS_FILE)"
+    )]
+    SecretKeysMissing {
+        /// The saga name.
+        saga: String,
+        /// Its secret fields, comma separated.
+        fields: String,
+    },
+
     /// The start input does not fit the saga's step types.
     #[error("input refused for saga `{saga}`: {source}")]
     InvalidInput {

@@ -48,6 +48,26 @@ impl CompiledSchema {
     }
 }
 
+/// `schema` (of an input or an output object) as the value travels when its members `secret`
+/// are sealed: each of those properties becomes "an envelope" (`docs/protocol.md` section 17),
+/// since the engine sees only envelopes there and cannot check what they hold.
+pub(crate) fn sealed_form(schema: &Value, secret: &[String]) -> Value {
+    let mut sealed = schema.clone();
+    if let Some(properties) = sealed.get_mut("properties").and_then(Value::as_object_mut) {
+        for field in secret {
+            properties.insert(
+                field.clone(),
+                serde_json::json!({
+                    "type": "object",
+                    "required": [sagaflow_protocol::sealed::ENVELOPE_MEMBER],
+                    "properties": {sagaflow_protocol::sealed::ENVELOPE_MEMBER: {"type": "object"}}
+                }),
+            );
+        }
+    }
+    sealed
+}
+
 /// Compiles `schema` and checks `value` against it: `Err` when the schema is not usable.
 pub(crate) fn violation(schema: &Value, value: &Value) -> Result<Option<Violation>, String> {
     Ok(CompiledSchema::new(schema)?.violation(value))

@@ -124,12 +124,15 @@
 mod error;
 mod handler;
 mod json;
+#[cfg(feature = "keys")]
+pub mod keys;
 pub mod metrics;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "process")]
 pub mod process;
 mod saga;
+mod secret;
 pub mod telemetry;
 #[cfg(feature = "worker")]
 pub mod worker;
@@ -140,10 +143,11 @@ pub use sagaflow_protocol as protocol;
 
 pub use error::SdkError;
 pub use handler::{Compensate, StepContext, StepHandler};
+pub use secret::{SECRET_KEYWORD, Secret};
 pub use saga::{DEFAULT_STEP_TIMEOUT, Saga, SagaBuilder, Step, StepRequest, schema_of};
 pub use sagaflow_protocol::{
-    Direction, ErrorClass, RetryPolicy, RetryPolicyBuilder, SagaSpec, StepError, StepKind,
-    StepSpec, Timestamp, database_url,
+    Direction, ErrorClass, RetryPolicy, RetryPolicyBuilder, SagaSpec, SecretKeys, StepError,
+    StepKind, StepSpec, Timestamp, database_url,
 };
 /// JSON Schema generation for step types: derive [`JsonSchema`] on each `Input` and `Output`.
 pub use schemars;

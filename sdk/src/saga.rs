@@ -10,7 +10,9 @@ use serde_json::Value;
 
 use crate::handler::{Compensate, StepContext, StepHandler};
 use crate::json;
-use crate::protocol::{StepCommand, StepOutcome, StepReply};
+use crate::protocol::sealed::holds_envelope;
+use crate::protocol::{SecretKeys, StepCommand, StepOutcome, StepReply};
+use crate::secret::{open_members, secret_properties};
 use crate::{Direction, RetryPolicy, SagaSpec, SdkError, StepError, StepKind, StepSpec};
 
 /// The attempt timeout a step gets unless it says otherwise.
@@ -83,14 +85,28 @@ impl Step {
                 timeout: Some(DEFAULT_STEP_TIMEOUT),
                 input_schema: None,
                 output_schema: None,
+                secret_output: Vec::new(),
             },
             runner,
         }
     }
 
     fn with_schemas<H: StepHandler>(mut self) -> Self {
+        let output = schema_of::<H::Output>();
+        self.spec.secret_output = secret_properties(&output);
         self.spec.input_schema = Some(schema_of::<H::Input>());
-        self.spec.output_schema = Some(schema_of::<H::Output>());
+        self.spec.output_schema = Some(output);
+        self
+    }
+
+    /// Declares member `field` of the step's output secret, for an `Output` type that cannot
+    /// say so with [`Secret`](crate::Secret) (a `serde_json::Value`, say). Members typed
+    /// `Secret<T>` are declared already.
+    pub fn secret_output(mut self, field: impl Into<String>) -> Self {
+        let field = field.into();
+        if !self.spec.secret_output.contains(&field) {
+            self.spec.secret_output.push(field);
+        }
         self
     }
 
@@ -125,9 +141,18 @@ pub struct SagaBuilder {
     version: u32,
     steps: Vec<Step>,
     deadline: Option<Duration>,
+    secret_input: Vec<String>,
 }
 
 impl SagaBuilder {
+    /// Declares member `field` of the saga's input secret, for `Input` types that cannot say so
+    /// with [`Secret`](crate::Secret). Members any step's `Input` types `Secret<T>` are declared
+    /// already.
+    pub fn secret_input(mut self, field: impl Into<String>) -> Self {
+        self.secret_input.push(field.into());
+        self
+    }
+
     /// Appends a step.
     pub fn step(mut self, step: Step) -> Self {
         self.steps.push(step);
@@ -143,12 +168,21 @@ impl SagaBuilder {
     /// Checks the definition against the saga model ([`SagaSpec::validate`] lists the rules)
     /// and returns it.
     pub fn build(self) -> Result<Saga, SdkError> {
-        let (specs, runners) = self.steps.into_iter().map(|s| (s.spec, s.runner)).unzip();
+        let (specs, runners): (Vec<StepSpec>, _) =
+            self.steps.into_iter().map(|s| (s.spec, s.runner)).unzip();
+        // Every step reads the one saga input: a member one step's type marks secret is secret.
+        let mut secret_input = self.secret_input;
+        for schema in specs.iter().filter_map(|step| step.input_schema.as_ref()) {
+            secret_input.extend(secret_properties(schema));
+        }
+        secret_input.sort();
+        secret_input.dedup();
         let spec = SagaSpec {
             name: self.name,
             version: self.version,
             steps: specs,
             deadline: self.deadline,
+            secret_input,
         };
         spec.validate()?;
         Ok(Saga { spec, runners })
@@ -189,12 +223,29 @@ impl Saga {
             version,
             steps: Vec::new(),
             deadline: None,
+            secret_input: Vec::new(),
         }
     }
 
     /// The definition as data.
     pub fn spec(&self) -> &SagaSpec {
         &self.spec
+    }
+
+    /// Whether the saga declares secret input or output fields: who serves it needs keys.
+    pub fn declares_secrets(&self) -> bool {
+        !self.secret_fields().is_empty()
+    }
+
+    /// The secret fields, as `input.card` and `output.STEP.FIELD`, for messages.
+    pub fn secret_fields(&self) -> Vec<String> {
+        let input = self.spec.secret_input.iter().map(|f| format!("input.{f}"));
+        let outputs = self.spec.steps.iter().flat_map(|step| {
+            step.secret_output
+                .iter()
+                .map(move |f| format!("output.{}.{f}", step.name))
+        });
+        input.chain(outputs).collect()
     }
 
     /// Checks that `input` deserializes into the `Input` type of every step, so a saga whose
@@ -244,16 +295,49 @@ impl Saga {
 impl Saga {
     /// Runs the attempt `command` describes and answers it, as a worker does. A handler that
     /// panics is reported as a retryable failure; the worker itself keeps going.
-    pub async fn handle(&self, command: &StepCommand, worker: &str) -> StepReply {
-        let request = StepRequest {
-            step: command.step_index,
-            ctx: StepContext::for_command(command),
-            input: command.input.clone(),
-            output: command.outputs.get(&command.step).cloned(),
-        };
+    ///
+    /// With `keys`, the envelopes among the members of the input and of the earlier outputs
+    /// are opened for the handler, and the step's secret output members are sealed before the
+    /// reply; an envelope that does not open (altered, malformed, under a key not given) is a
+    /// permanent `secret_unreadable` error naming the field and the key.
+    pub async fn handle(
+        &self,
+        command: &StepCommand,
+        worker: &str,
+        keys: Option<&SecretKeys>,
+    ) -> StepReply {
         let outcome = match self.spec.steps.get(command.step_index) {
             Some(spec) if spec.name == command.step => {
-                match tokio::spawn(self.run(request)).await {
+                self.handle_step(command, spec, keys).await
+            }
+            _ => StepOutcome::Failed {
+                error: StepError::permanent(
+                    "unknown_step",
+                    format!(
+                        "saga `{}` v{} has no step `{}` at position {}",
+                        self.spec.name, self.spec.version, command.step, command.step_index
+                    ),
+                ),
+            },
+        };
+        StepReply::to(command, worker, outcome)
+    }
+
+    async fn handle_step(
+        &self,
+        command: &StepCommand,
+        spec: &StepSpec,
+        keys: Option<&SecretKeys>,
+    ) -> StepOutcome {
+        let request = match opened_request(command, keys) {
+            Ok(request) => request,
+            Err(error) => return StepOutcome::Failed { error },
+        };
+        let sealed = match tokio::spawn(self.run(request)).await {
+            Ok(Ok(output)) => seal_output(output, spec, command.direction, keys),
+            other => other,
+        };
+        match sealed {
                     Ok(Ok(output)) => match crate::protocol::json_len(&output) {
                         // Retryable, not permanent: the step may have taken effect, so when
                         // the retries give up it is compensated (by its forward key).
@@ -280,20 +364,64 @@ impl Saga {
                             format!("the step handler panicked: {join_error}"),
                         ),
                     },
-                }
-            }
-            _ => StepOutcome::Failed {
-                error: StepError::permanent(
-                    "unknown_step",
-                    format!(
-                        "saga `{}` v{} has no step `{}` at position {}",
-                        self.spec.name, self.spec.version, command.step, command.step_index
-                    ),
-                ),
-            },
-        };
-        StepReply::to(command, worker, outcome)
+        }
     }
+}
+
+/// The request `command` makes, its envelopes opened with `keys`.
+fn opened_request(
+    command: &StepCommand,
+    keys: Option<&SecretKeys>,
+) -> Result<StepRequest, StepError> {
+    let mut ctx = StepContext::for_command(command);
+    let mut input = command.input.clone();
+    let unreadable = |error: crate::protocol::ProtocolError| {
+        StepError::permanent("secret_unreadable", error.to_string())
+    };
+    open_members(keys, &mut input).map_err(unreadable)?;
+    if command.outputs.values().any(holds_envelope) {
+        let mut outputs = command.outputs.clone();
+        for output in outputs.values_mut() {
+            open_members(keys, output).map_err(unreadable)?;
+        }
+        ctx.outputs = std::sync::Arc::new(outputs);
+    }
+    let output = ctx.outputs.get(&command.step).cloned();
+    Ok(StepRequest {
+        step: command.step_index,
+        ctx,
+        input,
+        output,
+    })
+}
+
+/// A forward action's `output` with the step's secret members sealed.
+fn seal_output(
+    mut output: Value,
+    spec: &StepSpec,
+    direction: Direction,
+    keys: Option<&SecretKeys>,
+) -> Result<Result<Value, StepError>, tokio::task::JoinError> {
+    if direction == Direction::Compensate || spec.secret_output.is_empty() {
+        return Ok(Ok(output));
+    }
+    let Some(keys) = keys else {
+        // The worker runtime refuses to start without keys for such a step; a runtime that
+        // does not check lands here, after the effect: permanent, so the step is compensated.
+        return Ok(Err(StepError::permanent(
+            "secret_keys_missing",
+            format!(
+                "step `{}` returns secret fields ({}) and this process has no key to seal them; \
+                 give it the key file (--secret-keys or SAGAFLOW_SECRET_KEYS_FILE)",
+                spec.name,
+                spec.secret_output.join(", ")
+            ),
+        )));
+    };
+    Ok(keys
+        .seal_fields(&mut output, &spec.secret_output)
+        .map(|()| output)
+        .map_err(|error| StepError::permanent("secret_unreadable", error.to_string())))
 }
 
 /// A handler with its types erased to JSON, so steps of different types sit in one list.
@@ -469,6 +597,83 @@ mod tests {
         assert_eq!(&read, saga.spec());
     }
 
+    #[derive(serde::Deserialize, schemars::JsonSchema)]
+    struct Payment {
+        card: crate::Secret<String>,
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+    struct Receipt {
+        token: crate::Secret<String>,
+        last4: String,
+    }
+
+    /// Returns a token made from the card, secret, and its last four digits, not.
+    struct Tokenize;
+
+    impl StepHandler for Tokenize {
+        type Input = Payment;
+        type Output = Receipt;
+
+        async fn execute(&self, _ctx: &StepContext, payment: Payment) -> Result<Receipt, StepError> {
+            let card = payment.card.expose();
+            Ok(Receipt {
+                token: crate::Secret::new(format!("tok-{card}")),
+                last4: card[card.len() - 4..].to_string(),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn secret_members_are_opened_for_the_handler_and_sealed_in_its_output() {
+        let saga = Saga::builder("pay", 1)
+            .step(Step::pivot("tokenize", Tokenize))
+            .build()
+            .expect("valid saga");
+        assert_eq!(saga.spec().secret_input, ["card"]);
+        assert_eq!(saga.spec().steps[0].secret_output, ["token"]);
+        let keys = SecretKeys::parse(&SecretKeys::generate_line("k1").unwrap(), "test").unwrap();
+        let mut pay = command(0);
+        pay.saga = "pay".into();
+        pay.step = "tokenize".into();
+        pay.input = serde_json::json!({"card": "4111-1111"});
+        keys.seal_fields(&mut pay.input, &["card".into()]).unwrap();
+
+        let reply = saga.handle(&pay, "w1", Some(&keys)).await;
+        let StepOutcome::Succeeded { output } = reply.outcome else {
+            panic!("failed: {:?}", reply.outcome);
+        };
+        assert_eq!(output["last4"], "1111");
+        assert!(crate::protocol::sealed::is_envelope(&output["token"]), "{output}");
+        assert!(!output.to_string().contains("tok-"), "{output}");
+        assert_eq!(keys.open("token", &output["token"]).unwrap(), "tok-4111-1111");
+
+        // What does not open is a permanent error naming the field and the key, not a retry.
+        let mut tampered = pay.clone();
+        tampered.input["card"]["$sagaflow_secret"]["ct"] = serde_json::json!("AAAAAAAAAAAAAAAAAAAAAAAA");
+        let other = SecretKeys::parse(&SecretKeys::generate_line("k9").unwrap(), "test").unwrap();
+        for (what, command, keys) in [
+            ("tampered", &tampered, Some(&keys)),
+            ("unknown key", &pay, Some(&other)),
+            ("no keys", &pay, None),
+        ] {
+            let reply = saga.handle(command, "w1", keys).await;
+            let StepOutcome::Failed { error } = reply.outcome else {
+                panic!("{what}: the step ran");
+            };
+            assert_eq!(
+                (error.code.as_str(), error.class),
+                ("secret_unreadable", ErrorClass::Permanent),
+                "{what}"
+            );
+            assert!(
+                error.message.contains("`card`") && error.message.contains("`k1`"),
+                "{what}: {}",
+                error.message
+            );
+        }
+    }
+
     #[tokio::test]
     async fn an_output_over_the_limit_is_a_retryable_failure() {
         let saga = Saga::builder("echo", 1)
@@ -477,11 +682,11 @@ mod tests {
             .expect("valid saga");
         // The JSON string adds its two quotes.
         let fits = saga
-            .handle(&command(names::MAX_OUTPUT_BYTES - 2), "w1")
+            .handle(&command(names::MAX_OUTPUT_BYTES - 2), "w1", None)
             .await;
         assert!(matches!(fits.outcome, StepOutcome::Succeeded { .. }));
         let over = saga
-            .handle(&command(names::MAX_OUTPUT_BYTES - 1), "w1")
+            .handle(&command(names::MAX_OUTPUT_BYTES - 1), "w1", None)
             .await;
         let StepOutcome::Failed { error } = over.outcome else {
             panic!("an output over the limit succeeded");

@@ -256,6 +256,7 @@ async fn every_saga_completes_when_the_command_stream_leader_is_killed() {
             // A command whose ack the crash lost comes again soon.
             ack_wait: Duration::from_secs(5),
             stream_replicas: CLUSTER_SIZE,
+            secret_keys: Some(sagaflow_tests::test_secret_keys()),
             ..WorkerOptions::default()
         },
     )

@@ -939,7 +939,7 @@ async fn jsonl_export_parses_line_by_line(backend: Backend) {
     let total: usize = built.iter().map(|b| b.records.len()).sum();
 
     let mut out = Vec::new();
-    let written = ops::export_jsonl(&store, &AuditFilter::default(), &mut out)
+    let written = ops::export_jsonl(&store, &AuditFilter::default(), &Default::default(), &mut out)
         .await
         .unwrap();
     assert_eq!(written as usize, total, "{backend:?}");
@@ -967,7 +967,7 @@ async fn jsonl_export_parses_line_by_line(backend: Backend) {
         actor: Some(ActorFilter::operators()),
         ..AuditFilter::default()
     };
-    let written = ops::export_jsonl(&store, &operators, &mut out)
+    let written = ops::export_jsonl(&store, &operators, &Default::default(), &mut out)
         .await
         .unwrap();
     assert_eq!(written, 2);

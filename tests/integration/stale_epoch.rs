@@ -75,6 +75,7 @@ impl RunningWorker {
             vec![saga],
             WorkerOptions {
                 id: id.into(),
+                secret_keys: Some(sagaflow_tests::test_secret_keys()),
                 ..WorkerOptions::default()
             },
         )
@@ -101,7 +102,11 @@ async fn start_and_settle(engine: &Engine, orders: &[PlaceOrder]) -> Vec<Uuid> {
     for order in orders {
         ids.push(
             engine
-                .start(PLACE_ORDER, order.to_json(), Some(order.order_id.clone()))
+                .start(
+                    PLACE_ORDER,
+                    sagaflow_tests::sealed(order.to_json()),
+                    Some(order.order_id.clone()),
+                )
                 .await
                 .expect("start an order"),
         );

@@ -103,6 +103,7 @@ pub fn options() -> EngineOptions {
     EngineOptions {
         worker_concurrency: 16,
         timer_poll_interval: Duration::from_millis(20),
+        secret_keys: Some(sagaflow_tests::test_secret_keys()),
         ..EngineOptions::default()
     }
 }
@@ -245,6 +246,7 @@ pub async fn spawn_worker(
         sagas,
         sagaflow_sdk::worker::WorkerOptions {
             id: "w1".into(),
+            secret_keys: Some(sagaflow_tests::test_secret_keys()),
             ..sagaflow_sdk::worker::WorkerOptions::default()
         },
     )

@@ -14,6 +14,35 @@ pub mod secure_nats;
 
 pub use nats::{CLUSTER_SIZE, NatsCluster, NatsServer};
 
+/// The key of secret fields every test process uses unless a test says otherwise (a key file's
+/// text: `ID:BASE64`). A test key, known to everyone: never use it for real data.
+pub const TEST_SECRET_KEYS: &str = "test-1:9J80Qs/7rQHhENjYPL46u4DiAd5rBsOEV7sSHJ5eEH0=";
+
+/// A second test key, for rotations: `ROTATED_SECRET_KEYS` seals with it and still opens what
+/// [`TEST_SECRET_KEYS`] sealed.
+pub const NEXT_SECRET_KEY: &str = "test-2:OGkANGf7t2/IVk3wPR8+fjBSGfLsfdZe6IFBcFoJCi4=";
+
+/// The members of the test sagas' inputs that are secret: `place_order`'s card number and
+/// `py_transfer`'s payer reference.
+pub const SECRET_MEMBERS: [&str; 2] = ["card", "reference"];
+
+/// `input` with its [`SECRET_MEMBERS`] sealed with [`TEST_SECRET_KEYS`], as a client that
+/// starts a saga on a distributed engine sends it.
+pub fn sealed(mut input: serde_json::Value) -> serde_json::Value {
+    test_secret_keys()
+        .seal_fields(&mut input, &SECRET_MEMBERS.map(String::from))
+        .expect("seal the secret members");
+    input
+}
+
+/// [`TEST_SECRET_KEYS`] as keys.
+pub fn test_secret_keys() -> std::sync::Arc<sagaflow_protocol::SecretKeys> {
+    std::sync::Arc::new(
+        sagaflow_protocol::SecretKeys::parse(TEST_SECRET_KEYS, "the test keys")
+            .expect("the test keys parse"),
+    )
+}
+
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

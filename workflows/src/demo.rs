@@ -11,6 +11,7 @@ use crate::faults::Faults;
 use crate::inventory::Inventory;
 use crate::payment::{DECLINED_CARD, GOOD_CARD};
 use crate::place_order::PlaceOrder;
+use sagaflow_sdk::Secret;
 use crate::trip::BookTrip;
 
 /// Adds stock: `(sku, units)` pairs, creating SKUs that do not exist yet.
@@ -114,7 +115,7 @@ pub fn generate_orders(mix: &OrderMix) -> Vec<PlaceOrder> {
                 sku,
                 quantity,
                 amount_cents: mix.unit_price_cents.max(1) * i64::from(quantity),
-                card: if declined { DECLINED_CARD } else { GOOD_CARD }.to_string(),
+                card: Secret::new(if declined { DECLINED_CARD } else { GOOD_CARD }.to_string()),
             }
         })
         .collect()
@@ -193,7 +194,7 @@ mod tests {
         let orders = generate_orders(&mix);
         assert_eq!(orders, generate_orders(&mix));
         assert_eq!(orders.len(), 50);
-        assert_eq!(orders.iter().filter(|o| is_declined(&o.card)).count(), 15);
+        assert_eq!(orders.iter().filter(|o| is_declined(o.card.expose())).count(), 15);
         assert!(orders.iter().all(|o| (1..=3).contains(&o.quantity)));
         assert!(
             orders
@@ -211,12 +212,12 @@ mod tests {
             decline_ratio: 7.0,
             ..OrderMix::default()
         });
-        assert!(all.iter().all(|o| is_declined(&o.card)));
+        assert!(all.iter().all(|o| is_declined(o.card.expose())));
         let none = generate_orders(&OrderMix {
             decline_ratio: f64::NAN,
             ..OrderMix::default()
         });
-        assert!(!none.iter().any(|o| is_declined(&o.card)));
+        assert!(!none.iter().any(|o| is_declined(o.card.expose())));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! Declines are decided by the card number, not by chance: a card whose digits end in `0002`
 //! (like [`DECLINED_CARD`]) is declined with code `card_declined`.
 
-use sagaflow_sdk::Timestamp;
+use sagaflow_sdk::{Secret, Timestamp};
 use schemars::JsonSchema;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult};
 use serde::{Deserialize, Serialize};
@@ -45,8 +45,8 @@ pub struct Charge {
     pub customer: String,
     /// How much, in cents.
     pub amount_cents: i64,
-    /// The card number; only its last four digits are stored.
-    pub card: String,
+    /// The card number (a secret field); only its last four digits are stored.
+    pub card: Secret<String>,
 }
 
 /// The life cycle of an authorization.
@@ -142,17 +142,17 @@ impl Payment {
         }
         self.faults
             .check(Service::Payment, FaultPoint::BeforeEffect)?;
-        if is_declined(&charge.card) {
+        if is_declined(charge.card.expose()) {
             return Err(DemoError::CardDeclined {
                 order_id: charge.order_id.clone(),
-                last4: last4(&charge.card),
+                last4: last4(charge.card.expose()),
             });
         }
         let wanted = Authorization {
             authorization_key: key.to_string(),
             order_id: charge.order_id.clone(),
             amount_cents: charge.amount_cents,
-            card_last4: last4(&charge.card),
+            card_last4: last4(charge.card.expose()),
             state: AuthorizationState::Authorized,
         };
         // Conflicts on the key (a repeat) or on the live-per-order index (another saga

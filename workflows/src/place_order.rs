@@ -14,7 +14,8 @@
 use std::time::Duration;
 
 use sagaflow_sdk::{
-    Compensate, RetryPolicy, Saga, SdkError, Step, StepContext, StepError, StepHandler, Timestamp,
+    Compensate, RetryPolicy, Saga, SdkError, Secret, Step, StepContext, StepError, StepHandler,
+    Timestamp,
 };
 use schemars::JsonSchema;
 use sea_orm::DatabaseConnection;
@@ -29,7 +30,8 @@ use crate::shipping::{Shipment, Shipping};
 /// The saga's name.
 pub const PLACE_ORDER: &str = "place_order";
 /// The saga's definition version.
-pub const PLACE_ORDER_VERSION: u32 = 1;
+/// Version 2 made `card` a secret field.
+pub const PLACE_ORDER_VERSION: u32 = 2;
 
 /// The input of a `place_order` saga.
 ///
@@ -47,8 +49,9 @@ pub struct PlaceOrder {
     pub quantity: u32,
     /// For how much, in cents (at least 1).
     pub amount_cents: i64,
-    /// The card to charge.
-    pub card: String,
+    /// The card to charge: a secret field, sealed where the saga starts and opened only by
+    /// the workers that hold the key.
+    pub card: Secret<String>,
 }
 
 impl PlaceOrder {
@@ -154,7 +157,7 @@ fn retriable_retry() -> Result<RetryPolicy, SdkError> {
 /// The per-attempt timeout of every step.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The `place_order` saga (version 1) with handlers calling `services`.
+/// The `place_order` saga (version 2) with handlers calling `services`.
 pub fn place_order_saga(services: &OrderServices) -> Result<Saga, SdkError> {
     Saga::builder(PLACE_ORDER, PLACE_ORDER_VERSION)
         .step(

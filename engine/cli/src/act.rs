@@ -13,6 +13,7 @@ use sagaflow_engine::ops::{
     render,
 };
 use sagaflow_engine::store::Store;
+use sagaflow_sdk::keys::SecretKeyArgs;
 use uuid::Uuid;
 
 use crate::common::{DatabaseArgs, OutputArgs, SagaFilterArgs, print_json, print_text};
@@ -138,6 +139,10 @@ pub struct SkipStepArgs {
     /// is refused regardless.
     #[arg(long, requires = "output")]
     unchecked_output: bool,
+    /// The keys that seal the secret fields of --output (the step's output schema marks them);
+    /// needed only for such a step.
+    #[command(flatten)]
+    keys: SecretKeyArgs,
     #[command(flatten)]
     operator: Operator,
     #[command(flatten)]
@@ -236,6 +241,7 @@ pub async fn skip_step(args: SkipStepArgs) -> anyhow::Result<()> {
     let options = ActOptions {
         unchecked_output: args.unchecked_output,
         at: None,
+        secret_keys: args.keys.keys()?,
     };
     single(&store, args.id, command, &options, args.format.json).await
 }

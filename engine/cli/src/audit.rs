@@ -2,11 +2,13 @@
 //! `--jsonl` exports them all.
 
 use sagaflow_engine::machine::RecordKind;
-use sagaflow_engine::ops::{self, ActorFilter, AuditFilter, Cursor, Page, TimeRange, render};
+use sagaflow_engine::ops::{
+    self, ActorFilter, AuditFilter, Cursor, Disclose, Page, TimeRange, render,
+};
 use sagaflow_sdk::{Direction, Timestamp};
 use uuid::Uuid;
 
-use crate::common::{DatabaseArgs, instant, named, print_json, print_text};
+use crate::common::{DatabaseArgs, RevealArgs, instant, named, print_json, print_text};
 
 /// Options of `sagaflow audit`.
 #[derive(Debug, clap::Args)]
@@ -56,6 +58,8 @@ pub struct AuditArgs {
     /// Export every matching record as JSON lines (one object per line) on stdout.
     #[arg(long)]
     jsonl: bool,
+    #[command(flatten)]
+    reveal: RevealArgs,
 }
 
 const EXAMPLES: &str = "Examples:\n  \
@@ -85,11 +89,12 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
             until: args.until,
         },
     };
+    let disclosure = args.reveal.disclosure()?;
     let store = args.database.open().await?;
     if args.jsonl {
         let stdout = std::io::stdout();
         let mut out = std::io::BufWriter::new(stdout.lock());
-        let written = ops::export_jsonl(&store, &filter, &mut out).await?;
+        let written = ops::export_jsonl(&store, &filter, &disclosure, &mut out).await?;
         eprintln!("{written} history records exported");
         return Ok(());
     }
@@ -97,7 +102,9 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
         limit: args.limit,
         after: args.after,
     };
-    let result = ops::audit(&store, &filter, &page).await?;
+    let result = ops::audit(&store, &filter, &page)
+        .await?
+        .disclose(&disclosure);
     if args.json {
         print_json(&result)
     } else {

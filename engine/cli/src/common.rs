@@ -8,7 +8,8 @@ use std::str::FromStr;
 use anyhow::bail;
 use sagaflow_engine::machine::SagaStatus;
 use sagaflow_engine::ops::time::{parse_duration, parse_instant};
-use sagaflow_engine::ops::{ListFilter, TimeRange, Versioned};
+use sagaflow_engine::ops::{Disclosure, ListFilter, TimeRange, Versioned};
+use sagaflow_sdk::keys::SecretKeyArgs;
 use sagaflow_engine::store::Store;
 use sagaflow_sdk::Timestamp;
 use serde::Serialize;
@@ -40,6 +41,33 @@ impl DatabaseArgs {
             );
         }
         Ok(Store::connect(&self.database_url).await?)
+    }
+}
+
+/// Whether secret fields are shown, and with which keys.
+#[derive(Debug, clap::Args)]
+pub struct RevealArgs {
+    /// Show secret fields in clear, opened with the keys of --secret-keys (or
+    /// SAGAFLOW_SECRET_KEYS); without it they show as «secret».
+    #[arg(long)]
+    pub reveal: bool,
+    #[command(flatten)]
+    pub keys: SecretKeyArgs,
+}
+
+impl RevealArgs {
+    /// How the views show secret fields.
+    pub fn disclosure(&self) -> anyhow::Result<Disclosure> {
+        if !self.reveal {
+            return Ok(Disclosure::Redacted);
+        }
+        match self.keys.keys()? {
+            Some(keys) => Ok(Disclosure::Revealed(keys)),
+            None => bail!(
+                "--reveal needs the keys that sealed the secret fields: give --secret-keys FILE \
+                 (or set SAGAFLOW_SECRET_KEYS_FILE or SAGAFLOW_SECRET_KEYS)"
+            ),
+        }
     }
 }
 

@@ -3,15 +3,18 @@
 use crate::common::print_text;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use sagaflow_engine::machine::SagaStatus;
-use sagaflow_engine::ops::{self, render};
+use sagaflow_engine::ops::{self, Disclose, render};
 use sagaflow_engine::runtime::{Engine, EngineOptions, this_node};
 use sagaflow_engine::store::Store;
 use sagaflow_sdk::Timestamp;
+use sagaflow_sdk::keys::SecretKeyArgs;
+use sagaflow_sdk::protocol::SecretKeys;
 use sagaflow_workflows::{
     DEMO_STOCK, FaultPlan, Faults, Inventory, OrderMix, OrderServices, SagaOutcomes, TripMix,
     TripServices, book_trip_saga, check_invariants, generate_orders, generate_trips, install,
@@ -31,6 +34,11 @@ pub struct DemoArgs {
         default_value = "sqlite://sagaflow-demo.db"
     )]
     database_url: String,
+    /// The keys that seal the card numbers (a secret field of the order saga): one `ID:BASE64`
+    /// per line, the sealing key first. Without it (and without SAGAFLOW_SECRET_KEYS), the
+    /// demo uses sagaflow-demo.keys in the current directory, made on the first run.
+    #[command(flatten)]
+    keys: SecretKeyArgs,
     /// How many order sagas to run.
     #[arg(long, default_value_t = 300)]
     orders: usize,
@@ -87,10 +95,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         place_order_saga(&order_services)?,
         book_trip_saga(&trip_services)?,
     ];
+    let secret_keys = match args.keys.keys()? {
+        Some(keys) => keys,
+        None => std::sync::Arc::new(demo_keys(Path::new(DEMO_KEY_FILE))?),
+    };
     let options = EngineOptions {
         worker_concurrency: args.concurrency,
         node: Some(node),
         gauges_every: args.metrics_addr.map(|_| GAUGES_EVERY),
+        secret_keys: Some(secret_keys),
         ..EngineOptions::default()
     };
     let engine = Engine::launch(store.clone(), sagas, options).await?;
@@ -217,7 +230,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     ))?;
 
     if let Some((_, key, id)) = pick_compensated(&started, &states, &history_lengths) {
-        let view = ops::history(&store, *id).await?;
+        let view = ops::history(&store, *id)
+            .await?
+            .disclose(&ops::Disclosure::Redacted);
         print_text(format_args!("\nA compensated saga (start key {key}):"))?;
         print_text(render::history_table(&view))?;
     }
@@ -241,6 +256,39 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
 /// How often the demo's gauges are refreshed while it serves metrics.
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
+
+/// Where the demo keeps its key when none is given.
+const DEMO_KEY_FILE: &str = "sagaflow-demo.keys";
+
+/// The demo's keys from `path`, made there (readable by this user only) on the first run.
+fn demo_keys(path: &Path) -> anyhow::Result<SecretKeys> {
+    if !path.exists() {
+        let line = SecretKeys::generate_line("demo-1")?;
+        let text = format!(
+            "# Keys of the demo's secret fields (the card numbers): ID:BASE64, the sealing key \
+             first.\n{line}\n"
+        );
+        write_private(path, &text)
+            .with_context(|| format!("cannot write the demo's key file {}", path.display()))?;
+        eprintln!(
+            "made {} to seal the card numbers; `sagaflow show ID --reveal --secret-keys {}` \
+             shows them",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(SecretKeys::from_file(path)?)
+}
+
+/// Writes `text` to a new file at `path` that only this user can read.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(text.as_bytes())
+}
 
 /// The compensated order saga with the longest history: the most interesting one to read.
 fn pick_compensated<'a>(

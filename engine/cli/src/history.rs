@@ -1,9 +1,9 @@
 //! `sagaflow history <id>`: one saga's complete history, in order.
 
-use sagaflow_engine::ops::{self, render};
+use sagaflow_engine::ops::{self, Disclose, render};
 use uuid::Uuid;
 
-use crate::common::{DatabaseArgs, OutputArgs, print_json, print_text};
+use crate::common::{DatabaseArgs, OutputArgs, RevealArgs, print_json, print_text};
 
 /// Options of `sagaflow history`.
 #[derive(Debug, clap::Args)]
@@ -12,14 +12,17 @@ pub struct HistoryArgs {
     /// The saga's id (`sagaflow list` shows them).
     id: Uuid,
     #[command(flatten)]
+    reveal: RevealArgs,
+    #[command(flatten)]
     database: DatabaseArgs,
     #[command(flatten)]
     output: OutputArgs,
 }
 
 pub async fn run(args: HistoryArgs) -> anyhow::Result<()> {
+    let disclosure = args.reveal.disclosure()?;
     let store = args.database.open().await?;
-    let view = ops::history(&store, args.id).await?;
+    let view = ops::history(&store, args.id).await?.disclose(&disclosure);
     if args.output.json {
         print_json(&view)
     } else {

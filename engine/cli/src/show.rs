@@ -1,9 +1,9 @@
 //! `sagaflow show <id>`: one saga, step by step.
 
-use sagaflow_engine::ops::{self, render};
+use sagaflow_engine::ops::{self, Disclose, render};
 use uuid::Uuid;
 
-use crate::common::{DatabaseArgs, OutputArgs, print_json, print_text};
+use crate::common::{DatabaseArgs, OutputArgs, RevealArgs, print_json, print_text};
 
 /// Options of `sagaflow show`.
 #[derive(Debug, clap::Args)]
@@ -19,14 +19,17 @@ pub struct ShowArgs {
     #[arg(long)]
     schema: bool,
     #[command(flatten)]
+    reveal: RevealArgs,
+    #[command(flatten)]
     database: DatabaseArgs,
     #[command(flatten)]
     output: OutputArgs,
 }
 
 pub async fn run(args: ShowArgs) -> anyhow::Result<()> {
+    let disclosure = args.reveal.disclosure()?;
     let store = args.database.open().await?;
-    let mut detail = ops::show(&store, args.id).await?;
+    let mut detail = ops::show(&store, args.id).await?.disclose(&disclosure);
     if !args.schema {
         // Schemas are long and rarely what an operator looks for: only on request.
         for step in &mut detail.steps {

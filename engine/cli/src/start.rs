@@ -4,6 +4,7 @@ use crate::common::print_text;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use sagaflow_sdk::keys::SecretKeyArgs;
 use sagaflow_sdk::nats::NatsArgs;
 use sagaflow_sdk::protocol::{
     EngineAnswer, PROTOCOL_VERSION, StartRequest, WhileUnreachable, names,
@@ -20,6 +21,14 @@ pub struct StartArgs {
     /// Starting is idempotent on this key: the same key returns the same saga.
     #[arg(long)]
     key: Option<String>,
+    /// Seal this member of the input before it leaves this process (repeat it, or separate
+    /// with commas, for several): the members the saga declares secret, which the engine
+    /// refuses in clear. `sagaflow show ID --schema` marks them `x-sagaflow-secret`.
+    #[arg(long, value_delimiter = ',', value_name = "FIELD")]
+    seal: Vec<String>,
+    /// The keys that seal the --seal members (the first key seals).
+    #[command(flatten)]
+    keys: SecretKeyArgs,
     /// A definition version (the latest registered when absent).
     #[arg(long)]
     version: Option<u32>,
@@ -39,8 +48,21 @@ pub struct StartArgs {
 }
 
 pub async fn run(args: StartArgs) -> anyhow::Result<()> {
-    let input = serde_json::from_str(&args.input)
-        .with_context(|| format!("--input is not valid JSON: {}", args.input))?;
+    // The input may hold secrets: never repeat it in a message.
+    let mut input: serde_json::Value = serde_json::from_str(&args.input)
+        .map_err(|error| anyhow::anyhow!("--input is not valid JSON: {error}"))?;
+    if !args.seal.is_empty() {
+        let Some(keys) = args.keys.keys()? else {
+            bail!(
+                "--seal needs the keys to seal with: give --secret-keys FILE (or set \
+                 SAGAFLOW_SECRET_KEYS_FILE or SAGAFLOW_SECRET_KEYS)"
+            );
+        };
+        if let Some(missing) = args.seal.iter().find(|field| input.get(field.as_str()).is_none()) {
+            bail!("--seal {missing}: the input has no member `{missing}` to seal");
+        }
+        keys.seal_fields(&mut input, &args.seal)?;
+    }
     let request = StartRequest {
         v: PROTOCOL_VERSION,
         saga: args.saga,

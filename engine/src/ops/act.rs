@@ -33,7 +33,7 @@ use crate::store::{SagaWrite, Store, StoredSaga, WriteOutcome};
 use sagaflow_protocol::names::MAX_OUTPUT_BYTES;
 
 /// How an action is checked and when it happens.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ActOptions {
     /// Accept a skipped step's output that cannot be checked because the pinned definition has
     /// no output schema for the step (its worker registered none). An output that is checked
@@ -41,6 +41,9 @@ pub struct ActOptions {
     pub unchecked_output: bool,
     /// When the action happens; the current time when `None` (tests fix it).
     pub at: Option<Timestamp>,
+    /// The operator's keys, which seal the secret members of a skipped step's output (checked
+    /// in clear against the step's output schema first). Required for such a step.
+    pub secret_keys: Option<std::sync::Arc<sagaflow_protocol::SecretKeys>>,
 }
 
 /// Whether a skipped step's output was checked against the step's output schema.
@@ -227,11 +230,12 @@ fn refused(saga_id: Uuid, action: &OperatorAction, why: String) -> EngineError {
 fn plan_loaded(
     stored: StoredSaga,
     spec: SagaSpec,
-    command: OperatorCommand,
+    mut command: OperatorCommand,
     route: Route,
     options: &ActOptions,
 ) -> Result<PlannedAct, EngineError> {
     let saga_id = stored.state.saga_id;
+    let checked_before_sealing = seal_skipped_output(saga_id, &spec, &mut command, options)?;
     let refuse = |why: String| refused(saga_id, &command.action, why);
     if command.reason.trim().is_empty() {
         return Err(refuse(
@@ -287,8 +291,11 @@ fn plan_loaded(
     // output must fit what later steps will read.
     let mut output_check = OutputCheck::NoOutput;
     if let Some((step, Some(output))) = &skipped_output {
-        output_check = check_output(&spec, step, output, options)
-            .map_err(|why| refused(saga_id, &verb_action, why))?;
+        output_check = match checked_before_sealing {
+            Some(check) => check,
+            None => check_output(&spec, step, output, options)
+                .map_err(|why| refused(saga_id, &verb_action, why))?,
+        };
         if let Some(record) = transition
             .history
             .iter_mut()
@@ -344,6 +351,46 @@ fn plan_loaded(
         now,
         report,
     })
+}
+
+/// Seals the secret members of the output `command` gives a skipped step, after checking the
+/// output in clear against the step's schema (the sealed form cannot be checked); the check's
+/// result, or `None` when the step has no secret output and nothing was done.
+fn seal_skipped_output(
+    saga_id: Uuid,
+    spec: &SagaSpec,
+    command: &mut OperatorCommand,
+    options: &ActOptions,
+) -> Result<Option<OutputCheck>, EngineError> {
+    let action = command.action.clone();
+    let OperatorAction::SkipStep {
+        step,
+        output: Some(output),
+    } = &mut command.action
+    else {
+        return Ok(None);
+    };
+    let Some(secret) = spec
+        .steps
+        .iter()
+        .find(|s| s.name == *step)
+        .map(|s| &s.secret_output)
+        .filter(|fields| !fields.is_empty())
+    else {
+        return Ok(None);
+    };
+    let refuse = |why: String| refused(saga_id, &action, why);
+    let check = check_output(spec, step, output, options).map_err(refuse)?;
+    let Some(keys) = &options.secret_keys else {
+        return Err(refuse(format!(
+            "the output of `{step}` has secret fields ({}), which are stored sealed: give the \
+             key file (--secret-keys or SAGAFLOW_SECRET_KEYS_FILE) to seal them",
+            secret.join(", ")
+        )));
+    };
+    keys.seal_fields(output, secret)
+        .map_err(EngineError::Secret)?;
+    Ok(Some(check))
 }
 
 /// Checks a skipped step's output against the step's output schema in the pinned definition.
@@ -650,7 +697,7 @@ mod tests {
     fn options(unchecked_output: bool) -> ActOptions {
         ActOptions {
             unchecked_output,
-            at: None,
+            ..ActOptions::default()
         }
     }
 

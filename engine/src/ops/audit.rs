@@ -299,16 +299,20 @@ pub async fn audit(
 }
 
 /// Writes every record matching `filter` to `out` as JSON lines (one [`AuditEntry`] object per
-/// line), page by page so memory stays flat however long the history. Returns how many.
+/// line), page by page so memory stays flat however long the history, secret fields shown as
+/// `disclosure` says. Returns how many.
 pub async fn export_jsonl<W: Write>(
     store: &Store,
     filter: &AuditFilter,
+    disclosure: &super::Disclosure,
     out: &mut W,
 ) -> Result<u64, EngineError> {
+    use super::Disclose;
+
     let mut page = Page::first(MAX_PAGE);
     let mut written = 0;
     loop {
-        let result = audit(store, filter, &page).await?;
+        let result = audit(store, filter, &page).await?.disclose(disclosure);
         for entry in &result.entries {
             let line = serde_json::to_string(&Versioned::new(entry)).map_err(|e| {
                 EngineError::Corrupt {

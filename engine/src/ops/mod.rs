@@ -14,6 +14,7 @@
 //! - [`history`]: one saga's complete history as a timeline.
 //! - [`audit`] and [`export_jsonl`]: history records of every saga by saga, name, kind, step,
 //!   direction, actor and time.
+//! - [`Disclosure`]: secret fields shown as `«secret»`, or opened with the operator's keys.
 //! - [`retention`]: removes whole finished sagas older than a cutoff.
 //! - [`act`] (and [`plan`]): resume, retry now, skip a step, cancel; each recorded with the
 //!   operator and the reason, committed conditionally with its step commands in the outbox.
@@ -24,6 +25,7 @@ mod act;
 mod audit;
 mod cursor;
 mod definitions;
+mod disclose;
 mod inspect;
 mod json;
 mod list;
@@ -43,6 +45,7 @@ pub use act::{
 };
 pub use audit::{ActorFilter, AuditEntry, AuditFilter, AuditPage, audit, export_jsonl};
 pub use cursor::Cursor;
+pub use disclose::{Disclose, Disclosure};
 pub use inspect::{
     ActivityView, AttemptView, HistoryView, OwnershipView, SagaDetail, StepView, StuckView,
     TimelineEntry, history, show,

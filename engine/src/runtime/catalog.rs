@@ -125,7 +125,8 @@ impl Catalog {
 
 fn first_input_schema(spec: &SagaSpec) -> Option<Arc<CompiledSchema>> {
     let schema = spec.steps.first()?.input_schema.as_ref()?;
-    match CompiledSchema::new(schema) {
+    // Starts arrive with their secret members sealed.
+    match CompiledSchema::new(&crate::schema::sealed_form(schema, &spec.secret_input)) {
         Ok(compiled) => Some(Arc::new(compiled)),
         Err(problem) => {
             // Registration refuses such a schema, so only a definition edited in the database

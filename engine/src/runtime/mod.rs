@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sagaflow_protocol::SagaSpec;
+use sagaflow_protocol::{SagaSpec, SecretKeys};
 use sagaflow_sdk::Saga;
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -90,6 +90,10 @@ pub struct EngineOptions {
     pub gauges_every: Option<Duration>,
     /// Credentials and TLS for the NATS connection (distributed mode only); none by default.
     pub nats: sagaflow_protocol::NatsSecurity,
+    /// The keys of secret fields, for the embedded mode, where the handlers run here: a start
+    /// seals its secret members, and the handlers see them opened. Required when a saga run
+    /// here declares secret fields. A distributed engine needs none: it never opens a secret.
+    pub secret_keys: Option<Arc<SecretKeys>>,
 }
 
 impl Default for EngineOptions {
@@ -103,6 +107,7 @@ impl Default for EngineOptions {
             stream_replicas: 1,
             gauges_every: None,
             nats: sagaflow_protocol::NatsSecurity::default(),
+            secret_keys: None,
         }
     }
 }
@@ -138,6 +143,8 @@ pub(crate) struct Starter {
     /// How long a start waits for this node to hold a partition (it is starting or taking
     /// over) before it is refused.
     partition_wait: Duration,
+    /// The keys that seal the secret members of a start, where the handlers run here.
+    secret_keys: Option<Arc<SecretKeys>>,
 }
 
 impl Starter {
@@ -158,6 +165,19 @@ impl Starter {
                 self.catalog.spec(name, version)?
             }
         };
+        // Where the handlers run in this process, their types check the input (for every step)
+        // before anything is written, and the secret members are sealed here. Elsewhere the
+        // secret members must arrive sealed, and the first step's input schema, as its worker
+        // registered it, checks the rest; the later steps' inputs are left to their workers,
+        // which answer a misfit with a permanent `bad_data` error (and the saga compensates).
+        let handlers = self.catalog.handlers(name, spec.version)?;
+        let input = match &handlers {
+            Some(saga) => self.seal_here(saga, &spec, input)?,
+            None => {
+                check_sealed(&spec, &input)?;
+                input
+            }
+        };
         let size = sagaflow_protocol::json_len(&input);
         if size > MAX_INPUT_BYTES {
             return Err(EngineError::TooLarge {
@@ -166,17 +186,8 @@ impl Starter {
                 limit: MAX_INPUT_BYTES,
             });
         }
-        // Where the handlers run in this process, their types check the input (for every step)
-        // before anything is written. Elsewhere the first step's input schema, as its worker
-        // registered it, does; the later steps' inputs are left to their workers, which answer a
-        // misfit with a permanent `bad_data` error (and the saga compensates).
-        if let Some(saga) = self.catalog.handlers(name, spec.version)? {
-            saga.validate_input(&input)
-                .map_err(|source| EngineError::InvalidInput {
-                    saga: name.to_string(),
-                    source,
-                })?;
-        } else if let Some(schema) = self.catalog.first_input_schema(name, spec.version)?
+        if handlers.is_none()
+            && let Some(schema) = self.catalog.first_input_schema(name, spec.version)?
             && let Some(violation) = schema.violation(&input)
         {
             return Err(EngineError::InputSchema {
@@ -207,6 +218,56 @@ impl Starter {
             .map_err(|_| EngineError::Stopped)?;
         response.await.map_err(|_| EngineError::Stopped)?
     }
+
+    /// `input`, checked against the step types of `saga` (run here) and with its secret
+    /// members sealed. Envelopes it holds already are opened for the check and sealed anew.
+    fn seal_here(&self, saga: &Saga, spec: &SagaSpec, mut input: Value) -> Result<Value, EngineError> {
+        let keys = self.secret_keys.as_deref();
+        if spec.secret_input.is_empty() && !sagaflow_protocol::sealed::holds_envelope(&input) {
+            saga.validate_input(&input)
+                .map_err(|source| EngineError::InvalidInput {
+                    saga: spec.name.clone(),
+                    source,
+                })?;
+            return Ok(input);
+        }
+        let Some(keys) = keys else {
+            return Err(EngineError::SecretKeysMissing {
+                saga: spec.name.clone(),
+                fields: saga.secret_fields().join(", "),
+            });
+        };
+        keys.open_fields(&mut input).map_err(EngineError::Secret)?;
+        saga.validate_input(&input)
+            .map_err(|source| EngineError::InvalidInput {
+                saga: spec.name.clone(),
+                source,
+            })?;
+        keys.seal_fields(&mut input, &spec.secret_input)
+            .map_err(EngineError::Secret)?;
+        Ok(input)
+    }
+}
+
+/// Refuses a start whose secret members are in clear or not well-formed envelopes: a
+/// distributed engine stores and forwards secrets, and never sees one in clear twice.
+fn check_sealed(spec: &SagaSpec, input: &Value) -> Result<(), EngineError> {
+    for field in &spec.secret_input {
+        let Some(member) = input.get(field) else {
+            continue;
+        };
+        let problem = match sagaflow_protocol::Envelope::of(member) {
+            Some(Ok(_)) => continue,
+            Some(Err(problem)) => problem,
+            None => "arrived in clear".to_string(),
+        };
+        return Err(EngineError::SecretInClear {
+            saga: spec.name.clone(),
+            field: field.clone(),
+            problem,
+        });
+    }
+    Ok(())
 }
 
 impl Engine {
@@ -220,6 +281,14 @@ impl Engine {
         sagas: Vec<Saga>,
         options: EngineOptions,
     ) -> Result<Self, EngineError> {
+        if options.secret_keys.is_none()
+            && let Some(saga) = sagas.iter().find(|saga| saga.declares_secrets())
+        {
+            return Err(EngineError::SecretKeysMissing {
+                saga: saga.spec().name.clone(),
+                fields: saga.secret_fields().join(", "),
+            });
+        }
         let catalog = Arc::new(Catalog::new(sagas));
         for spec in catalog.specs() {
             store.register_definition(&spec).await?;
@@ -227,8 +296,12 @@ impl Engine {
         let catalog_for_gauges = catalog.clone();
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
         let (replies_tx, mut replies_rx) = mpsc::unbounded_channel::<HandledReply>();
-        let (transport, pool) =
-            InProcess::spawn(catalog.clone(), options.worker_concurrency, replies_tx);
+        let (transport, pool) = InProcess::spawn(
+            catalog.clone(),
+            options.worker_concurrency,
+            options.secret_keys.clone(),
+            replies_tx,
+        );
         let forward_inbox = inbox.clone();
         let forward_replies = tokio::spawn(async move {
             while let Some((reply, span)) = replies_rx.recv().await {
@@ -409,6 +482,7 @@ impl Engine {
                 inbox: inbox.clone(),
                 ownership: ownership.clone(),
                 partition_wait: options.leases.lease * 2,
+                secret_keys: options.secret_keys.clone(),
             },
             inbox,
             intake: vec![timer_poller],

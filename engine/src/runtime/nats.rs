@@ -475,6 +475,7 @@ fn error_code(error: &EngineError) -> AnswerCode {
             AnswerCode::InvalidInput
         }
         EngineError::TooLarge { .. } => AnswerCode::TooLarge,
+        EngineError::SecretInClear { .. } => AnswerCode::SecretInClear,
         EngineError::DefinitionChanged { .. } => AnswerCode::DefinitionChanged,
         EngineError::InvalidDefinition(_) => AnswerCode::InvalidDefinition,
         EngineError::Stopped => AnswerCode::Stopping,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::future::BoxFuture;
-use sagaflow_protocol::{StepCommand, StepReply};
+use sagaflow_protocol::{SecretKeys, StepCommand, StepReply};
 use sagaflow_sdk::metrics as step_metrics;
 use sagaflow_sdk::telemetry;
 use tokio::sync::{Semaphore, mpsc};
@@ -76,6 +76,7 @@ impl InProcess {
     pub fn spawn(
         catalog: Arc<Catalog>,
         concurrency: usize,
+        secret_keys: Option<Arc<SecretKeys>>,
         replies: mpsc::UnboundedSender<HandledReply>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (commands, mut incoming) = mpsc::unbounded_channel::<(Outbound, Instant)>();
@@ -87,6 +88,7 @@ impl InProcess {
                 };
                 let catalog = catalog.clone();
                 let replies = replies.clone();
+                let secret_keys = secret_keys.clone();
                 tokio::spawn(async move {
                     step_metrics::queued(
                         &command.saga,
@@ -113,7 +115,7 @@ impl InProcess {
                     };
                     telemetry::follow(&span, &cause, command.saga_id);
                     let began = Instant::now();
-                    let reply = run_attempt(&catalog, &command)
+                    let reply = run_attempt(&catalog, &command, secret_keys.as_deref())
                         .instrument(span.clone())
                         .await;
                     telemetry::record_outcome(&span, &reply.outcome);
@@ -133,9 +135,13 @@ impl InProcess {
 }
 
 /// Runs one attempt with the registered handler.
-pub async fn run_attempt(catalog: &Catalog, command: &StepCommand) -> StepReply {
+pub async fn run_attempt(
+    catalog: &Catalog,
+    command: &StepCommand,
+    secret_keys: Option<&SecretKeys>,
+) -> StepReply {
     match catalog.handlers(&command.saga, command.saga_version) {
-        Ok(Some(saga)) => saga.handle(command, "embedded").await,
+        Ok(Some(saga)) => saga.handle(command, "embedded", secret_keys).await,
         Ok(None) => StepReply::to(
             command,
             "embedded",

@@ -5,6 +5,27 @@ use thiserror::Error;
 /// What went wrong while checking a definition or setting up the broker's streams.
 #[derive(Debug, Error)]
 pub enum ProtocolError {
+    /// Secret keys could not be read.
+    #[error("{origin}: {reason}")]
+    SecretKeys {
+        /// Where the keys came from (a file, an environment variable).
+        origin: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+
+    /// A secret field could not be sealed or opened.
+    #[error("secret field `{field}` (key `{kid}`): {reason}")]
+    SecretField {
+        /// The field's name.
+        field: String,
+        /// The id of the key its envelope names (or would be sealed with); `none` when the
+        /// envelope names none.
+        kid: String,
+        /// What failed.
+        reason: String,
+    },
+
     /// A retry policy field is out of range.
     #[error("invalid retry policy: {0}")]
     InvalidRetryPolicy(String),

@@ -15,6 +15,7 @@
 //!   (`server_addrs`);
 //! - [`trace`]: the W3C trace context (`traceparent`, `tracestate`) messages carry, and the
 //!   trace every saga's spans share;
+//! - [`sealed`]: secret payload fields sealed into envelopes ([`SecretKeys`], [`Envelope`]);
 //! - [`database_url`]: how a database URL given by a user becomes the URL the driver opens.
 //!
 //! A workflow author depends on `sagaflow-sdk`, which re-exports what an author needs from here.
@@ -27,6 +28,7 @@ mod error;
 mod messages;
 pub mod names;
 mod retry;
+pub mod sealed;
 mod spec;
 mod step_error;
 #[cfg(feature = "jetstream")]
@@ -46,6 +48,7 @@ pub use messages::{
     StepOutcome, StepReply, idempotency_key, json_len,
 };
 pub use retry::{RetryPolicy, RetryPolicyBuilder};
+pub use sealed::{Envelope, SecretKeys};
 pub use spec::{Direction, SagaSpec, StepKind, StepSpec};
 pub use step_error::{ErrorClass, StepError, codes};
 #[cfg(feature = "jetstream")]

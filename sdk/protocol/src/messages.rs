@@ -225,6 +225,9 @@ pub enum AnswerCode {
     TooLarge,
     /// The input does not fit the first step's input.
     InvalidInput,
+    /// A member the saga declares secret arrived in clear, or not as a well-formed envelope:
+    /// seal it where it enters (`docs/protocol.md` section 17).
+    SecretInClear,
     /// A definition breaks a rule of the saga model.
     InvalidDefinition,
     /// That name and version is already registered with a different definition.

@@ -88,6 +88,10 @@ pub struct StepSpec {
     /// engine checks an output an operator gives for the step (`skip-step --output`) against it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_schema: Option<Value>,
+    /// The members of the step's output object that are secret: the worker seals them before
+    /// it replies, and every later reader sees an envelope (`docs/protocol.md` section 17).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_output: Vec<String>,
 }
 
 impl StepSpec {
@@ -112,6 +116,11 @@ pub struct SagaSpec {
     #[serde(rename = "deadline_ms")]
     #[serde_as(as = "Option<DurationMilliSeconds<u64>>", no_default)]
     pub deadline: Option<Duration>,
+    /// The members of the saga's input object that are secret: whoever starts the saga seals
+    /// them, the engine refuses them in clear, and workers open them for their handlers
+    /// (`docs/protocol.md` section 17).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_input: Vec<String>,
 }
 
 impl SagaSpec {
@@ -137,6 +146,11 @@ impl SagaSpec {
         }
         if self.steps.is_empty() {
             return Err(invalid("a saga needs at least one step".into()));
+        }
+        check_field_names(&self.secret_input, "secret input").map_err(&invalid)?;
+        for step in &self.steps {
+            check_field_names(&step.secret_output, &format!("step `{}` secret output", step.name))
+                .map_err(&invalid)?;
         }
         let mut seen_pivot = false;
         for (i, step) in self.steps.iter().enumerate() {
@@ -220,6 +234,19 @@ impl SagaSpec {
     }
 }
 
+/// Secret field names: not empty, each named once.
+fn check_field_names(fields: &[String], what: &str) -> Result<(), String> {
+    for (i, field) in fields.iter().enumerate() {
+        if field.is_empty() {
+            return Err(format!("a {what} field has an empty name"));
+        }
+        if fields[..i].contains(field) {
+            return Err(format!("{what} field `{field}` is named twice"));
+        }
+    }
+    Ok(())
+}
+
 /// One schema of [`SagaSpec::merge_schemas`]: `Some(result)` when compatible.
 fn merge_one(ours: Option<Value>, theirs: &Option<Value>) -> Option<Option<Value>> {
     match (ours, theirs) {
@@ -255,8 +282,10 @@ mod tests {
                 timeout: Some(Duration::from_millis(timeout_ms)),
                 input_schema,
                 output_schema: None,
+                secret_output: Vec::new(),
             }],
             deadline: None,
+            secret_input: Vec::new(),
         }
     }
 

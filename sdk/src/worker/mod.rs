@@ -31,7 +31,7 @@ use crate::metrics::{self, CommandOutcome, RejectReason};
 use crate::protocol::backoff::Backoff;
 use crate::protocol::trace::{message_id, read_trace_headers, trace_headers};
 use crate::protocol::{
-    EngineAnswer, PROTOCOL_VERSION, RegisterRequest, StepCommand, StepOutcome, StepReply, codes,
+    EngineAnswer, PROTOCOL_VERSION, RegisterRequest, SecretKeys, StepCommand, StepOutcome, StepReply, codes,
     durable_consumer, ensure_streams, names,
 };
 use crate::telemetry;
@@ -55,6 +55,17 @@ pub enum WorkerError {
     /// protocol's streams or consumers.
     #[error(transparent)]
     Streams(#[from] sagaflow_protocol::ProtocolError),
+    /// A saga served declares secret fields and the worker was given no keys.
+    #[error(
+        "saga `{saga}` has secret fields ({fields}) and this worker has no keys to open and \
+         seal them; give it the key file (--secret-keys or SAGAFLOW_SECRET_KEYS_FILE)"
+    )]
+    SecretKeysMissing {
+        /// The saga's name.
+        saga: String,
+        /// Its secret fields, comma separated.
+        fields: String,
+    },
     /// The worker's idempotency table is unreachable.
     #[error("worker database: {0}")]
     Database(String),
@@ -82,6 +93,10 @@ pub struct WorkerOptions {
     /// Credentials and TLS for the NATS connection ([`crate::nats::NatsArgs`] reads them from
     /// flags); none by default.
     pub nats: crate::nats::NatsSecurity,
+    /// The keys that open the secret fields of commands and seal those of outputs
+    /// ([`SecretKeyArgs`](crate::keys::SecretKeyArgs) reads them); required when a saga served declares
+    /// secret fields.
+    pub secret_keys: Option<Arc<SecretKeys>>,
 }
 
 impl Default for WorkerOptions {
@@ -94,6 +109,7 @@ impl Default for WorkerOptions {
             stream_replicas: 1,
             gauges_every: None,
             nats: crate::nats::NatsSecurity::default(),
+            secret_keys: None,
         }
     }
 }
@@ -118,6 +134,14 @@ impl Worker {
         sagas: Vec<Saga>,
         options: WorkerOptions,
     ) -> Result<Self, WorkerError> {
+        if options.secret_keys.is_none()
+            && let Some(saga) = sagas.iter().find(|saga| saga.declares_secrets())
+        {
+            return Err(WorkerError::SecretKeysMissing {
+                saga: saga.spec().name.clone(),
+                fields: saga.secret_fields().join(", "),
+            });
+        }
         let client = crate::protocol::connect(
             nats_url,
             &options.nats,
@@ -419,7 +443,9 @@ impl Worker {
             metrics::queued(&command.saga, step, direction, queued);
         }
         let began = std::time::Instant::now();
-        let reply = saga.handle(command, &self.options.id).await;
+        let reply = saga
+            .handle(command, &self.options.id, self.options.secret_keys.as_deref())
+            .await;
         metrics::handled(&command.saga, step, direction, began.elapsed());
         metrics::answered(
             &command.saga,

@@ -530,6 +530,7 @@ impl Cluster {
             .args(["--ack-wait-secs", &self.ack_wait_secs.to_string()])
             .args(["--metrics-addr", &self.worker_metrics[i].to_string()])
             .args(&self.options.worker_args)
+            .env("SAGAFLOW_SECRET_KEYS", sagaflow_tests::TEST_SECRET_KEYS)
             .env("RUST_LOG", CHILD_LOG)
             .env("RUST_BACKTRACE", "0")
             .env("NO_COLOR", "1")
@@ -1138,6 +1139,19 @@ pub(super) async fn start_saga_of(
     key: &str,
     input: Value,
 ) -> Uuid {
+    start_sealed_with(client, saga, key, input, &sagaflow_tests::test_secret_keys()).await
+}
+
+/// As [`start_saga_of`], its secret members sealed with `keys`.
+pub(super) async fn start_sealed_with(
+    client: &async_nats::Client,
+    saga: &str,
+    key: &str,
+    mut input: Value,
+    keys: &sagaflow_protocol::SecretKeys,
+) -> Uuid {
+    keys.seal_fields(&mut input, &sagaflow_tests::SECRET_MEMBERS.map(String::from))
+        .expect("seal the secret members");
     let request = StartRequest {
         v: PROTOCOL_VERSION,
         saga: saga.to_string(),

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use sagaflow_sdk::Timestamp;
+use sagaflow_sdk::keys::SecretKeyArgs;
 use sagaflow_sdk::nats::NatsArgs;
 use sagaflow_sdk::protocol::{redact_database_url, redact_nats_servers};
 use sagaflow_sdk::worker::{ResultStore, Worker, WorkerOptions};
@@ -30,6 +31,9 @@ struct Args {
     nats_url: String,
     #[command(flatten)]
     nats: NatsArgs,
+    /// The keys that open the order's card number (a secret field) and seal secret outputs.
+    #[command(flatten)]
+    keys: SecretKeyArgs,
     /// Where the demo services keep their tables and this worker its idempotency records.
     #[arg(long, env = "SAGAFLOW_WORKER_DATABASE_URL")]
     database_url: String,
@@ -78,6 +82,7 @@ const GAUGES_EVERY: Duration = Duration::from_secs(5);
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let nats = args.nats.security()?;
+    let secret_keys = args.keys.keys()?;
     // Held to the end: dropping it sends the spans still buffered.
     let _telemetry =
         sagaflow_sdk::process::init_telemetry("sagaflow-demo-worker", args.log_format)?;
@@ -120,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
         stream_replicas: args.stream_replicas,
         gauges_every: args.metrics_addr.map(|_| GAUGES_EVERY),
         nats,
+        secret_keys,
         ..WorkerOptions::default()
     };
     let worker = Worker::connect(&args.nats_url, results, sagas, options).await?;

@@ -385,7 +385,7 @@ async fn reserve_inventory_step_refuses_a_stale_epoch_permanently(db: DatabaseCo
         sku: "A".into(),
         quantity: 2,
         amount_cents: 3998,
-        card: sagaflow_workflows::GOOD_CARD.into(),
+        card: sagaflow_sdk::Secret::new(sagaflow_workflows::GOOD_CARD.into()),
     };
     let run = |direction: Direction, epoch: u64, input: &PlaceOrder| {
         let saga_id = Uuid::now_v7();

@@ -1,6 +1,6 @@
 //! The payment service on real SQLite files and real PostgreSQL.
 
-use sagaflow_sdk::Timestamp;
+use sagaflow_sdk::{Secret, Timestamp};
 use sagaflow_workflows::{
     AuthorizationState, Charge, DECLINED_CARD, DemoError, Faults, GOOD_CARD, Payment, SagaOutcomes,
     VoidOutcome, check_invariants,
@@ -14,7 +14,7 @@ fn charge(order: &str, card: &str) -> Charge {
         order_id: order.into(),
         customer: "ada".into(),
         amount_cents: 1999,
-        card: card.into(),
+        card: Secret::new(card.into()),
     }
 }
 

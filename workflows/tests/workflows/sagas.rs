@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sagaflow_sdk::{StepKind, Timestamp};
+use sagaflow_sdk::{Secret, StepKind, Timestamp};
 use sagaflow_workflows::{
     BookTrip, DECLINED_CARD, FaultPlan, FaultPoint, Faults, GOOD_CARD, OrderMix, OrderServices,
     PlaceOrder, ReservationState, SagaOutcomes, Service, TripServices, book_trip_saga,
@@ -20,7 +20,7 @@ fn order(id: &str, quantity: u32, card: &str) -> PlaceOrder {
         sku: "A".into(),
         quantity,
         amount_cents: 1999 * i64::from(quantity),
-        card: card.into(),
+        card: Secret::new(card.into()),
     }
 }
 
@@ -59,7 +59,8 @@ fn definitions_follow_the_saga_model() {
         let db = sea_orm::Database::connect(options).await.unwrap();
         let saga = place_order_saga(&OrderServices::new(&db, &Faults::none())).unwrap();
         let spec = saga.spec();
-        assert_eq!((spec.name.as_str(), spec.version), ("place_order", 1));
+        assert_eq!((spec.name.as_str(), spec.version), ("place_order", 2));
+        assert_eq!(spec.secret_input, ["card"], "the card number is secret");
         let kinds: Vec<_> = spec
             .steps
             .iter()
@@ -259,14 +260,14 @@ async fn many_orders_under_random_faults(db: DatabaseConnection) {
         match task.await.unwrap() {
             Outcome::Completed(_) => {
                 assert!(
-                    !is_declined(&o.card),
+                    !is_declined(o.card.expose()),
                     "{} completed with a declined card",
                     o.order_id
                 );
                 seen.completed_orders.push(o.order_id.clone());
             }
             Outcome::Compensated { error, .. } => {
-                if is_declined(&o.card) {
+                if is_declined(o.card.expose()) {
                     assert!(
                         ["card_declined", "out_of_stock", "injected_fault"]
                             .contains(&error.code.as_str()),

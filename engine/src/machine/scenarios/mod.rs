@@ -320,6 +320,7 @@ fn step(name: &str, kind: StepKind, retry: RetryPolicy) -> StepSpec {
         // The machine never reads the step types.
         input_schema: None,
         output_schema: None,
+        secret_output: Vec::new(),
     }
 }
 
@@ -340,6 +341,7 @@ pub fn order_spec() -> SagaSpec {
             step("ship_order", StepKind::Retriable, unlimited_policy()),
         ],
         deadline: None,
+        secret_input: Vec::new(),
     }
 }
 

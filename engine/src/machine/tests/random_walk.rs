@@ -48,6 +48,7 @@ fn random_step(
         // The machine never reads the step types.
         input_schema: None,
         output_schema: None,
+        secret_output: Vec::new(),
     }
 }
 
@@ -64,6 +65,7 @@ fn random_specs() -> Vec<SagaSpec> {
                 random_step("c", StepKind::Compensatable, Some(3), Some(200)),
             ],
             deadline: Some(Duration::from_millis(1_500)),
+            secret_input: Vec::new(),
         },
         SagaSpec {
             name: "pivot_first".into(),
@@ -74,6 +76,7 @@ fn random_specs() -> Vec<SagaSpec> {
                 random_step("finally", StepKind::Retriable, None, None),
             ],
             deadline: Some(Duration::from_millis(500)),
+            secret_input: Vec::new(),
         },
         SagaSpec {
             name: "single".into(),
@@ -85,6 +88,7 @@ fn random_specs() -> Vec<SagaSpec> {
                 Some(100),
             )],
             deadline: None,
+            secret_input: Vec::new(),
         },
     ]
 }
