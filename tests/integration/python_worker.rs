@@ -33,6 +33,7 @@ use sagaflow_engine::machine::{RecordKind, SagaStatus};
 use sagaflow_engine::runtime::{Engine, EngineOptions};
 use sagaflow_engine::store::{HistoryEntry, Store};
 use sagaflow_protocol::names;
+use sagaflow_protocol::sealed::is_envelope;
 use sagaflow_sdk::Direction;
 use sagaflow_tests::{Backend, NatsServer, TestDb};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
@@ -82,9 +83,15 @@ fn transfer(i: usize) -> (String, String, i64) {
     (format!("acct-{i}"), to, amount)
 }
 
+/// The input of transfer `i` in clear: `reference` is a secret member, sealed by [`start`].
 fn transfer_input(i: usize) -> Value {
     let (from, to, amount) = transfer(i);
-    json!({ "from": from, "to": to, "amount": amount })
+    json!({ "from": from, "to": to, "amount": amount, "reference": format!("ref-{i}") })
+}
+
+/// The secret receipt the Python worker's `credit` returns for transfer `i`.
+fn receipt(i: usize) -> String {
+    format!("rcpt-ref-{i}-{}", transfer(i).2)
 }
 
 /// A child process killed (and reaped) when the guard drops, pass or fail; on a failure its log
@@ -127,15 +134,15 @@ fn repo_root() -> PathBuf {
 /// Fails (never skips) when the Python side cannot run here.
 pub(crate) fn require_python_with_nats() {
     let output = Command::new("python3")
-        .args(["-c", "import nats, sqlite3; print(nats.__name__)"])
+        .args(["-c", "import nats, sqlite3, cryptography; print(nats.__name__)"])
         .output()
         .unwrap_or_else(|e| {
             panic!("python3 is required by this test and could not be run: {e}; install it (.ci/run does)")
         });
     assert!(
         output.status.success(),
-        "the Python package nats-py is required by this test: `python3 -m pip install nats-py` \
-         (.ci/run installs it); python3 said: {}",
+        "the Python packages nats-py and cryptography are required by this test: `python3 -m \
+         pip install nats-py cryptography` (.ci/run installs them); python3 said: {}",
         String::from_utf8_lossy(&output.stderr)
     );
 }
@@ -149,6 +156,7 @@ async fn start_python_worker(nats_url: &str, dir: &Path) -> ChildGuard {
         .arg(python_worker_script())
         .args(["--nats-url", nats_url, "--id", WORKER_ID, "--db"])
         .arg(dir.join("py_transfer_worker.db"))
+        .env("SAGAFLOW_SECRET_KEYS", sagaflow_tests::TEST_SECRET_KEYS)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)
@@ -210,7 +218,13 @@ fn assert_refused(answer: &Value, code: &str, mentions: &str) {
     );
 }
 
+/// Starts a `py_transfer` saga, its secret `reference` sealed with the test key.
 async fn start(client: &async_nats::Client, input: Value, key: &str) -> Uuid {
+    start_as_is(client, sagaflow_tests::sealed(input), key).await
+}
+
+/// Starts a `py_transfer` saga with `input` exactly as given.
+async fn start_as_is(client: &async_nats::Client, input: Value, key: &str) -> Uuid {
     let body = json!({ "v": 2, "saga": "py_transfer", "input": input, "key": key });
     let answer = ask(client, "sagaflow.start", body.to_string().into_bytes()).await;
     assert_eq!(answer["status"], "ok", "start {key}: {answer}");
@@ -312,7 +326,10 @@ fn check_saga(i: usize, id: Uuid, status: SagaStatus, history: &[HistoryEntry]) 
     }
     let first = &history[0];
     assert_eq!(first.kind, RecordKind::SagaStarted, "saga {id}");
-    assert_eq!(first.detail["input"], transfer_input(i), "saga {id}");
+    let keys = sagaflow_tests::test_secret_keys();
+    let input = &first.detail["input"];
+    assert!(is_envelope(&input["reference"]), "saga {id}: {input}");
+    assert_eq!(keys.reveal(input), transfer_input(i), "saga {id}");
     let compensation_plan = records(history, "compensation_started")
         .first()
         .map(|r| r.detail["steps"].clone());
@@ -324,7 +341,7 @@ fn check_saga(i: usize, id: Uuid, status: SagaStatus, history: &[HistoryEntry]) 
                     && h.step.as_deref() == Some(step)
                     && h.direction == Some(Direction::Forward)
             })
-            .map(|h| h.detail["output"].clone())
+            .map(|h| keys.reveal(&h.detail["output"]))
             .unwrap_or(Value::Null)
     };
     let failure = |step: &str| -> Option<&HistoryEntry> {
@@ -365,7 +382,18 @@ fn check_saga(i: usize, id: Uuid, status: SagaStatus, history: &[HistoryEntry]) 
             );
             assert_eq!(
                 output_of("credit"),
-                json!({"account": to, "amount": amount, "balance": OPENING_BALANCE + amount})
+                json!({"account": to, "amount": amount, "balance": OPENING_BALANCE + amount,
+                       "receipt": receipt(i)})
+            );
+            // The receipt is a secret output: the worker sealed it before it replied.
+            let credited = records(history, "attempt_succeeded")
+                .into_iter()
+                .find(|h| h.step.as_deref() == Some("credit"))
+                .expect("credit succeeded");
+            assert!(
+                is_envelope(&credited.detail["output"]["receipt"]),
+                "saga {id}: {}",
+                credited.detail
             );
             assert_eq!(compensation_plan, None, "saga {id}");
             assert!(attempts(history, "attempt_dispatched", "compensate").is_empty());
@@ -462,6 +490,19 @@ async fn check_worker_books(db: &DatabaseConnection) {
         notified, completing as i64,
         "one notification per completed saga"
     );
+    // `notify` read the secret receipt `credit` returned, opened.
+    let texts: Vec<String> = query(db, "SELECT text FROM notifications")
+        .await
+        .iter()
+        .map(|row| row.try_get("", "text").unwrap())
+        .collect();
+    for i in (0..SAGAS).filter(|&i| fate(i) == Fate::Completes) {
+        let expected = format!("receipt {}", receipt(i));
+        assert!(
+            texts.iter().any(|t| t.ends_with(&expected)),
+            "no notification with {expected}: {texts:?}"
+        );
+    }
 }
 
 /// Waits until the consumer has nothing in flight, then checks it never redelivered anything
@@ -621,6 +662,16 @@ async fn python_worker_built_from_the_protocol_document() {
     )
     .await;
     assert_refused(&answer, "bad_request", "jitter");
+    // A secret member in clear is refused before anything is stored (section 17).
+    let answer = ask(
+        &client,
+        "sagaflow.start",
+        json!({"v": 2, "saga": "py_transfer", "input": transfer_input(0)})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    assert_refused(&answer, "secret_in_clear", "`reference`");
     assert!(
         store.status_counts().await.unwrap().is_empty(),
         "no bad request started a saga"
@@ -895,6 +946,34 @@ async fn python_worker_built_from_the_protocol_document() {
         let saga = store.load(id).await.unwrap().unwrap();
         assert_eq!(saga.state.status, SagaStatus::Completed, "saga {id}");
     }
+
+    // --- An envelope that does not open: a permanent error naming the member and the key,
+    // not a retry loop; nothing was applied, so nothing is compensated. ---
+    let mut tampered = sagaflow_tests::sealed(
+        json!({"from": "acct-t", "to": "dest-t", "amount": 5, "reference": "ref-t"}),
+    );
+    tampered["reference"]["$sagaflow_secret"]["ct"] = json!("AAAAAAAAAAAAAAAAAAAAAAAA");
+    let id = start_as_is(&client, tampered, "transfer-tampered").await;
+    let history = history_until(&store, id, "the tampered saga compensates", |h| {
+        !records(h, "saga_compensated").is_empty()
+    })
+    .await;
+    let failed = records(&history, "attempt_failed");
+    assert_eq!(failed.len(), 1, "{history:#?}");
+    assert_eq!(
+        failed[0].detail,
+        json!({"class": "permanent", "code": "secret_unreadable"})
+    );
+    let message = failed[0].error.as_deref().unwrap_or_default();
+    assert!(
+        message.contains("`reference`") && message.contains("`test-1`"),
+        "{message}"
+    );
+    assert_eq!(
+        attempts(&history, "attempt_dispatched", "forward"),
+        pairs(&[("debit", 1)])
+    );
+
     let history_kinds = store.history_kind_counts().await.unwrap();
     println!("history records by kind: {history_kinds:?}");
 

@@ -14,6 +14,12 @@ The money rules, so that the test can steer outcomes through the input alone:
 - `credit` (the pivot) fails permanently (`account_closed`) when `to` starts with `closed-`;
 - `notify` fails retryably (`mail_busy`) on its first attempt, then succeeds.
 
+Secret fields (section 17): the input's optional `reference` (the payer's reference) is secret,
+and so is `credit`'s output `receipt` (`rcpt-{reference}-{amount}`); `notify` writes the opened
+receipt into its notification. The keys come from `--secret-keys FILE` or the environment
+(`SAGAFLOW_SECRET_KEYS_FILE`, `SAGAFLOW_SECRET_KEYS`), as for every Sagaflow program; AES-256-GCM
+is the `cryptography` package's.
+
 Tracing (section 16): the worker joins the trace a command's `traceparent` header names (or,
 without a valid one, the saga's own trace, whose id is the saga id), makes a `process` span per
 command it serves and a `send` span per reply it publishes, and puts the send span in the
@@ -28,6 +34,7 @@ It prints `READY <id>` on stdout once its consumer exists and an engine accepted
 
 import argparse
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -38,6 +45,8 @@ import sys
 import time
 import urllib.request
 import uuid
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import nats
 import nats.errors
@@ -101,8 +110,8 @@ def retry_policy(max_attempts, non_retryable=(), jitter=0.2):
     }
 
 
-def step(name, kind, retry, compensation_retry, output_schema):
-    return {
+def step(name, kind, retry, compensation_retry, output_schema, secret_output=()):
+    spec = {
         "name": name,
         "kind": kind,
         "retry": retry,
@@ -113,6 +122,9 @@ def step(name, kind, retry, compensation_retry, output_schema):
         "input_schema": TRANSFER_SCHEMA,
         "output_schema": output_schema,
     }
+    if secret_output:
+        spec["secret_output"] = list(secret_output)
+    return spec
 
 
 def object_schema(title, properties):
@@ -126,25 +138,32 @@ def object_schema(title, properties):
     }
 
 
-# What read_transfer accepts: every step reads the whole saga input.
+# What read_transfer accepts: every step reads the whole saga input. `reference` is optional
+# and secret: the engine checks starts against a copy of this schema in which it is "an
+# envelope" (section 17).
 TRANSFER_SCHEMA = object_schema(
     "Transfer",
     {"from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "integer", "minimum": 1}},
 )
+TRANSFER_SCHEMA["properties"]["reference"] = {"type": "string"}
 ACCOUNT = {"type": "string"}
 INTEGER = {"type": "integer"}
 MOVED_SCHEMA = object_schema("Moved", {"account": ACCOUNT, "amount": INTEGER, "balance": INTEGER})
 FEE_SCHEMA = object_schema("FeeTaken", {"account": ACCOUNT, "fee": INTEGER, "balance": INTEGER})
 NOTIFIED_SCHEMA = object_schema("Notified", {"notified": ACCOUNT})
+CREDITED_SCHEMA = object_schema(
+    "Credited", {"account": ACCOUNT, "amount": INTEGER, "balance": INTEGER, "receipt": {"type": "string"}}
+)
 
 SPEC = {
     "name": SAGA,
     "version": SAGA_VERSION,
     "deadline_ms": 60000,
+    "secret_input": ["reference"],
     "steps": [
         step("debit", "compensatable", retry_policy(5), retry_policy(None), MOVED_SCHEMA),
         step("fee", "compensatable", retry_policy(5), retry_policy(None), FEE_SCHEMA),
-        step("credit", "pivot", retry_policy(5, ["account_frozen"]), retry_policy(1, jitter=0.0), MOVED_SCHEMA),
+        step("credit", "pivot", retry_policy(5, ["account_frozen"]), retry_policy(1, jitter=0.0), CREDITED_SCHEMA, ["receipt"]),
         step("notify", "retriable", retry_policy(None), retry_policy(1, jitter=0.0), NOTIFIED_SCHEMA),
     ],
 }
@@ -388,7 +407,9 @@ def credit(ledger, command):
     if target.startswith("closed-"):
         return failed("permanent", "account_closed", f"account {target} is closed")
     balance = ledger.move(command, target, amount)
-    return succeeded({"account": target, "amount": amount, "balance": balance})
+    reference = command["input"].get("reference", "none")
+    receipt = f"rcpt-{reference}-{amount}"
+    return succeeded({"account": target, "amount": amount, "balance": balance, "receipt": receipt})
 
 
 def notify(ledger, command):
@@ -398,9 +419,10 @@ def notify(ledger, command):
     if transfer is None:
         return bad_data(command)
     source, target, amount = transfer
+    receipt = command["outputs"].get("credit", {}).get("receipt", "none")
     ledger.db.execute(
         "INSERT INTO notifications (idempotency_key, saga_id, text) VALUES (?, ?, ?)",
-        (command["idempotency_key"], command["saga_id"], f"{source} sent {amount} to {target}"),
+        (command["idempotency_key"], command["saga_id"], f"{source} sent {amount} to {target}, receipt {receipt}"),
     )
     return succeeded({"notified": source})
 
@@ -423,6 +445,105 @@ HANDLERS = {
     ("credit", "forward"): credit,
     ("notify", "forward"): notify,
 }
+
+
+# Section 17: secret fields.
+ENVELOPE = "$sagaflow_secret"
+
+
+class SecretUnreadable(Exception):
+    """An envelope that does not open: a permanent `secret_unreadable` error."""
+
+    def __init__(self, field, kid, reason):
+        super().__init__(f"secret field `{field}` (key `{kid}`): {reason}")
+
+
+class SecretKeys:
+    """Keys by id, the first one sealing: the key file's `KID:BASE64` entries (section 17)."""
+
+    def __init__(self, text):
+        self.keys = []
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            for entry in filter(None, (e.strip() for e in line.split(","))):
+                kid, _, encoded = entry.partition(":")
+                key = base64.b64decode(encoded.strip(), validate=True)
+                if len(key) != 32:
+                    raise ValueError(f"key `{kid}` is {len(key)} bytes, not 32")
+                self.keys.append((kid.strip(), AESGCM(key)))
+
+    @classmethod
+    def load(cls, path, environ=os.environ):
+        path = path or environ.get("SAGAFLOW_SECRET_KEYS_FILE")
+        if path:
+            with open(path, encoding="utf-8") as f:
+                return cls(f.read())
+        return cls(environ.get("SAGAFLOW_SECRET_KEYS", ""))
+
+    def seal(self, field, value):
+        if not self.keys:
+            raise SecretUnreadable(field, "none", "this worker has no secret keys; give it --secret-keys")
+        kid, cipher = self.keys[0]
+        nonce = secrets.token_bytes(12)
+        plaintext = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        ct = cipher.encrypt(nonce, plaintext, field.encode())
+        return {ENVELOPE: {"v": 1, "alg": "A256GCM", "kid": kid,
+                           "nonce": base64.b64encode(nonce).decode(), "ct": base64.b64encode(ct).decode()}}
+
+    def open(self, field, value):
+        inner = value.get(ENVELOPE)
+        kid = inner.get("kid") if isinstance(inner, dict) and isinstance(inner.get("kid"), str) else "none"
+        if len(value) != 1 or not isinstance(inner, dict) or set(inner) != {"v", "alg", "kid", "nonce", "ct"}:
+            raise SecretUnreadable(field, kid, "malformed envelope")
+        if inner["v"] != 1 or inner["alg"] != "A256GCM":
+            raise SecretUnreadable(field, kid, f"envelope version {inner['v']} / algorithm {inner['alg']} is not known here")
+        cipher = next((c for k, c in self.keys if k == kid), None)
+        if cipher is None:
+            raise SecretUnreadable(field, kid, "no key with this id among those given")
+        try:
+            nonce = base64.b64decode(inner["nonce"], validate=True)
+            ct = base64.b64decode(inner["ct"], validate=True)
+        except (ValueError, TypeError):
+            raise SecretUnreadable(field, kid, "the nonce or the ciphertext is not base64")
+        if len(nonce) != 12:
+            raise SecretUnreadable(field, kid, "the nonce is not 12 bytes")
+        try:
+            return json.loads(cipher.decrypt(nonce, ct, field.encode()))
+        except Exception:
+            raise SecretUnreadable(field, kid, "it does not authenticate: it was altered, or sealed for another field")
+
+    def open_members(self, value):
+        """`value` with every envelope among its members opened (section 17, rule 2)."""
+        if not isinstance(value, dict):
+            return value
+        return {
+            name: self.open(name, member) if isinstance(member, dict) and ENVELOPE in member else member
+            for name, member in value.items()
+        }
+
+    def opened(self, command):
+        """The command as the handler sees it: its input's and outputs' envelopes opened."""
+        opened = dict(command)
+        opened["input"] = self.open_members(command["input"])
+        opened["outputs"] = {step: self.open_members(out) for step, out in command["outputs"].items()}
+        return opened
+
+    def sealing(self, handler, secret_output):
+        """`handler` with the `secret_output` members of a success sealed before it is recorded."""
+        def sealed(ledger, command):
+            outcome = handler(ledger, command)
+            if outcome["status"] == "succeeded" and isinstance(outcome["output"], dict) and secret_output:
+                try:
+                    outcome["output"] = {
+                        name: self.seal(name, member) if name in secret_output else member
+                        for name, member in outcome["output"].items()
+                    }
+                except SecretUnreadable as e:
+                    return failed("permanent", "secret_unreadable", str(e))
+            return outcome
+        return sealed
 
 
 # Section 7.1: checking a command against the schema.
@@ -780,7 +901,8 @@ def parse_command(data):
 
 
 class Worker:
-    def __init__(self, nc, js, ledger, worker_id, exporter=None):
+    def __init__(self, nc, js, ledger, worker_id, exporter=None, keys=None):
+        self.keys = keys if keys is not None else SecretKeys("")
         self.nc = nc
         self.js = js
         self.ledger = ledger
@@ -915,6 +1037,13 @@ class Worker:
                 "saga, nothing was run",
             )
         handler = HANDLERS[(command["step"], command["direction"])]
+        try:
+            command = self.keys.opened(command)
+        except SecretUnreadable as e:
+            return failed("permanent", "secret_unreadable", str(e))
+        secret_output = SPEC["steps"][command["step_index"]].get("secret_output", [])
+        if command["direction"] == "forward" and secret_output:
+            handler = self.keys.sealing(handler, secret_output)
         return self.ledger.answer(command, handler)
 
     async def answer(self, msg, command, span):
@@ -1020,6 +1149,7 @@ async def main():
     parser.add_argument("--db", default="py_transfer_worker.db", help="the worker's SQLite file")
     parser.add_argument("--id", default=f"py-worker-{os.getpid()}", help="names this worker in the histories")
     parser.add_argument("--batch", type=int, default=32, help="commands pulled and served at once")
+    parser.add_argument("--secret-keys", help="key file of secret fields (section 17)")
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO,
@@ -1027,6 +1157,12 @@ async def main():
         format=f"%(asctime)s {args.id} %(levelname)s %(message)s",
     )
 
+    keys = SecretKeys.load(args.secret_keys)
+    if not keys.keys:
+        # Like the SDK's worker: refuse to start rather than fail every command (section 17).
+        sys.exit(f"saga {SAGA} has secret fields (input.reference, output.credit.receipt) and this "
+                 "worker has no keys to open and seal them; give --secret-keys FILE or set "
+                 "SAGAFLOW_SECRET_KEYS_FILE or SAGAFLOW_SECRET_KEYS")
     ledger = Ledger(args.db)
     nc = await nats.connect(args.nats_url, name=args.id, max_reconnect_attempts=-1)
     js = nc.jetstream()
@@ -1036,7 +1172,7 @@ async def main():
     reannounce = asyncio.create_task(announce(nc, once=False))
     exporter = SpanExporter.from_env()
     exporter.start()
-    worker = Worker(nc, js, ledger, args.id, exporter)
+    worker = Worker(nc, js, ledger, args.id, exporter, keys)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -80,6 +80,28 @@ enum Commands {
     /// Cancel a saga moving forward before its pivot: it compensates what it completed. With
     /// --all, every saga a filter matches (a dry run unless --execute). Requires --reason.
     Cancel(act::CancelArgs),
+    /// Print a new random key for secret fields as a key file line (`ID:BASE64`): put it
+    /// first in the key file of the workers and clients to rotate, keeping the old lines.
+    Keygen(KeygenArgs),
+}
+
+/// Options of `sagaflow keygen`.
+#[derive(Debug, clap::Args)]
+struct KeygenArgs {
+    /// The key's id (letters, digits, `-`, `_`, `.`); envelopes name it. The current UTC time
+    /// by default (k20261207-043000).
+    #[arg(long)]
+    id: Option<String>,
+}
+
+fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    // `2026-12-07T04:30:00.000Z` -> `k20261207-043000`.
+    let id = args.id.unwrap_or_else(|| {
+        let now = sagaflow_engine::ops::time::format_time(sagaflow_sdk::Timestamp::now());
+        let digits: String = now.chars().take(19).filter(char::is_ascii_digit).collect();
+        format!("k{}-{}", &digits[..8], &digits[8..])
+    });
+    common::print_text(sagaflow_sdk::protocol::SecretKeys::generate_line(&id)?)
 }
 
 #[tokio::main]
@@ -111,5 +133,6 @@ async fn run() -> anyhow::Result<()> {
         Commands::RetryStep(args) => act::retry_step(args).await,
         Commands::SkipStep(args) => act::skip_step(args).await,
         Commands::Cancel(args) => act::cancel(args).await,
+        Commands::Keygen(args) => keygen(args),
     }
 }

@@ -50,7 +50,8 @@ async fn one_trace_per_saga_across_the_engine_and_rust_and_python_workers() {
                 "--db",
             ])
             .arg(python_log.with_extension("db"))
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
+            .env("SAGAFLOW_SECRET_KEYS", sagaflow_tests::TEST_SECRET_KEYS),
         &python_log,
     );
     cluster.wait_for_line("python", "READY py-traced", 1).await;
