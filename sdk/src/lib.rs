@@ -143,7 +143,6 @@ pub use sagaflow_protocol as protocol;
 
 pub use error::SdkError;
 pub use handler::{Compensate, StepContext, StepHandler};
-pub use secret::{SECRET_KEYWORD, Secret};
 pub use saga::{DEFAULT_STEP_TIMEOUT, Saga, SagaBuilder, Step, StepRequest, schema_of};
 pub use sagaflow_protocol::{
     Direction, ErrorClass, RetryPolicy, RetryPolicyBuilder, SagaSpec, SecretKeys, StepError,
@@ -152,3 +151,4 @@ pub use sagaflow_protocol::{
 /// JSON Schema generation for step types: derive [`JsonSchema`] on each `Input` and `Output`.
 pub use schemars;
 pub use schemars::JsonSchema;
+pub use secret::{SECRET_KEYWORD, Secret};

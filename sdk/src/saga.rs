@@ -307,9 +307,7 @@ impl Saga {
         keys: Option<&SecretKeys>,
     ) -> StepReply {
         let outcome = match self.spec.steps.get(command.step_index) {
-            Some(spec) if spec.name == command.step => {
-                self.handle_step(command, spec, keys).await
-            }
+            Some(spec) if spec.name == command.step => self.handle_step(command, spec, keys).await,
             _ => StepOutcome::Failed {
                 error: StepError::permanent(
                     "unknown_step",
@@ -338,32 +336,30 @@ impl Saga {
             other => other,
         };
         match sealed {
-                    Ok(Ok(output)) => match crate::protocol::json_len(&output) {
-                        // Retryable, not permanent: the step may have taken effect, so when
-                        // the retries give up it is compensated (by its forward key).
-                        size if size > crate::protocol::names::MAX_OUTPUT_BYTES => {
-                            StepOutcome::Failed {
-                                error: StepError::retryable(
-                                    "output_too_large",
-                                    format!(
-                                        "step `{}` returned {size} bytes of output, over the \
+            Ok(Ok(output)) => match crate::protocol::json_len(&output) {
+                // Retryable, not permanent: the step may have taken effect, so when
+                // the retries give up it is compensated (by its forward key).
+                size if size > crate::protocol::names::MAX_OUTPUT_BYTES => StepOutcome::Failed {
+                    error: StepError::retryable(
+                        "output_too_large",
+                        format!(
+                            "step `{}` returned {size} bytes of output, over the \
                                          {} byte limit (every later command carries it); \
                                          return a reference to the data instead",
-                                        command.step,
-                                        crate::protocol::names::MAX_OUTPUT_BYTES
-                                    ),
-                                ),
-                            }
-                        }
-                        _ => StepOutcome::Succeeded { output },
-                    },
-                    Ok(Err(error)) => StepOutcome::Failed { error },
-                    Err(join_error) => StepOutcome::Failed {
-                        error: StepError::retryable(
-                            "handler_panicked",
-                            format!("the step handler panicked: {join_error}"),
+                            command.step,
+                            crate::protocol::names::MAX_OUTPUT_BYTES
                         ),
-                    },
+                    ),
+                },
+                _ => StepOutcome::Succeeded { output },
+            },
+            Ok(Err(error)) => StepOutcome::Failed { error },
+            Err(join_error) => StepOutcome::Failed {
+                error: StepError::retryable(
+                    "handler_panicked",
+                    format!("the step handler panicked: {join_error}"),
+                ),
+            },
         }
     }
 }
@@ -615,7 +611,11 @@ mod tests {
         type Input = Payment;
         type Output = Receipt;
 
-        async fn execute(&self, _ctx: &StepContext, payment: Payment) -> Result<Receipt, StepError> {
+        async fn execute(
+            &self,
+            _ctx: &StepContext,
+            payment: Payment,
+        ) -> Result<Receipt, StepError> {
             let card = payment.card.expose();
             Ok(Receipt {
                 token: crate::Secret::new(format!("tok-{card}")),
@@ -644,13 +644,20 @@ mod tests {
             panic!("failed: {:?}", reply.outcome);
         };
         assert_eq!(output["last4"], "1111");
-        assert!(crate::protocol::sealed::is_envelope(&output["token"]), "{output}");
+        assert!(
+            crate::protocol::sealed::is_envelope(&output["token"]),
+            "{output}"
+        );
         assert!(!output.to_string().contains("tok-"), "{output}");
-        assert_eq!(keys.open("token", &output["token"]).unwrap(), "tok-4111-1111");
+        assert_eq!(
+            keys.open("token", &output["token"]).unwrap(),
+            "tok-4111-1111"
+        );
 
         // What does not open is a permanent error naming the field and the key, not a retry.
         let mut tampered = pay.clone();
-        tampered.input["card"]["$sagaflow_secret"]["ct"] = serde_json::json!("AAAAAAAAAAAAAAAAAAAAAAAA");
+        tampered.input["card"]["$sagaflow_secret"]["ct"] =
+            serde_json::json!("AAAAAAAAAAAAAAAAAAAAAAAA");
         let other = SecretKeys::parse(&SecretKeys::generate_line("k9").unwrap(), "test").unwrap();
         for (what, command, keys) in [
             ("tampered", &tampered, Some(&keys)),

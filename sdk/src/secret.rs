@@ -168,7 +168,10 @@ mod tests {
             serde_json::from_value(json!({"card": "4111", "pin": 1234, "amount": 5}))
                 .expect("reads the plain values");
         assert_eq!(payment.card.expose(), "4111");
-        assert_eq!(format!("{:?} {}", payment.card, payment.card), "«secret» «secret»");
+        assert_eq!(
+            format!("{:?} {}", payment.card, payment.card),
+            "«secret» «secret»"
+        );
         assert_eq!(
             serde_json::to_value(&payment).expect("writes"),
             json!({"card": "4111", "pin": 1234, "amount": 5})

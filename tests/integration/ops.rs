@@ -939,9 +939,14 @@ async fn jsonl_export_parses_line_by_line(backend: Backend) {
     let total: usize = built.iter().map(|b| b.records.len()).sum();
 
     let mut out = Vec::new();
-    let written = ops::export_jsonl(&store, &AuditFilter::default(), &Default::default(), &mut out)
-        .await
-        .unwrap();
+    let written = ops::export_jsonl(
+        &store,
+        &AuditFilter::default(),
+        &Default::default(),
+        &mut out,
+    )
+    .await
+    .unwrap();
     assert_eq!(written as usize, total, "{backend:?}");
     let text = String::from_utf8(out).unwrap();
     let lines: Vec<&str> = text.lines().collect();

@@ -11,8 +11,8 @@ use crate::faults::Faults;
 use crate::inventory::Inventory;
 use crate::payment::{DECLINED_CARD, GOOD_CARD};
 use crate::place_order::PlaceOrder;
-use sagaflow_sdk::Secret;
 use crate::trip::BookTrip;
+use sagaflow_sdk::Secret;
 
 /// Adds stock: `(sku, units)` pairs, creating SKUs that do not exist yet.
 pub async fn seed_stock(db: &DatabaseConnection, stock: &[(&str, u32)]) -> Result<(), DemoError> {
@@ -194,7 +194,13 @@ mod tests {
         let orders = generate_orders(&mix);
         assert_eq!(orders, generate_orders(&mix));
         assert_eq!(orders.len(), 50);
-        assert_eq!(orders.iter().filter(|o| is_declined(o.card.expose())).count(), 15);
+        assert_eq!(
+            orders
+                .iter()
+                .filter(|o| is_declined(o.card.expose()))
+                .count(),
+            15
+        );
         assert!(orders.iter().all(|o| (1..=3).contains(&o.quantity)));
         assert!(
             orders

@@ -9,9 +9,9 @@ use anyhow::bail;
 use sagaflow_engine::machine::SagaStatus;
 use sagaflow_engine::ops::time::{parse_duration, parse_instant};
 use sagaflow_engine::ops::{Disclosure, ListFilter, TimeRange, Versioned};
-use sagaflow_sdk::keys::SecretKeyArgs;
 use sagaflow_engine::store::Store;
 use sagaflow_sdk::Timestamp;
+use sagaflow_sdk::keys::SecretKeyArgs;
 use serde::Serialize;
 use strum::VariantNames;
 

@@ -58,7 +58,11 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
                  SAGAFLOW_SECRET_KEYS_FILE or SAGAFLOW_SECRET_KEYS)"
             );
         };
-        if let Some(missing) = args.seal.iter().find(|field| input.get(field.as_str()).is_none()) {
+        if let Some(missing) = args
+            .seal
+            .iter()
+            .find(|field| input.get(field.as_str()).is_none())
+        {
             bail!("--seal {missing}: the input has no member `{missing}` to seal");
         }
         keys.seal_fields(&mut input, &args.seal)?;

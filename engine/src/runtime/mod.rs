@@ -221,7 +221,12 @@ impl Starter {
 
     /// `input`, checked against the step types of `saga` (run here) and with its secret
     /// members sealed. Envelopes it holds already are opened for the check and sealed anew.
-    fn seal_here(&self, saga: &Saga, spec: &SagaSpec, mut input: Value) -> Result<Value, EngineError> {
+    fn seal_here(
+        &self,
+        saga: &Saga,
+        spec: &SagaSpec,
+        mut input: Value,
+    ) -> Result<Value, EngineError> {
         let keys = self.secret_keys.as_deref();
         if spec.secret_input.is_empty() && !sagaflow_protocol::sealed::holds_envelope(&input) {
             saga.validate_input(&input)

@@ -204,7 +204,10 @@ impl SecretKeys {
                     )));
                 }
                 let cipher = Aes256Gcm::new_from_slice(&bytes).map_err(|_| {
-                    invalid(format!("line {}: the key of `{id}` is unusable", number + 1))
+                    invalid(format!(
+                        "line {}: the key of `{id}` is unusable",
+                        number + 1
+                    ))
                 })?;
                 keys.push(SecretKey {
                     id: id.to_string(),
@@ -323,7 +326,12 @@ impl SecretKeys {
             .decode(&envelope.nonce)
             .ok()
             .and_then(|nonce| nonce.try_into().ok())
-            .ok_or_else(|| failed(kid, format!("the nonce is not {NONCE_BYTES} bytes of base64")))?;
+            .ok_or_else(|| {
+                failed(
+                    kid,
+                    format!("the nonce is not {NONCE_BYTES} bytes of base64"),
+                )
+            })?;
         let ciphertext = BASE64
             .decode(&envelope.ct)
             .ok()
@@ -447,8 +455,13 @@ mod tests {
         let card = json!("4111-1111-1111-1111");
         let sealed = keys.seal("card", &card).expect("seals");
         assert!(!sealed.to_string().contains("4111"), "{sealed}");
-        let envelope = Envelope::of(&sealed).expect("an envelope").expect("well formed");
-        assert_eq!((envelope.alg.as_str(), envelope.kid.as_str()), (ALGORITHM, "k1"));
+        let envelope = Envelope::of(&sealed)
+            .expect("an envelope")
+            .expect("well formed");
+        assert_eq!(
+            (envelope.alg.as_str(), envelope.kid.as_str()),
+            (ALGORITHM, "k1")
+        );
         assert_eq!(keys.open("card", &sealed).expect("opens"), card);
         // Two seals of one value differ (fresh nonces).
         assert_ne!(keys.seal("card", &card).expect("seals"), sealed);
@@ -463,14 +476,18 @@ mod tests {
         let (old, old_text) = keys(&["2026-01"]);
         let sealed_before = old.seal("card", &json!("4111")).expect("seals");
         let (_, new_text) = keys(&["2026-12"]);
-        let rotated =
-            SecretKeys::parse(&format!("# rotated\n{new_text}\n\n{old_text}\n"), "test")
-                .expect("parses");
+        let rotated = SecretKeys::parse(&format!("# rotated\n{new_text}\n\n{old_text}\n"), "test")
+            .expect("parses");
         assert_eq!(rotated.ids(), ["2026-12", "2026-01"]);
-        assert_eq!(rotated.open("card", &sealed_before).expect("opens"), json!("4111"));
+        assert_eq!(
+            rotated.open("card", &sealed_before).expect("opens"),
+            json!("4111")
+        );
         let sealed_after = rotated.seal("card", &json!("4242")).expect("seals");
         assert_eq!(Envelope::of(&sealed_after).unwrap().unwrap().kid, "2026-12");
-        let error = old.open("card", &sealed_after).expect_err("the old key alone cannot");
+        let error = old
+            .open("card", &sealed_after)
+            .expect_err("the old key alone cannot");
         let message = error.to_string();
         assert!(
             message.contains("`card`") && message.contains("2026-12"),
@@ -486,7 +503,10 @@ mod tests {
         let (keys, _) = keys(&["k1"]);
         let sealed = keys.seal("card", &json!("4111")).expect("seals");
         let mut tampered = sealed.clone();
-        let ct = tampered[ENVELOPE_MEMBER]["ct"].as_str().unwrap().to_string();
+        let ct = tampered[ENVELOPE_MEMBER]["ct"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let mut bytes = BASE64.decode(ct).unwrap();
         bytes[0] ^= 1;
         tampered[ENVELOPE_MEMBER]["ct"] = json!(BASE64.encode(bytes));
@@ -518,8 +538,14 @@ mod tests {
             );
         }
         let unknown = SecretKeys::parse(&SecretKeys::generate_line("k2").unwrap(), "t").unwrap();
-        let message = unknown.open("card", &sealed).expect_err("refused").to_string();
-        assert!(message.contains("`k1`") && message.contains("k2"), "{message}");
+        let message = unknown
+            .open("card", &sealed)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            message.contains("`k1`") && message.contains("k2"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -535,13 +561,17 @@ mod tests {
             shown,
             json!({"input": {"card": REDACTED, "cvc": REDACTED, "sku": "A-1"}, "list": [REDACTED]})
         );
-        assert_eq!(keys.reveal(&input), json!({"card": "4111", "cvc": 123, "sku": "A-1"}));
+        assert_eq!(
+            keys.reveal(&input),
+            json!({"card": "4111", "cvc": 123, "sku": "A-1"})
+        );
         let mut opened = input.clone();
         keys.open_fields(&mut opened).expect("opens");
         assert_eq!(opened, json!({"card": "4111", "cvc": 123, "sku": "A-1"}));
         // Sealing twice leaves an envelope alone.
         let before = input.clone();
-        keys.seal_fields(&mut input, &["card".into()]).expect("seals");
+        keys.seal_fields(&mut input, &["card".into()])
+            .expect("seals");
         assert_eq!(input, before);
     }
 

@@ -149,8 +149,11 @@ impl SagaSpec {
         }
         check_field_names(&self.secret_input, "secret input").map_err(&invalid)?;
         for step in &self.steps {
-            check_field_names(&step.secret_output, &format!("step `{}` secret output", step.name))
-                .map_err(&invalid)?;
+            check_field_names(
+                &step.secret_output,
+                &format!("step `{}` secret output", step.name),
+            )
+            .map_err(&invalid)?;
         }
         let mut seen_pivot = false;
         for (i, step) in self.steps.iter().enumerate() {

@@ -31,8 +31,8 @@ use crate::metrics::{self, CommandOutcome, RejectReason};
 use crate::protocol::backoff::Backoff;
 use crate::protocol::trace::{message_id, read_trace_headers, trace_headers};
 use crate::protocol::{
-    EngineAnswer, PROTOCOL_VERSION, RegisterRequest, SecretKeys, StepCommand, StepOutcome, StepReply, codes,
-    durable_consumer, ensure_streams, names,
+    EngineAnswer, PROTOCOL_VERSION, RegisterRequest, SecretKeys, StepCommand, StepOutcome,
+    StepReply, codes, durable_consumer, ensure_streams, names,
 };
 use crate::telemetry;
 use crate::{Saga, StepError};
@@ -444,7 +444,11 @@ impl Worker {
         }
         let began = std::time::Instant::now();
         let reply = saga
-            .handle(command, &self.options.id, self.options.secret_keys.as_deref())
+            .handle(
+                command,
+                &self.options.id,
+                self.options.secret_keys.as_deref(),
+            )
             .await;
         metrics::handled(&command.saga, step, direction, began.elapsed());
         metrics::answered(

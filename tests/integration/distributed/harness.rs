@@ -1006,6 +1006,27 @@ impl Cluster {
         }
     }
 
+    /// Sets environment variable `key` of the engines and workers started from now on.
+    pub(super) fn set_child_env(&mut self, key: &str, value: &str) {
+        self.options.env.retain(|(k, _)| k != key);
+        self.options.env.push((key.to_string(), value.to_string()));
+    }
+
+    /// Every log line every child wrote so far, each log's name first.
+    pub(super) fn all_logs(&self) -> String {
+        let mut out = String::new();
+        for who in self.children() {
+            let text = std::fs::read_to_string(self.log(&who)).unwrap_or_default();
+            out.push_str(&format!("--- {who} ---\n{text}\n"));
+        }
+        out
+    }
+
+    /// The demo services' database, which the workers write.
+    pub(super) fn demo_db(&self) -> &DatabaseConnection {
+        &self.demo
+    }
+
     pub(super) fn children(&self) -> Vec<String> {
         let mut who: Vec<String> = (0..self.engines.len()).map(Self::node_log_name).collect();
         who.extend((0..self.workers.len()).map(|i| format!("w{i}")));
@@ -1139,7 +1160,14 @@ pub(super) async fn start_saga_of(
     key: &str,
     input: Value,
 ) -> Uuid {
-    start_sealed_with(client, saga, key, input, &sagaflow_tests::test_secret_keys()).await
+    start_sealed_with(
+        client,
+        saga,
+        key,
+        input,
+        &sagaflow_tests::test_secret_keys(),
+    )
+    .await
 }
 
 /// As [`start_saga_of`], its secret members sealed with `keys`.
@@ -1150,8 +1178,11 @@ pub(super) async fn start_sealed_with(
     mut input: Value,
     keys: &sagaflow_protocol::SecretKeys,
 ) -> Uuid {
-    keys.seal_fields(&mut input, &sagaflow_tests::SECRET_MEMBERS.map(String::from))
-        .expect("seal the secret members");
+    keys.seal_fields(
+        &mut input,
+        &sagaflow_tests::SECRET_MEMBERS.map(String::from),
+    )
+    .expect("seal the secret members");
     let request = StartRequest {
         v: PROTOCOL_VERSION,
         saga: saga.to_string(),
