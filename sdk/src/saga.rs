@@ -327,10 +327,29 @@ impl Saga {
         spec: &StepSpec,
         keys: Option<&SecretKeys>,
     ) -> StepOutcome {
-        let request = match opened_request(command, keys) {
-            Ok(request) => request,
+        let (request, opened) = match opened_request(command, keys) {
+            Ok(opened) => opened,
             Err(error) => return StepOutcome::Failed { error },
         };
+        let outcome = self.run_and_seal(request, command, spec, keys).await;
+        match outcome {
+            // A message must not carry a secret the handler (or serde, quoting a value that
+            // does not fit its type) put in it: the history keeps it in clear.
+            StepOutcome::Failed { mut error } if !opened.is_empty() => {
+                error.message = scrub(&error.message, &opened);
+                StepOutcome::Failed { error }
+            }
+            outcome => outcome,
+        }
+    }
+
+    async fn run_and_seal(
+        &self,
+        request: StepRequest,
+        command: &StepCommand,
+        spec: &StepSpec,
+        keys: Option<&SecretKeys>,
+    ) -> StepOutcome {
         let sealed = match tokio::spawn(self.run(request)).await {
             Ok(Ok(output)) => seal_output(output, spec, command.direction, keys),
             other => other,
@@ -364,30 +383,62 @@ impl Saga {
     }
 }
 
-/// The request `command` makes, its envelopes opened with `keys`.
+/// The request `command` makes, its envelopes opened with `keys`, and the text of every value
+/// opened (to keep it out of error messages).
 fn opened_request(
     command: &StepCommand,
     keys: Option<&SecretKeys>,
-) -> Result<StepRequest, StepError> {
+) -> Result<(StepRequest, Vec<String>), StepError> {
     let mut ctx = StepContext::for_command(command);
     let mut input = command.input.clone();
+    let mut opened = Vec::new();
     let unreadable = |error: crate::protocol::ProtocolError| {
         StepError::permanent("secret_unreadable", error.to_string())
     };
-    open_members(keys, &mut input).map_err(unreadable)?;
+    if holds_envelope(&command.input) {
+        open_members(keys, &mut input).map_err(unreadable)?;
+        opened.extend(opened_texts(&command.input, &input));
+    }
     if command.outputs.values().any(holds_envelope) {
         let mut outputs = command.outputs.clone();
-        for output in outputs.values_mut() {
+        for (step, output) in outputs.iter_mut() {
             open_members(keys, output).map_err(unreadable)?;
+            opened.extend(opened_texts(&command.outputs[step], output));
         }
         ctx.outputs = std::sync::Arc::new(outputs);
     }
     let output = ctx.outputs.get(&command.step).cloned();
-    Ok(StepRequest {
+    let request = StepRequest {
         step: command.step_index,
         ctx,
         input,
         output,
+    };
+    Ok((request, opened))
+}
+
+/// The text of each member of `opened` that was an envelope in `sealed`: a string as it is,
+/// another value as JSON.
+fn opened_texts(sealed: &Value, opened: &Value) -> Vec<String> {
+    let (Some(sealed), Some(opened)) = (sealed.as_object(), opened.as_object()) else {
+        return Vec::new();
+    };
+    sealed
+        .iter()
+        .filter(|(_, member)| crate::protocol::sealed::is_envelope(member))
+        .filter_map(|(name, _)| opened.get(name))
+        .map(|value| match value {
+            Value::String(text) => text.clone(),
+            other => other.to_string(),
+        })
+        .filter(|text| text.len() >= 3)
+        .collect()
+}
+
+/// `message` with every text of `secrets` in it replaced by `«secret»`.
+fn scrub(message: &str, secrets: &[String]) -> String {
+    secrets.iter().fold(message.to_string(), |message, secret| {
+        message.replace(secret.as_str(), crate::protocol::sealed::REDACTED)
     })
 }
 
@@ -617,6 +668,12 @@ mod tests {
             payment: Payment,
         ) -> Result<Receipt, StepError> {
             let card = payment.card.expose();
+            if card.ends_with("0000") {
+                return Err(StepError::permanent(
+                    "declined",
+                    format!("card {card} declined"),
+                ));
+            }
             Ok(Receipt {
                 token: crate::Secret::new(format!("tok-{card}")),
                 last4: card[card.len() - 4..].to_string(),
@@ -654,15 +711,29 @@ mod tests {
             "tok-4111-1111"
         );
 
+        // A secret the handler quotes in its error is scrubbed from the message.
+        let mut declined = pay.clone();
+        declined.input = serde_json::json!({"card": "4000-0000"});
+        keys.seal_fields(&mut declined.input, &["card".into()])
+            .unwrap();
+        let reply = saga.handle(&declined, "w1", Some(&keys)).await;
+        let StepOutcome::Failed { error } = reply.outcome else {
+            panic!("a declined card succeeded");
+        };
+        assert_eq!(error.message, "card «secret» declined");
+
         // What does not open is a permanent error naming the field and the key, not a retry.
         let mut tampered = pay.clone();
         tampered.input["card"]["$sagaflow_secret"]["ct"] =
             serde_json::json!("AAAAAAAAAAAAAAAAAAAAAAAA");
         let other = SecretKeys::parse(&SecretKeys::generate_line("k9").unwrap(), "test").unwrap();
+        let mut malformed = pay.clone();
+        malformed.input["card"]["$sagaflow_secret"]["nonce"] = serde_json::json!("short");
         for (what, command, keys) in [
             ("tampered", &tampered, Some(&keys)),
             ("unknown key", &pay, Some(&other)),
             ("no keys", &pay, None),
+            ("malformed", &malformed, Some(&keys)),
         ] {
             let reply = saga.handle(command, "w1", keys).await;
             let StepOutcome::Failed { error } = reply.outcome else {

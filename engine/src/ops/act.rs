@@ -701,6 +701,82 @@ mod tests {
         }
     }
 
+    /// Issues a token: its output's `token` member is declared secret by hand.
+    struct Issue;
+
+    impl StepHandler for Issue {
+        type Input = Value;
+        type Output = Value;
+
+        async fn execute(&self, _ctx: &StepContext, _input: Value) -> Result<Value, StepError> {
+            Ok(json!({"token": "tok"}))
+        }
+    }
+
+    fn skip(step: &str, output: Value) -> OperatorCommand {
+        OperatorCommand {
+            actor: "ada".into(),
+            reason: "done by hand".into(),
+            action: OperatorAction::SkipStep {
+                step: step.into(),
+                output: Some(output),
+            },
+        }
+    }
+
+    #[test]
+    fn a_skipped_steps_secret_output_is_checked_in_clear_then_sealed_with_the_operators_key() {
+        use sagaflow_protocol::SecretKeys;
+        use sagaflow_protocol::sealed::is_envelope;
+
+        let pinned = Saga::builder("tokens", 1)
+            .step(Step::pivot("issue", Issue).secret_output("token"))
+            .build()
+            .expect("valid saga")
+            .spec()
+            .clone();
+        let line = SecretKeys::generate_line("op-1").expect("a key");
+        let keys = std::sync::Arc::new(SecretKeys::parse(&line, "test").expect("parses"));
+        let with_keys = ActOptions {
+            secret_keys: Some(keys.clone()),
+            ..ActOptions::default()
+        };
+        let mut command = skip("issue", json!({"token": "tok-7", "n": 1}));
+        let check = seal_skipped_output(Uuid::nil(), &pinned, &mut command, &with_keys);
+        assert_eq!(check.expect("sealed"), Some(OutputCheck::Checked));
+        let OperatorAction::SkipStep {
+            output: Some(output),
+            ..
+        } = &command.action
+        else {
+            panic!("the skip lost its output");
+        };
+        assert!(is_envelope(&output["token"]), "{output}");
+        assert_eq!(output["n"], 1, "other members stay in clear");
+        assert_eq!(
+            keys.open("token", &output["token"]).expect("opens"),
+            "tok-7"
+        );
+
+        // Without keys it is refused, naming the secret members; nothing is sealed.
+        let mut command = skip("issue", json!({"token": "tok-7"}));
+        let refused =
+            seal_skipped_output(Uuid::nil(), &pinned, &mut command, &ActOptions::default())
+                .expect_err("refused without keys")
+                .to_string();
+        assert!(
+            refused.contains("secret fields (token)") && refused.contains("--secret-keys"),
+            "{refused}"
+        );
+        assert_eq!(command, skip("issue", json!({"token": "tok-7"})));
+
+        // A step without secret members is left to the usual check.
+        let plain = saga(Duration::from_secs(5)).spec().clone();
+        let mut command = skip("count", json!(3));
+        let check = seal_skipped_output(Uuid::nil(), &plain, &mut command, &with_keys);
+        assert_eq!(check.expect("nothing to do"), None);
+    }
+
     #[test]
     fn outputs_are_checked_against_the_step_output_schema() {
         let pinned = saga(Duration::from_secs(5)).spec().clone();
