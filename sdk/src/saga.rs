@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::handler::{Compensate, StepContext, StepHandler};
 use crate::json;
-use crate::protocol::sealed::holds_envelope;
+use crate::protocol::sealed::has_sealed_member;
 use crate::protocol::{SecretKeys, StepCommand, StepOutcome, StepReply};
 use crate::secret::{open_members, secret_properties};
 use crate::{Direction, RetryPolicy, SagaSpec, SdkError, StepError, StepKind, StepSpec};
@@ -395,11 +395,11 @@ fn opened_request(
     let unreadable = |error: crate::protocol::ProtocolError| {
         StepError::permanent("secret_unreadable", error.to_string())
     };
-    if holds_envelope(&command.input) {
+    if has_sealed_member(&command.input) {
         open_members(keys, &mut input).map_err(unreadable)?;
         opened.extend(opened_texts(&command.input, &input));
     }
-    if command.outputs.values().any(holds_envelope) {
+    if command.outputs.values().any(has_sealed_member) {
         let mut outputs = command.outputs.clone();
         for (step, output) in outputs.iter_mut() {
             open_members(keys, output).map_err(unreadable)?;

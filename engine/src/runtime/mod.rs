@@ -228,7 +228,7 @@ impl Starter {
         mut input: Value,
     ) -> Result<Value, EngineError> {
         let keys = self.secret_keys.as_deref();
-        if spec.secret_input.is_empty() && !sagaflow_protocol::sealed::holds_envelope(&input) {
+        if spec.secret_input.is_empty() && !sagaflow_protocol::sealed::has_sealed_member(&input) {
             saga.validate_input(&input)
                 .map_err(|source| EngineError::InvalidInput {
                     saga: spec.name.clone(),

@@ -122,6 +122,14 @@ pub fn redact_in_place(value: &mut Value) {
     }
 }
 
+/// Whether one of the members of the object `value` is an envelope: what is opened for a
+/// handler (only members are sealed), found without looking deeper.
+pub fn has_sealed_member(value: &Value) -> bool {
+    value
+        .as_object()
+        .is_some_and(|object| object.values().any(is_envelope))
+}
+
 /// Whether `value` holds an envelope at any depth.
 pub fn holds_envelope(value: &Value) -> bool {
     match value {
@@ -248,12 +256,6 @@ impl SecretKeys {
     /// The ids of the keys, the sealing one first.
     pub fn ids(&self) -> Vec<&str> {
         self.keys.iter().map(|key| key.id.as_str()).collect()
-    }
-
-    /// The id of the key that seals.
-    pub fn sealing_id(&self) -> &str {
-        // Infallible: `parse` refuses an empty key list, and nothing else builds one.
-        self.keys.first().map_or("", |key| key.id.as_str())
     }
 
     /// Seals `value`, the value of field `field`, with the first key.

@@ -185,6 +185,17 @@ async fn the_order_saga_runs_over_tls_with_every_kind_of_credentials() {
     }
 }
 
+/// The one-engine-one-worker cluster of the first setup: TLS, and a user with a password.
+async fn password_cluster(name: &'static str, pki: &Pki) -> Cluster {
+    let setup = setups(pki)
+        .into_iter()
+        .next()
+        .expect("the user and password setup");
+    let server =
+        tokio::task::block_in_place(|| NatsServer::start_with_config(&setup.server_config));
+    Cluster::secured(name, server, setup.child_options()).await
+}
+
 /// Runs the `sagaflow` binary with `args` (at most 60 s).
 fn sagaflow(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(&binaries().engine);
@@ -247,13 +258,7 @@ fn refused(what: &str, output: &Output, expected: &str, secrets: &[&str]) {
 async fn refused_credentials_fail_at_once_with_a_clear_message_and_write_nothing() {
     let _turn = SERIAL.lock().await;
     let pki = Pki::generate();
-    let setup = setups(&pki)
-        .into_iter()
-        .next()
-        .expect("the user and password setup");
-    let server =
-        tokio::task::block_in_place(|| NatsServer::start_with_config(&setup.server_config));
-    let mut cluster = Cluster::secured("refused", server, setup.child_options()).await;
+    let mut cluster = password_cluster("refused", &pki).await;
     let url = cluster.nats_server().url();
     let engine_db = cluster.engine_db_url().to_string();
     let wrong = write_secret(&pki, "wrong-password", "not-the-password-71c2");
@@ -647,14 +652,8 @@ async fn assert_no_table_holds(
 async fn card_numbers_are_sealed_everywhere_but_inside_the_workers_and_keys_rotate() {
     let _turn = SERIAL.lock().await;
     let pki = Pki::generate();
-    let setup = setups(&pki)
-        .into_iter()
-        .next()
-        .expect("the user and password setup");
     let password = "pw-3f9c1b7e";
-    let server =
-        tokio::task::block_in_place(|| NatsServer::start_with_config(&setup.server_config));
-    let mut cluster = Cluster::secured("secrets", server, setup.child_options()).await;
+    let mut cluster = password_cluster("secrets", &pki).await;
     // Everything published on the broker during the run: starts, registrations, commands,
     // replies.
     let mut wire = cluster
