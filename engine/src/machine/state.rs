@@ -102,6 +102,9 @@ pub enum AttemptOutcome {
 
 /// Attempt counting for one step in one direction.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+// The stored progress document leaves out the counts of directions never attempted
+// (`store::codecs`): a missing one reads as nothing made.
+#[serde(default)]
 pub struct Attempts {
     /// Attempts dispatched so far; attempt numbers never repeat, even across operator resumes.
     pub made: u32,
@@ -124,11 +127,14 @@ impl Attempts {
 pub struct StepState {
     /// Where the step is.
     pub status: StepStatus,
-    /// Forward attempts.
+    /// Forward attempts (missing in a stored document: none yet).
+    #[serde(default)]
     pub forward: Attempts,
-    /// Compensation attempts.
+    /// Compensation attempts (missing in a stored document: none yet).
+    #[serde(default)]
     pub compensation: Attempts,
     /// The latest error of either direction.
+    #[serde(default)]
     pub last_error: Option<StepError>,
 }
 

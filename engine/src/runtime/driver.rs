@@ -4,9 +4,16 @@
 //!
 //! Grouping many sagas' transitions into one commit is what makes the engine fast: the cost of
 //! a durable commit is shared by every saga in the batch.
+//!
+//! The commit path is a pipeline: while one batch commits (in a task of its own), the next is
+//! decided and starts committing too, up to [`COMMITS_IN_FLIGHT`] batches at once; each batch's
+//! commands go to the relay the moment its own commit is done, not after the next one. Two rules
+//! keep the order a saga needs: a saga is in at most one committing batch (an event about a saga
+//! whose batch is still committing is parked, and decided once that commit's outcome is known,
+//! on the state it left), and a batch's commands are handed to the relay only after its commit.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +42,12 @@ use super::transport::Outbound;
 
 /// The most events folded into one commit.
 const MAX_BATCH: usize = 512;
+
+/// How many batches may be committing at once (the default of
+/// [`EngineOptions::commits_in_flight`](super::EngineOptions::commits_in_flight)): one deciding
+/// while one commits is the pipeline; more would make batches smaller and commits more
+/// numerous on a database that is already busy.
+pub const COMMITS_IN_FLIGHT: usize = 2;
 
 /// What the driver is asked to do.
 pub(crate) enum Inbound {
@@ -92,9 +105,6 @@ pub(crate) struct Driver {
     pub catalog: Arc<Catalog>,
     /// Committed step commands go to the outbox relay, which publishes them.
     pub relay: mpsc::UnboundedSender<Outgoing>,
-    /// Whether step commands are written to the outbox with their transition (distributed), or
-    /// only handed to the relay (embedded: a restart re-sends every attempt in flight).
-    pub write_outbox: bool,
     /// When the timer poller plans to look next (ms since the epoch): a new timer earlier than
     /// that wakes it, a later one does not.
     pub planned_wake: Arc<std::sync::atomic::AtomicI64>,
@@ -115,6 +125,136 @@ pub(crate) struct Driver {
     /// When the attempt each saga waits on was dispatched (its dispatch committed), to time
     /// the attempt when its reply commits ([`metrics::STEP_ATTEMPT_DURATION`]).
     pub dispatched: HashMap<Uuid, DispatchedAttempt>,
+    /// The batches committing now, and what waits for them.
+    pub pipeline: Pipeline,
+}
+
+/// The batches whose commits are under way, and the events that wait for one of them.
+pub(crate) struct Pipeline {
+    /// The most batches committing at once (at least 1: then each batch commits before the
+    /// next is decided).
+    depth: usize,
+    /// The commits under way, each ending with its batch and its outcome.
+    committing: tokio::task::JoinSet<CommittedBatch>,
+    /// The sagas and start keys of each commit under way, by its task.
+    batches: HashMap<tokio::task::Id, (Vec<Uuid>, Vec<String>)>,
+    /// Sagas in a committing batch: their next events wait for its outcome.
+    sagas: HashSet<Uuid>,
+    /// Start keys of sagas a committing batch starts, with the saga each names.
+    start_keys: HashMap<String, Uuid>,
+    /// Events about sagas in a committing batch, in arrival order, by saga.
+    parked: HashMap<Uuid, Vec<Inbound>>,
+    /// Parked events whose batch has committed, to be decided before anything new.
+    ready: VecDeque<Inbound>,
+}
+
+impl Pipeline {
+    /// A pipeline with up to `depth` batches committing at once.
+    pub fn new(depth: usize) -> Self {
+        Pipeline {
+            depth: depth.max(1),
+            committing: tokio::task::JoinSet::new(),
+            batches: HashMap::new(),
+            sagas: HashSet::new(),
+            start_keys: HashMap::new(),
+            parked: HashMap::new(),
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// Waits for the next commit under way to end (forever when there is none).
+    async fn next_finished(&mut self) -> Finished {
+        let Some(joined) = self.committing.join_next_with_id().await else {
+            return std::future::pending().await;
+        };
+        let (id, batch) = match joined {
+            Ok((id, batch)) => (id, Some(batch)),
+            Err(error) => {
+                error!(%error, "a batch's commit task failed; its sagas are read again");
+                (error.id(), None)
+            }
+        };
+        let (sagas, start_keys) = self.batches.remove(&id).unwrap_or_default();
+        Finished {
+            sagas,
+            start_keys,
+            batch,
+        }
+    }
+
+    /// Whether another batch may start committing.
+    fn has_room(&self) -> bool {
+        self.committing.len() < self.depth
+    }
+
+    /// Whether nothing is committing or waiting.
+    fn is_idle(&self) -> bool {
+        self.committing.is_empty() && self.ready.is_empty()
+    }
+
+    /// Keeps the events a batch may decide now, and parks the rest: events about a saga whose
+    /// batch is committing, and starts whose key such a batch is taking.
+    fn sift(&mut self, batch: Vec<Inbound>) -> Vec<Inbound> {
+        if self.sagas.is_empty() {
+            return batch;
+        }
+        let mut now = Vec::with_capacity(batch.len());
+        for inbound in batch {
+            let waits_for = match &inbound {
+                Inbound::Start {
+                    start_key: Some(key),
+                    ..
+                } => self.start_keys.get(key).copied(),
+                other => saga_of(other).filter(|id| self.sagas.contains(id)),
+            };
+            match waits_for {
+                Some(saga_id) => self.parked.entry(saga_id).or_default().push(inbound),
+                None => now.push(inbound),
+            }
+        }
+        now
+    }
+
+    /// Takes a batch's sagas and start keys out of the pipeline, and makes the events parked
+    /// behind them ready.
+    fn release(&mut self, sagas: &[Uuid], start_keys: &[String]) {
+        for key in start_keys {
+            self.start_keys.remove(key);
+        }
+        for saga_id in sagas {
+            self.sagas.remove(saga_id);
+            if let Some(events) = self.parked.remove(saga_id) {
+                self.ready.extend(events);
+            }
+        }
+    }
+}
+
+/// The saga an event is about (none for a start or a shutdown).
+fn saga_of(inbound: &Inbound) -> Option<Uuid> {
+    match inbound {
+        Inbound::Reply(reply, _, _) => Some(reply.saga_id),
+        Inbound::Rejected { saga_id, .. } | Inbound::Operator { saga_id, .. } => Some(*saga_id),
+        Inbound::Wake(id) => Some(*id),
+        Inbound::Start { .. } | Inbound::Shutdown => None,
+    }
+}
+
+/// A batch whose commit has ended: what the driver needs to settle it.
+struct CommittedBatch {
+    works: Vec<Pending>,
+    dispatches: Vec<Vec<StepCommand>>,
+    outcomes: Result<Vec<WriteOutcome>, EngineError>,
+    now: Timestamp,
+    ownership: Ownership,
+}
+
+/// A commit task's end: the batch's sagas and start keys (to release them even if the task
+/// failed), and the batch, unless the task panicked.
+struct Finished {
+    sagas: Vec<Uuid>,
+    start_keys: Vec<String>,
+    batch: Option<CommittedBatch>,
 }
 
 /// The attempt a saga waits on and when its dispatch was committed.
@@ -209,11 +349,25 @@ impl Driver {
         }
     }
 
+    /// Takes events in batches until the inbox closes or a [`Inbound::Shutdown`] comes, then
+    /// waits for every batch committing and decides what was parked behind them, and ends.
     pub async fn run(mut self) {
         let mut watching = true;
+        let mut stopping = false;
         loop {
+            if stopping && self.pipeline.is_idle() {
+                return;
+            }
+            let room = self.pipeline.has_room();
+            let take_inbox = room && !stopping && self.pipeline.ready.is_empty();
+            let take_ready = room && !self.pipeline.ready.is_empty();
             let first = tokio::select! {
                 biased;
+                finished = self.pipeline.next_finished(),
+                    if !self.pipeline.committing.is_empty() => {
+                    self.finish(finished);
+                    continue;
+                }
                 changed = self.ownership.changed(), if watching => {
                     if changed.is_err() {
                         // The lease keeper is gone (shutting down): nothing more to take up.
@@ -226,32 +380,43 @@ impl Driver {
                     }
                     continue;
                 }
-                next = self.inbox.recv() => match next {
-                    Some(first) => first,
-                    None => return,
+                () = std::future::ready(()), if take_ready => None,
+                next = self.inbox.recv(), if take_inbox => match next {
+                    Some(first) => Some(first),
+                    None => {
+                        stopping = true;
+                        continue;
+                    }
                 },
             };
-            let mut batch = vec![first];
+            let mut batch: Vec<Inbound> = first.into_iter().collect();
             while batch.len() < MAX_BATCH {
+                match self.pipeline.ready.pop_front() {
+                    Some(next) => batch.push(next),
+                    None => break,
+                }
+            }
+            while !stopping && batch.len() < MAX_BATCH {
                 match self.inbox.try_recv() {
                     Ok(next) => batch.push(next),
                     Err(_) => break,
                 }
             }
-            let stop = batch.iter().position(|i| matches!(i, Inbound::Shutdown));
-            if let Some(at) = stop {
+            if let Some(at) = batch.iter().position(|i| matches!(i, Inbound::Shutdown)) {
                 batch.truncate(at);
+                stopping = true;
+            }
+            let batch = self.pipeline.sift(batch);
+            if batch.is_empty() {
+                continue;
             }
             let (size, began) = (batch.len(), std::time::Instant::now());
             self.process(batch).await;
             tracing::trace!(
                 size,
                 took_us = began.elapsed().as_micros() as u64,
-                "batch processed"
+                "batch decided"
             );
-            if stop.is_some() {
-                return;
-            }
         }
     }
 
@@ -398,7 +563,7 @@ impl Driver {
                 other => self.fold_event(other, now, &mut order, &mut pending),
             }
         }
-        self.commit(order, pending, now, &ownership).await;
+        self.launch_commit(order, pending, now, ownership);
     }
 
     /// Applies one reply, wake or operator command to the saga's latest state in this batch.
@@ -509,12 +674,14 @@ impl Driver {
         }
     }
 
-    async fn commit(
+    /// Starts committing a decided batch in a task of its own; [`Driver::finish`] settles it
+    /// when the commit ends. A batch with nothing to write is settled at once.
+    fn launch_commit(
         &mut self,
         order: Vec<Uuid>,
         mut pending: HashMap<Uuid, Pending>,
         now: Timestamp,
-        ownership: &Ownership,
+        ownership: Ownership,
     ) {
         let works: Vec<Pending> = order.iter().filter_map(|id| pending.remove(id)).collect();
         let dispatches: Vec<Vec<StepCommand>> = works
@@ -532,52 +699,94 @@ impl Driver {
                     .collect()
             })
             .collect();
-        let writing = |w: &&Pending| w.base.is_none() || !w.records.is_empty();
-        let batch_size = works.iter().filter(writing).count();
-        for work in works.iter().filter(writing) {
+        let batch_size = works.iter().filter(|w| writes_something(w)).count();
+        for work in works.iter().filter(|w| writes_something(w)) {
             describe_transition(work, batch_size);
         }
-        let writes: Vec<SagaWrite<'_>> = works
-            .iter()
-            .zip(&dispatches)
-            .filter(|(w, _)| writing(w))
-            .map(|(w, commands)| SagaWrite {
-                spec: &w.spec,
-                base: w.base.as_ref(),
-                state: &w.state,
-                records: &w.records,
-                start_key: w.start_key.as_deref(),
-                dispatches: if self.write_outbox { commands } else { &[] },
+        if batch_size == 0 {
+            self.settle(CommittedBatch {
+                works,
+                dispatches,
+                outcomes: Ok(Vec::new()),
                 now,
-            })
-            .collect();
-        let outcomes = if writes.is_empty() {
-            Ok(Vec::new())
+                ownership,
+            });
+            return;
+        }
+        // Leases that may have lapsed hold nothing: every write is then fenced off without
+        // asking the database.
+        let fence = if ownership.is_valid(tokio::time::Instant::now()) {
+            ownership.fence.clone()
         } else {
-            let began = std::time::Instant::now();
-            // Leases that may have lapsed hold nothing: every write is then fenced off here,
-            // without asking the database.
-            let fence = if ownership.is_valid(tokio::time::Instant::now()) {
-                ownership.fence.clone()
-            } else {
-                Fence {
-                    node: ownership.fence.node.clone(),
-                    epochs: Default::default(),
-                }
-            };
-            let result = self.store.commit_fenced(&writes, &fence).await;
-            let took = began.elapsed();
-            metrics::commit(writes.len(), took);
-            tracing::trace!(
-                writes = writes.len(),
-                took_us = took.as_micros() as u64,
-                "commit"
-            );
-            result
+            Fence {
+                node: ownership.fence.node.clone(),
+                epochs: Default::default(),
+            }
         };
-        drop(writes);
+        let sagas: Vec<Uuid> = works.iter().map(|w| w.state.saga_id).collect();
+        let start_keys: Vec<String> = works
+            .iter()
+            .filter(|w| w.base.is_none())
+            .filter_map(|w| w.start_key.clone())
+            .collect();
+        self.pipeline.sagas.extend(sagas.iter().copied());
+        for (key, saga_id) in start_keys.iter().zip(
+            works
+                .iter()
+                .filter(|w| w.base.is_none() && w.start_key.is_some())
+                .map(|w| w.state.saga_id),
+        ) {
+            self.pipeline.start_keys.insert(key.clone(), saga_id);
+        }
+        let store = self.store.clone();
+        let task = self.pipeline.committing.spawn(async move {
+            let outcomes = commit_batch(&store, &works, &fence, now).await;
+            CommittedBatch {
+                works,
+                dispatches,
+                outcomes,
+                now,
+                ownership,
+            }
+        });
+        self.pipeline.batches.insert(task.id(), (sagas, start_keys));
+    }
+
+    /// Settles a batch whose commit ended, and lets the events parked behind it go on.
+    fn finish(&mut self, finished: Finished) {
+        let Finished {
+            sagas,
+            start_keys,
+            batch,
+        } = finished;
+        match batch {
+            Some(batch) => self.settle(batch),
+            None => {
+                // Whether it was written is not known: what is cached of its sagas is read
+                // again, and new epochs make sure nothing written later races it.
+                self.refence.notify_one();
+                for saga_id in &sagas {
+                    self.cache.remove(saga_id);
+                }
+            }
+        }
+        self.pipeline.release(&sagas, &start_keys);
+    }
+
+    /// What follows a batch's commit: caching what was written, answering and acknowledging
+    /// what caused it, handing its commands to the relay; or, where a write was refused,
+    /// handing its events on to whoever may write them.
+    fn settle(&mut self, batch: CommittedBatch) {
+        let CommittedBatch {
+            works,
+            dispatches,
+            outcomes,
+            now,
+            ownership,
+        } = batch;
+        let ownership = &ownership;
         if let Ok(outcomes) = &outcomes {
-            for (work, outcome) in works.iter().filter(writing).zip(outcomes) {
+            for (work, outcome) in works.iter().filter(|w| writes_something(w)).zip(outcomes) {
                 work.span.record("sagaflow.commit", outcome_name(outcome));
             }
         }
@@ -667,8 +876,13 @@ impl Driver {
                         });
                     }
                     // Only sagas that move by themselves stay cached; a stuck saga waits for an
-                    // operator, who may act from another process.
-                    if !work.state.status.is_active() {
+                    // operator, who may act from another process. Nor a saga whose partition
+                    // changed hands or epoch while this batch committed: another node may have
+                    // written it since.
+                    let partition = self.store.partition_of(saga_id);
+                    let same_lease = self.seen_fence.epochs.get(&partition)
+                        == ownership.fence.epochs.get(&partition);
+                    if !work.state.status.is_active() || !same_lease {
                         self.cache.remove(&saga_id);
                     } else {
                         self.cache.insert(
@@ -733,7 +947,7 @@ impl Driver {
         if !to_publish.is_empty() {
             let _ = self.relay.send(Outgoing {
                 commands: to_publish,
-                in_outbox: self.write_outbox,
+                in_outbox: false,
             });
         }
         if !to_resend.is_empty() {
@@ -876,6 +1090,49 @@ impl Driver {
             }
         });
     }
+}
+
+/// Whether a saga's work in a batch writes anything: a new saga, or records of a change (an
+/// early wake or a wake for a finished saga changes nothing).
+fn writes_something(work: &Pending) -> bool {
+    work.base.is_none() || !work.records.is_empty()
+}
+
+/// Commits the writes of a batch's `works` under `fence`; the outcomes are those of the works
+/// that write something, in order.
+///
+/// Their step commands are not written to the outbox: each is the attempt its saga's new
+/// state says is in flight, which can be built again from that state (the relay keeps what the
+/// broker did not accept; a partition's next owner re-sends the rest, `Driver::take_up`).
+async fn commit_batch(
+    store: &Store,
+    works: &[Pending],
+    fence: &Fence,
+    now: Timestamp,
+) -> Result<Vec<WriteOutcome>, EngineError> {
+    let writes: Vec<SagaWrite<'_>> = works
+        .iter()
+        .filter(|w| writes_something(w))
+        .map(|w| SagaWrite {
+            spec: &w.spec,
+            base: w.base.as_ref(),
+            state: &w.state,
+            records: &w.records,
+            start_key: w.start_key.as_deref(),
+            dispatches: &[],
+            now,
+        })
+        .collect();
+    let began = std::time::Instant::now();
+    let result = store.commit_fenced(&writes, fence).await;
+    let took = began.elapsed();
+    metrics::commit(writes.len(), took);
+    tracing::trace!(
+        writes = writes.len(),
+        took_us = took.as_micros() as u64,
+        "commit"
+    );
+    result
 }
 
 /// What a caller waiting on a batch whose commit failed is told: the database error itself
@@ -1046,4 +1303,92 @@ fn resend_command(state: &SagaState, spec: &SagaSpec, route: Route) -> Option<St
         deadline,
     };
     Some(command_for(state, dispatch, route))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wake(saga_id: Uuid) -> Inbound {
+        Inbound::Wake(saga_id)
+    }
+
+    fn start(key: &str) -> (Inbound, oneshot::Receiver<Result<Uuid, EngineError>>) {
+        let (respond, answer) = oneshot::channel();
+        let spec = SagaSpec {
+            name: "s".into(),
+            version: 1,
+            steps: Vec::new(),
+            deadline: None,
+            secret_input: Vec::new(),
+        };
+        let inbound = Inbound::Start {
+            spec: Arc::new(spec),
+            input: Value::Null,
+            start_key: Some(key.into()),
+            respond,
+        };
+        (inbound, answer)
+    }
+
+    fn sagas_of(events: &[Inbound]) -> Vec<Option<Uuid>> {
+        events.iter().map(saga_of).collect()
+    }
+
+    /// A saga is in one committing batch at most: what arrives about it meanwhile waits, in
+    /// arrival order, and is decided after that batch, before anything newer; other sagas and
+    /// starts go on at once, except a start whose key a committing batch is taking.
+    #[test]
+    fn pipelined_commits_keep_each_sagas_order() {
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let mut pipeline = Pipeline::new(2);
+        assert!(pipeline.has_room() && pipeline.is_idle());
+        // Nothing committing: a batch goes through whole.
+        let through = pipeline.sift(vec![wake(a), wake(b)]);
+        assert_eq!(sagas_of(&through), vec![Some(a), Some(b)]);
+        // A batch with `a` and a start keyed `k` (saga `c`) is committing.
+        pipeline.sagas.insert(a);
+        pipeline.start_keys.insert("k".into(), c);
+        let (same_key, mut same_key_answer) = start("k");
+        let (other_key, _) = start("other");
+        let now = pipeline.sift(vec![
+            wake(a),
+            wake(b),
+            same_key,
+            Inbound::Rejected {
+                saga_id: a,
+                source: "test".into(),
+                reason: "second".into(),
+            },
+            other_key,
+        ]);
+        // `b` and the other start go on; both events of `a` and the same-key start wait.
+        assert_eq!(sagas_of(&now), vec![Some(b), None]);
+        assert!(matches!(&now[1], Inbound::Start { start_key: Some(k), .. } if k == "other"));
+        assert_eq!(pipeline.parked[&a].len(), 2);
+        assert_eq!(pipeline.parked[&c].len(), 1);
+        assert!(pipeline.ready.is_empty());
+        // The batch's commit ends: what waited is ready, `a`'s events in arrival order.
+        pipeline.release(&[a, c], &["k".to_string()]);
+        assert!(pipeline.sagas.is_empty() && pipeline.start_keys.is_empty());
+        assert!(pipeline.parked.is_empty());
+        let ready: Vec<Inbound> = pipeline.ready.drain(..).collect();
+        assert_eq!(ready.len(), 3);
+        assert!(matches!(ready[0], Inbound::Wake(id) if id == a));
+        assert!(
+            matches!(&ready[1], Inbound::Rejected { saga_id, reason, .. } if *saga_id == a && reason == "second")
+        );
+        assert!(matches!(&ready[2], Inbound::Start { start_key: Some(k), .. } if k == "k"));
+        // The parked start was neither answered nor dropped while it waited.
+        assert!(same_key_answer.try_recv().is_err());
+        // Released, the sagas no longer wait.
+        let through = pipeline.sift(vec![wake(a)]);
+        assert_eq!(sagas_of(&through), vec![Some(a)]);
+    }
+
+    #[test]
+    fn a_pipeline_has_room_for_at_least_one_batch() {
+        assert_eq!(Pipeline::new(0).depth, 1);
+        assert_eq!(Pipeline::new(3).depth, 3);
+    }
 }

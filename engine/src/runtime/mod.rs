@@ -32,8 +32,8 @@ pub use transport::{HandledReply, InProcess, Outbound, Transport, run_attempt};
 use crate::EngineError;
 use crate::machine::{OperatorCommand, SagaStatus};
 use crate::store::{Fence, Store};
-pub use driver::Settled;
-use driver::{Driver, Inbound};
+pub use driver::{COMMITS_IN_FLIGHT, Settled};
+use driver::{Driver, Inbound, Pipeline};
 use leases::LeaseKeeper;
 pub use leases::{LeaseSettings, Ownership, new_node};
 
@@ -94,6 +94,10 @@ pub struct EngineOptions {
     /// seals its secret members, and the handlers see them opened. Required when a saga run
     /// here declares secret fields. A distributed engine needs none: it never opens a secret.
     pub secret_keys: Option<Arc<SecretKeys>>,
+    /// How many batches of transitions may be committing at once: while one commits, the next
+    /// is decided and committed beside it (docs/architecture.md §7.2). 1 commits each batch
+    /// before deciding the next.
+    pub commits_in_flight: usize,
 }
 
 impl Default for EngineOptions {
@@ -108,6 +112,7 @@ impl Default for EngineOptions {
             gauges_every: None,
             nats: sagaflow_protocol::NatsSecurity::default(),
             secret_keys: None,
+            commits_in_flight: driver::COMMITS_IN_FLIGHT,
         }
     }
 }
@@ -376,7 +381,7 @@ impl Engine {
             transport,
             inbox.clone(),
             inbox_rx,
-            Recovery::OutboxOnly,
+            Recovery::OnTakeUp,
             &options,
         )
         .await?;
@@ -446,7 +451,6 @@ impl Engine {
             store: store.clone(),
             catalog: catalog.clone(),
             relay: relay_tx,
-            write_outbox: recovery == Recovery::OutboxOnly,
             planned_wake: planned_wake.clone(),
             inbox: inbox_rx,
             requeue: inbox.clone(),
@@ -458,6 +462,7 @@ impl Engine {
             refence: lease_handle.refence.clone(),
             seen_fence: Fence::default(),
             dispatched: HashMap::new(),
+            pipeline: Pipeline::new(options.commits_in_flight),
         };
         if recovery == Recovery::ResendInFlight {
             let resent = driver.recover().await?;
@@ -663,10 +668,14 @@ impl Engine {
 /// What a starting engine re-sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Recovery {
-    /// Every attempt in flight: the in-process transport lost them with the process.
+    /// Every attempt in flight, before serving: the in-process transport lost them with the
+    /// process.
     ResendInFlight,
-    /// Only unsent outbox commands (the relay's sweep): the broker kept the rest.
-    OutboxOnly,
+    /// Every attempt in flight of each partition as the node takes it (`Driver::take_up`, the
+    /// first time at start): the broker kept most of them and drops the copies, and the
+    /// commands this node (or the partition's last owner) committed but never published are
+    /// not lost.
+    OnTakeUp,
 }
 
 /// A new identity for an engine node running on `host` (this machine's host name when

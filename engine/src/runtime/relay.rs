@@ -1,12 +1,19 @@
-//! The outbox relay: publishes committed step commands and deletes them from the outbox once
-//! the broker has them.
+//! The relay: publishes committed step commands, and those the outbox holds.
 //!
-//! The driver hands every batch of committed commands straight to the relay (the fast path).
-//! A sweep also picks up commands left unsent: those another process committed (an operator's
-//! resume from the CLI), and those a crashed engine committed but never published. A command
+//! The driver hands every batch of committed commands straight to the relay. They are not
+//! written to the outbox: each is the attempt its saga's committed state says is in flight, so
+//! it can be built again from that state. One the broker does not accept is kept here and sent
+//! again at every sweep (the newest per saga, until its attempt's deadline, after which the
+//! attempt's timeout sends a new one); one lost with the engine's process is sent again by the
+//! partition's next owner, or by this node when it starts, from the saga's state
+//! (`Driver::take_up`, `Driver::recover`).
+//!
+//! The outbox holds the commands other processes commit (an operator's resume or retry from
+//! the CLI): the sweep publishes them and deletes them once the broker has them. A command
 //! published twice is harmless: brokers de-duplicate by command id, and workers by idempotency
 //! key.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +21,8 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use sagaflow_protocol::Timestamp;
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{info, warn};
+use uuid::Uuid;
 
 use super::transport::{Outbound, Transport};
 use crate::store::Store;
@@ -57,6 +65,9 @@ pub(crate) async fn run(
     // Publishes whose acknowledgements are awaited, while the next batch goes out.
     let mut in_flight = FuturesUnordered::new();
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    let mut unaccepted = Unaccepted::default();
+    // Batches received so far: a later batch holds a saga's later commands.
+    let mut received: u64 = 0;
     let mut open = true;
     while open || !in_flight.is_empty() {
         tokio::select! {
@@ -75,18 +86,29 @@ pub(crate) async fn run(
                     }
                 }
                 let transport = transport.clone();
+                received += 1;
+                let order = received;
                 in_flight.push(async move {
                     let accepted = publish(transport.as_ref(), &commands).await;
-                    (accepted, in_outbox)
+                    (accepted, in_outbox, commands, order)
                 });
             }
-            Some((accepted, in_outbox)) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((accepted, in_outbox, commands, order)) = in_flight.next(), if !in_flight.is_empty() => {
                 if in_outbox {
                     let _ = published.send(accepted);
+                } else {
+                    let commands = commands.into_iter().map(|c| (order, c)).collect();
+                    unaccepted.keep(commands, &accepted);
                 }
             }
             _ = sweep.tick(), if open => {
                 let now = Timestamp::now();
+                let (orders, again): (Vec<u64>, Vec<Outbound>) =
+                    unaccepted.take_due(now).into_iter().unzip();
+                if !again.is_empty() {
+                    let accepted = publish(transport.as_ref(), &again).await;
+                    unaccepted.keep(orders.into_iter().zip(again).collect(), &accepted);
+                }
                 let written_by = Timestamp(now.as_millis() - SWEEP_GRACE.as_millis() as i64);
                 match store.unsent(written_by, MAX_BATCH as u64).await {
                     Ok(commands) if !commands.is_empty() => {
@@ -100,8 +122,65 @@ pub(crate) async fn run(
             }
         }
     }
+    if !unaccepted.is_empty() {
+        info!(
+            commands = unaccepted.len(),
+            "step commands the broker did not accept are left to be sent again from their \
+             sagas' states when the partitions are next taken"
+        );
+    }
     drop(published);
     let _ = forgetter.await;
+}
+
+/// Committed commands (not in the outbox) the broker did not accept, to be published again:
+/// the newest per saga (by the order the relay received them in), as a saga waits on one
+/// attempt at a time.
+#[derive(Default)]
+struct Unaccepted {
+    by_saga: HashMap<Uuid, (u64, Outbound)>,
+}
+
+impl Unaccepted {
+    /// Keeps those of `commands` (each with the order it was received in) whose ids are not
+    /// among `accepted`; a saga's command the broker accepted makes an older one kept for it
+    /// moot.
+    fn keep(&mut self, commands: Vec<(u64, Outbound)>, accepted: &[String]) {
+        if accepted.len() == commands.len() && self.by_saga.is_empty() {
+            return;
+        }
+        let accepted: HashSet<&str> = accepted.iter().map(String::as_str).collect();
+        for (order, outbound) in commands {
+            let saga_id = outbound.command.saga_id;
+            let kept_order = self.by_saga.get(&saga_id).map(|(kept, _)| *kept);
+            if kept_order.is_some_and(|kept| kept > order) {
+                continue;
+            }
+            if accepted.contains(outbound.command.command_id.as_str()) {
+                self.by_saga.remove(&saga_id);
+            } else {
+                self.by_saga.insert(saga_id, (order, outbound));
+            }
+        }
+    }
+
+    /// Takes the commands to publish again: all kept, less those whose attempt's deadline has
+    /// passed (its timeout sends the next attempt).
+    fn take_due(&mut self, now: Timestamp) -> Vec<(u64, Outbound)> {
+        self.by_saga
+            .drain()
+            .map(|(_, kept)| kept)
+            .filter(|(_, outbound)| outbound.command.deadline.is_none_or(|at| at > now))
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.by_saga.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_saga.is_empty()
+    }
 }
 
 /// Deletes published commands from the outbox, in one statement at most every

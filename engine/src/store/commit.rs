@@ -147,6 +147,10 @@ impl Store {
         }
         let attempt_updates = fold_into_new_attempts(&mut new_attempts, attempt_updates);
         let fenced_on_postgres = fence.filter(|_| self.backend() == DbBackend::Postgres);
+        let _one_writer = match self.backend() {
+            DbBackend::Sqlite => Some(self.sqlite_commits.lock().await),
+            _ => None,
+        };
         let written = batch::write(
             &self.writer,
             batch::BatchWrite {

@@ -25,9 +25,10 @@ pub(super) const BATCH_WRITER_SETTINGS: [(&str, &str); 3] = [
     ("enable_seqscan", "off"),
 ];
 
-/// Connections of the batch writer pool: one commits at a time (the driver is single), one
-/// more covers a connection being replaced.
-const BATCH_WRITER_CONNECTIONS: u32 = 2;
+/// Connections of the batch writer pool: one per batch the driver may have committing at once
+/// (`runtime::driver::COMMITS_IN_FLIGHT`), and one more that covers a connection being
+/// replaced.
+const BATCH_WRITER_CONNECTIONS: u32 = 3;
 
 impl Store {
     /// Opens (and for SQLite creates) the database at `url` and applies the schema.
@@ -77,6 +78,7 @@ impl Store {
             partitions,
             sqlite_file: sagaflow_protocol::sqlite_file(&url).map(str::to_string),
             url,
+            sqlite_commits: Default::default(),
         })
     }
 }

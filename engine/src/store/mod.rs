@@ -115,6 +115,10 @@ pub struct Store {
     /// The URL it was opened with, for a PostgreSQL listener (never logged: it may hold a
     /// password).
     url: String,
+    /// On SQLite, held by each batch commit: the driver may have two batches committing at
+    /// once, and SQLite takes one writer at a time (a deferred transaction that loses the race
+    /// to upgrade its read snapshot fails at once instead of waiting its busy timeout).
+    sqlite_commits: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// How to open a [`Store`].

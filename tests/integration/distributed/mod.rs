@@ -338,9 +338,19 @@ async fn sigterm_stops_the_engine_gracefully_and_loses_nothing() {
         "graceful: the engine did not say it stopped"
     );
     cluster.engines[0] = None;
-    // The transitions it had taken in are committed and their commands published.
+    // The transitions it had taken in are committed and their commands published: the relay
+    // says so when it stops with commands the broker did not take.
     let unsent = count(cluster.store.connection(), "SELECT COUNT(*) FROM outbox").await;
-    assert_eq!(unsent, 0, "graceful: the engine left commands unpublished");
+    assert_eq!(
+        unsent, 0,
+        "graceful: the engine left commands in the outbox"
+    );
+    assert!(
+        !std::fs::read_to_string(cluster.log("engine"))
+            .unwrap_or_default()
+            .contains("did not accept"),
+        "graceful: the engine stopped with commands unpublished"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.start_engine();
     let started = starts.finish().await;
