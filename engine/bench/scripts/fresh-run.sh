@@ -5,7 +5,10 @@
 # cpu_ms_per_saga: the CPU time the whole machine spent (user, system, interrupts; not idle, not
 # I/O wait, not stolen by the host) while the benchmark ran, per saga. On a shared host whose
 # throughput varies from run to run, the CPU a saga costs varies much less; on a CPU-bound
-# machine throughput is the inverse of it.
+# machine throughput is the inverse of it. The JSON line has the benchmark's own
+# cpu_ms_per_saga (and each process's share), over the load alone; the one appended here spans
+# the whole run of the executable, its start and shutdown included. Give one value of --steps
+# and --sagas: the appended figure would span every run of a sweep.
 #
 #   engine/bench/scripts/fresh-run.sh LABEL path/to/sagaflow-bench [bench options...]
 #   e.g. for i in 1 2 3; do fresh-run.sh before /tmp/old/sagaflow-bench --sagas 10000
