@@ -5,8 +5,9 @@
 //! Grouping many sagas' transitions into one commit is what makes the engine fast: the cost of
 //! a durable commit is shared by every saga in the batch.
 //!
-//! The commit path is a pipeline: while one batch commits (in a task of its own), the next is
-//! decided and starts committing too, up to [`COMMITS_IN_FLIGHT`] batches at once; each batch's
+//! The commit path can be a pipeline: while one batch commits (in a task of its own), the next
+//! is decided and starts committing too, up to `EngineOptions::commits_in_flight` batches at
+//! once (by default [`COMMITS_IN_FLIGHT`], one: no overlap); each batch's
 //! commands go to the relay the moment its own commit is done, not after the next one. Two rules
 //! keep the order a saga needs: a saga is in at most one committing batch (an event about a saga
 //! whose batch is still committing is parked, and decided once that commit's outcome is known,
@@ -43,11 +44,14 @@ use super::transport::Outbound;
 /// The most events folded into one commit.
 const MAX_BATCH: usize = 512;
 
-/// How many batches may be committing at once (the default of
-/// [`EngineOptions::commits_in_flight`](super::EngineOptions::commits_in_flight)): one deciding
-/// while one commits is the pipeline; more would make batches smaller and commits more
-/// numerous on a database that is already busy.
-pub const COMMITS_IN_FLIGHT: usize = 2;
+/// How many batches may be committing at once by default
+/// ([`EngineOptions::commits_in_flight`](super::EngineOptions::commits_in_flight)). One: each
+/// batch commits before the next is decided. Two (deciding the next batch while one commits)
+/// was measured no faster on a two-core machine where the engine, its workers, PostgreSQL and
+/// NATS share the cores (smaller batches, more commits), and the multi-node kill test saw the
+/// first write after a takeover come later with it (BENCHMARKS.md, "Performance round"); it
+/// stays an option for machines where the commit, not the CPU, is what a step waits on.
+pub const COMMITS_IN_FLIGHT: usize = 1;
 
 /// What the driver is asked to do.
 pub(crate) enum Inbound {

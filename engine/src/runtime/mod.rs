@@ -94,9 +94,9 @@ pub struct EngineOptions {
     /// seals its secret members, and the handlers see them opened. Required when a saga run
     /// here declares secret fields. A distributed engine needs none: it never opens a secret.
     pub secret_keys: Option<Arc<SecretKeys>>,
-    /// How many batches of transitions may be committing at once: while one commits, the next
-    /// is decided and committed beside it (docs/architecture.md §7.2). 1 commits each batch
-    /// before deciding the next.
+    /// How many batches of transitions may be committing at once: with 2, while one commits,
+    /// the next is decided and committed beside it (docs/architecture.md §7.2). The default, 1,
+    /// commits each batch before deciding the next.
     pub commits_in_flight: usize,
 }
 

@@ -294,14 +294,16 @@ fn update_sagas_sql(backend: DbBackend, param: usize, held: Option<&str>) -> Str
 /// The partitions of `fence` whose lease its node still holds under the epoch it names, now by
 /// the database's clock; each lease row read is share-locked until the batch commits, so a
 /// takeover (which updates the row) waits for this batch and cannot see the partition's sagas
-/// before it (docs/architecture.md §3.1).
+/// before it (docs/architecture.md §3.1). The rows are locked in partition order, the order the
+/// lease keeper's updates lock them in (`leases::locked_in_order`), so neither can deadlock the
+/// other.
 fn held_partitions_sql(leases_param: usize, node_param: usize) -> String {
     format!(
         "SELECT l.partition_id FROM partition_leases l \
          JOIN json_to_recordset(CAST(${leases_param} AS json)) AS h(partition_id integer, epoch bigint) \
          ON l.partition_id = h.partition_id AND l.epoch = h.epoch \
          WHERE l.owner = ${node_param} AND l.expires_at > {DATABASE_NOW_MS} \
-         FOR SHARE OF l"
+         ORDER BY l.partition_id FOR SHARE OF l"
     )
 }
 

@@ -241,7 +241,8 @@ pub mod lease {
         pub epoch: i64,
         /// Until when the owner may write (ms since the epoch, the database's clock).
         pub expires_at: i64,
-        /// When the current owner acquired it.
+        /// When the current owner took it under the current epoch (its acquisition, or its
+        /// last re-fence).
         pub acquired_at: Option<i64>,
         /// When the current owner last renewed it.
         pub renewed_at: Option<i64>,

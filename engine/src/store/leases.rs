@@ -67,6 +67,21 @@ fn lease_in(backend: DbBackend, n: usize) -> String {
     }
 }
 
+/// On PostgreSQL, a condition that first locks the lease rows meeting `condition` in partition
+/// order: a batch commit share-locks its partitions' rows in that order too
+/// (`batch::held_partitions_sql`), so a renewal or release updating several rows while batches
+/// commit waits for them instead of deadlocking with one (each holding a row the other wants
+/// next, as two scans in different orders did). SQLite has no row locks: nothing to add.
+fn locked_in_order(backend: DbBackend, condition: &str) -> String {
+    match backend {
+        DbBackend::Postgres => format!(
+            " AND partition_id IN (SELECT partition_id FROM partition_leases WHERE {condition} \
+             ORDER BY partition_id FOR UPDATE)"
+        ),
+        _ => String::new(),
+    }
+}
+
 fn leases_json(leases: &[(u32, u64)]) -> Value {
     let rows: Vec<serde_json::Value> = leases
         .iter()
@@ -332,12 +347,19 @@ impl Store {
         let sql = format!(
             "UPDATE partition_leases SET owner = {node_p}, epoch = {next}, \
              expires_at = {now} + {lease_p}, acquired_at = {now}, renewed_at = {now} \
-             WHERE {within} AND (owner IS NULL OR expires_at <= {now}) \
+             WHERE {within} AND (owner IS NULL OR expires_at <= {now}){in_order} \
              RETURNING partition_id, epoch",
             node_p = param(backend, 1),
             lease_p = param(backend, 2),
             within = partition_in(backend, 3),
             next = next_epoch(backend),
+            in_order = locked_in_order(
+                backend,
+                &format!(
+                    "{} AND (owner IS NULL OR expires_at <= {now})",
+                    partition_in(backend, 3)
+                )
+            ),
         );
         let list = serde_json::Value::from(partitions.to_vec()).to_string();
         let rows = self
@@ -388,7 +410,8 @@ impl Store {
             node,
             held,
             lease_ms,
-            "epoch = {next}, expires_at = {now} + {lease}, renewed_at = {now}",
+            // A new epoch is taken now: readers match an epoch with when it was taken.
+            "epoch = {next}, expires_at = {now} + {lease}, acquired_at = {now}, renewed_at = {now}",
             "taking new epochs for partitions",
         )
         .await
@@ -413,10 +436,11 @@ impl Store {
             .replace("{lease}", &param(backend, 2));
         let sql = format!(
             "UPDATE partition_leases SET {set} \
-             WHERE owner = {node_p} AND expires_at > {now} AND {held_in} \
+             WHERE owner = {node_p} AND expires_at > {now} AND {held_in}{in_order} \
              RETURNING partition_id, epoch",
             node_p = param(backend, 1),
             held_in = lease_in(backend, 3),
+            in_order = locked_in_order(backend, &lease_in(backend, 3)),
         );
         let rows = self
             .db
@@ -448,9 +472,10 @@ impl Store {
         let backend = self.backend();
         let sql = format!(
             "UPDATE partition_leases SET owner = NULL, expires_at = 0 \
-             WHERE owner = {} AND {}",
+             WHERE owner = {} AND {}{}",
             param(backend, 1),
             lease_in(backend, 2),
+            locked_in_order(backend, &lease_in(backend, 2)),
         );
         self.db
             .execute_raw(Statement::from_sql_and_values(
