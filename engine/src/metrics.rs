@@ -59,6 +59,9 @@ pub const COMMIT_DURATION: &str = "sagaflow_commit_duration_seconds";
 pub const OUTBOX_BACKLOG: &str = "sagaflow_outbox_backlog";
 /// Age of the oldest command in the outbox, in seconds; 0 when it is empty (gauge).
 pub const OUTBOX_OLDEST_AGE: &str = "sagaflow_outbox_oldest_age_seconds";
+/// Step commands this engine committed that the broker has not accepted yet, kept by its relay
+/// to be sent again (gauge; this process).
+pub const UNPUBLISHED_COMMANDS: &str = "sagaflow_unpublished_commands";
 /// Stuck sagas of this node's partitions (gauge).
 pub const STUCK_SAGAS: &str = "sagaflow_stuck_sagas";
 /// How long the longest-stuck saga of this node's partitions has waited, in seconds; 0 when
@@ -115,7 +118,7 @@ impl TimerKind {
 }
 
 /// Every engine series with its type, unit and help text.
-const SERIES: [Series; 25] = [
+const SERIES: [Series; 26] = [
     (SAGAS_STARTED, Kind::Counter, Unit::Count, "Sagas started."),
     (
         SAGAS_COMPLETED,
@@ -208,6 +211,12 @@ const SERIES: [Series; 25] = [
         "Age of the oldest command in the outbox; 0 when it is empty.",
     ),
     (
+        UNPUBLISHED_COMMANDS,
+        Kind::Gauge,
+        Unit::Count,
+        "Step commands this engine committed that the broker has not accepted yet.",
+    ),
+    (
         STUCK_SAGAS,
         Kind::Gauge,
         Unit::Count,
@@ -288,6 +297,7 @@ pub fn describe() {
     for name in [
         OUTBOX_BACKLOG,
         OUTBOX_OLDEST_AGE,
+        UNPUBLISHED_COMMANDS,
         STUCK_SAGAS,
         STUCK_OLDEST_AGE,
     ] {
@@ -499,6 +509,11 @@ pub fn attempt_duration(saga: &str, step: &str, direction: Direction, took: Dura
 /// A write refused for `cause`.
 pub fn stale_write(cause: StaleCause) {
     counter!(STALE_WRITES, "cause" => cause.as_str()).increment(1);
+}
+
+/// How many committed step commands the relay holds because the broker did not accept them.
+pub fn unpublished(commands: usize) {
+    gauge!(UNPUBLISHED_COMMANDS).set(commands as f64);
 }
 
 /// A batch of `sagas` writes committed (or failed) in `took`.

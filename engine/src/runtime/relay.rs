@@ -99,6 +99,7 @@ pub(crate) async fn run(
                 } else {
                     let commands = commands.into_iter().map(|c| (order, c)).collect();
                     unaccepted.keep(commands, &accepted);
+                    crate::metrics::unpublished(unaccepted.len());
                 }
             }
             _ = sweep.tick(), if open => {
@@ -109,6 +110,7 @@ pub(crate) async fn run(
                     let accepted = publish(transport.as_ref(), &again).await;
                     unaccepted.keep(orders.into_iter().zip(again).collect(), &accepted);
                 }
+                crate::metrics::unpublished(unaccepted.len());
                 let written_by = Timestamp(now.as_millis() - SWEEP_GRACE.as_millis() as i64);
                 match store.unsent(written_by, MAX_BATCH as u64).await {
                     Ok(commands) if !commands.is_empty() => {
