@@ -728,20 +728,14 @@ impl Driver {
             }
         };
         let sagas: Vec<Uuid> = works.iter().map(|w| w.state.saga_id).collect();
-        let start_keys: Vec<String> = works
+        let new_keyed: Vec<(String, Uuid)> = works
             .iter()
             .filter(|w| w.base.is_none())
-            .filter_map(|w| w.start_key.clone())
+            .filter_map(|w| Some((w.start_key.clone()?, w.state.saga_id)))
             .collect();
         self.pipeline.sagas.extend(sagas.iter().copied());
-        for (key, saga_id) in start_keys.iter().zip(
-            works
-                .iter()
-                .filter(|w| w.base.is_none() && w.start_key.is_some())
-                .map(|w| w.state.saga_id),
-        ) {
-            self.pipeline.start_keys.insert(key.clone(), saga_id);
-        }
+        self.pipeline.start_keys.extend(new_keyed.iter().cloned());
+        let start_keys: Vec<String> = new_keyed.into_iter().map(|(key, _)| key).collect();
         let store = self.store.clone();
         let task = self.pipeline.committing.spawn(async move {
             let outcomes = commit_batch(&store, &works, &fence, now).await;
