@@ -11,7 +11,8 @@
 //! - `reply_to_dispatch` (distributed mode): from one step's reply passing through the broker to
 //!   the next step's command passing through it, seen by a plain subscription beside the
 //!   JetStream consumers: the engine's share (taking the reply, committing the transition,
-//!   publishing the command).
+//!   publishing the command). That subscription makes the broker deliver every command and
+//!   reply once more; `--no-wire-watch` leaves it (and this figure) out.
 //!
 //! The load generator, the engine and the workers share this process (and the machine, with
 //! PostgreSQL and NATS).
@@ -216,6 +217,12 @@ struct Args {
     /// pipeline, to compare with the default in one build.
     #[arg(long, value_name = "N", default_value_t = sagaflow_engine::runtime::COMMITS_IN_FLIGHT)]
     commits_in_flight: usize,
+    /// Distributed mode with the engine in this process: do not watch the broker's messages,
+    /// and so leave out the reply-to-dispatch gap. The watcher's subscription to every command
+    /// and reply makes nats-server deliver each once more, a cost no deployment pays; with
+    /// `--engines` the watcher is what sees a saga end, so it always runs there.
+    #[arg(long, conflicts_with = "engines")]
+    no_wire_watch: bool,
 }
 
 /// How often the gauges are read when `--metrics-addr` is given (`sagaflow serve`'s default).
@@ -1436,7 +1443,7 @@ async fn run_once(args: &Args, steps: usize, sagas: usize) -> anyhow::Result<Rep
         Engines::InProcess(_) => None,
     };
     let wire_task = match args.mode {
-        Mode::Distributed => Some(
+        Mode::Distributed if !args.no_wire_watch => Some(
             watch_wire(
                 wire_gaps.clone(),
                 &args.nats_url,
@@ -1445,7 +1452,7 @@ async fn run_once(args: &Args, steps: usize, sagas: usize) -> anyhow::Result<Rep
             )
             .await?,
         ),
-        Mode::Embedded => None,
+        Mode::Distributed | Mode::Embedded => None,
     };
     let listener = match &engines {
         Engines::InProcess(engine) => {
