@@ -1,24 +1,28 @@
 //! Writing a whole batch of transitions at once: the conditional saga updates, the new sagas,
 //! attempts, outbox commands and history rows of every saga in the batch.
 //!
-//! Each kind of row travels as one JSON parameter, so a statement's text is the same for any
-//! batch size and is prepared once per connection; on PostgreSQL the whole batch is then one
-//! statement of data-modifying `WITH` clauses, one round trip per commit (docs/architecture.md
-//! §7.1). SQLite has no data-modifying `WITH`; it runs the same parts in one transaction.
+//! A statement's text is the same for any batch size, so it is prepared once per connection. On
+//! PostgreSQL each column of a kind of row travels as one array parameter in the binary
+//! protocol, read back into rows by `unnest`: nothing to escape on this side and nothing to
+//! parse on the server's (the same rows as JSON text were a fifth of the commit's time in
+//! PostgreSQL, most of it de-escaping the JSON documents the rows carry). The whole batch is
+//! one statement of data-modifying `WITH` clauses, one round trip per commit
+//! (docs/architecture.md §7.1). SQLite has no data-modifying `WITH`; it runs the same parts in
+//! one transaction, each kind of row as one JSON parameter.
 //!
 //! Either way the saga updates decide: rows of a saga whose version moved on (a stale write)
 //! are left out, and the caller learns which sagas were written.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use sea_orm::sea_query::ColumnType;
 use sea_orm::{
     ActiveModelTrait, ActiveValue, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend,
-    EntityName, EntityTrait, IdenStatic, Iterable, Statement, TransactionTrait, Value,
+    DbErr, EntityName, EntityTrait, IdenStatic, Iterable, RuntimeErr, Statement, TransactionTrait,
+    Value,
 };
 use serde::Serialize;
-use serde_json::{Value as Json, json};
 
 use crate::EngineError;
 
@@ -40,22 +44,23 @@ impl SqlType {
     }
 }
 
-/// A `FROM` item named `v` whose rows are the JSON array in parameter `param` (1-based), with
-/// one column per `(name, type)`.
-fn json_rows(backend: DbBackend, param: usize, columns: &[(&str, SqlType)]) -> String {
+/// A `FROM` item named `v` with one column per `(name, type)`, whose rows come from the
+/// parameters from `first` (1-based) on: on PostgreSQL one array per column, on SQLite one JSON
+/// array of objects.
+fn rows_from(backend: DbBackend, first: usize, columns: &[(&str, SqlType)]) -> String {
     match backend {
         DbBackend::Postgres => {
-            let fields: Vec<String> = columns
+            let arrays: Vec<String> = columns
                 .iter()
-                .map(|(name, ty)| format!("{name} {}", ty.name()))
+                .enumerate()
+                .map(|(i, (_, ty))| format!("CAST(${} AS {}[])", first + i, ty.name()))
                 .collect();
-            // The batch writer's connections allow only index lookups for the joins
-            // (`BATCH_WRITER_SETTINGS` in connection.rs), so the planner's guess at the row
-            // count cannot turn them into table scans.
-            format!(
-                "json_to_recordset(CAST(${param} AS json)) AS v({})",
-                fields.join(", ")
-            )
+            let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+            // `unnest` of several arrays gives one row per index. The batch writer's
+            // connections allow only index lookups for the joins (`BATCH_WRITER_SETTINGS` in
+            // connection.rs), so the planner's guess at the row count cannot turn them into
+            // table scans.
+            format!("unnest({}) AS v({})", arrays.join(", "), names.join(", "))
         }
         _ => {
             // json_extract gives integers as INTEGER, strings as TEXT and null as NULL.
@@ -68,20 +73,67 @@ fn json_rows(backend: DbBackend, param: usize, columns: &[(&str, SqlType)]) -> S
     }
 }
 
-/// Rows for one table, each the text of a JSON object keyed by column name.
-///
-/// The text is written straight from the models' values: building `serde_json` maps first
-/// cost an allocation per column per row and was a fifth of a commit's instructions.
+/// One column of a kind of row: the array parameter PostgreSQL reads it from.
+enum ColumnArray {
+    Text(Vec<Option<String>>),
+    Integer(Vec<Option<i32>>),
+    BigInt(Vec<Option<i64>>),
+}
+
+impl ColumnArray {
+    fn new(ty: SqlType, capacity: usize) -> ColumnArray {
+        match ty {
+            SqlType::Text => ColumnArray::Text(Vec::with_capacity(capacity)),
+            SqlType::Integer => ColumnArray::Integer(Vec::with_capacity(capacity)),
+            SqlType::BigInt => ColumnArray::BigInt(Vec::with_capacity(capacity)),
+        }
+    }
+
+    fn push(&mut self, value: Value) -> Result<(), EngineError> {
+        match (self, value) {
+            (ColumnArray::Text(column), Value::String(text)) => column.push(text),
+            (ColumnArray::Integer(column), Value::Int(n)) => column.push(n),
+            (ColumnArray::BigInt(column), Value::BigInt(n)) => column.push(n),
+            (_, other) => return Err(unsupported(format!("value {other:?} in its column"))),
+        }
+        Ok(())
+    }
+}
+
+/// Rows of `N` values, in the order of `columns`, as one array per column.
+fn columns_of<const N: usize>(
+    columns: &[(&str, SqlType); N],
+    rows: impl ExactSizeIterator<Item = [Value; N]>,
+) -> Result<Vec<ColumnArray>, EngineError> {
+    let mut arrays: Vec<ColumnArray> = columns
+        .iter()
+        .map(|(_, ty)| ColumnArray::new(*ty, rows.len()))
+        .collect();
+    for row in rows {
+        for (array, value) in arrays.iter_mut().zip(row) {
+            array.push(value)?;
+        }
+    }
+    Ok(arrays)
+}
+
+/// A parameter of the statement a batch is written with on PostgreSQL.
+enum Parameter {
+    Column(ColumnArray),
+    Text(String),
+}
+
+/// Rows for one table: each row's values, in the order of `columns`.
 pub(super) struct Rows {
     table: &'static str,
     columns: Vec<(&'static str, SqlType)>,
     rows: Vec<Row>,
 }
 
-/// One row's JSON text and the saga it belongs to.
+/// One row's values and the saga it belongs to.
 struct Row {
     saga: String,
-    json: Vec<u8>,
+    values: Vec<Value>,
 }
 
 impl Rows {
@@ -110,30 +162,25 @@ impl Rows {
             .or_else(|| all.iter().position(|c| c.as_str() == "id"));
         let mut rows = Vec::with_capacity(models.len());
         for mut model in models {
-            let mut json = Vec::with_capacity(256);
             let mut saga = String::new();
-            json.push(b'{');
-            for (i, column) in all.iter().enumerate() {
-                if i > 0 {
-                    json.push(b',');
+            let mut values = Vec::with_capacity(all.len());
+            for (i, (column, (_, ty))) in all.iter().zip(&columns).enumerate() {
+                let value = match model.take(*column) {
+                    ActiveValue::Set(value) | ActiveValue::Unchanged(value) => value,
+                    ActiveValue::NotSet => match ty {
+                        SqlType::Text => Value::String(None),
+                        SqlType::Integer => Value::Int(None),
+                        SqlType::BigInt => Value::BigInt(None),
+                    },
+                };
+                if Some(i) == saga_column
+                    && let Value::String(Some(id)) = &value
+                {
+                    saga.clone_from(id);
                 }
-                json.push(b'"');
-                json.extend_from_slice(column.as_str().as_bytes());
-                json.extend_from_slice(b"\":");
-                match model.take(*column) {
-                    ActiveValue::Set(value) | ActiveValue::Unchanged(value) => {
-                        if Some(i) == saga_column
-                            && let Value::String(Some(id)) = &value
-                        {
-                            saga.clone_from(id);
-                        }
-                        write_json(&mut json, value)?;
-                    }
-                    ActiveValue::NotSet => json.extend_from_slice(b"null"),
-                }
+                values.push(value);
             }
-            json.push(b'}');
-            rows.push(Row { saga, json });
+            rows.push(Row { saga, values });
         }
         Ok(Rows {
             table: <A::Entity as Default>::default().table_name(),
@@ -147,21 +194,48 @@ impl Rows {
         (!self.rows.is_empty()).then(|| self.parameter())
     }
 
-    /// The JSON array of the rows, as the statement's parameter.
+    /// The rows as one JSON array of objects keyed by column name: SQLite's parameter.
+    ///
+    /// The text is written straight from the values: building `serde_json` maps first cost an
+    /// allocation per column per row and was a fifth of a commit's instructions.
     fn parameter(&self) -> Result<Value, EngineError> {
-        let length = self.rows.iter().map(|r| r.json.len() + 1).sum::<usize>() + 2;
-        let mut array = Vec::with_capacity(length);
+        let mut array = Vec::with_capacity(256 * self.rows.len() + 2);
         array.push(b'[');
         for (i, row) in self.rows.iter().enumerate() {
             if i > 0 {
                 array.push(b',');
             }
-            array.extend_from_slice(&row.json);
+            array.push(b'{');
+            for (j, ((name, _), value)) in self.columns.iter().zip(&row.values).enumerate() {
+                if j > 0 {
+                    array.push(b',');
+                }
+                array.push(b'"');
+                array.extend_from_slice(name.as_bytes());
+                array.extend_from_slice(b"\":");
+                write_json(&mut array, value)?;
+            }
+            array.push(b'}');
         }
         array.push(b']');
         String::from_utf8(array)
             .map(Value::from)
             .map_err(|e| unsupported(format!("rows not expressible as JSON: {e}")))
+    }
+
+    /// The rows as one array per column, in column order: PostgreSQL's parameters.
+    fn into_columns(self) -> Result<Vec<ColumnArray>, EngineError> {
+        let mut columns: Vec<ColumnArray> = self
+            .columns
+            .iter()
+            .map(|(_, ty)| ColumnArray::new(*ty, self.rows.len()))
+            .collect();
+        for row in self.rows {
+            for (column, value) in columns.iter_mut().zip(row.values) {
+                column.push(value)?;
+            }
+        }
+        Ok(columns)
     }
 
     /// `INSERT INTO table (...) SELECT ... FROM <parameter param>`, keeping only rows of the
@@ -186,7 +260,7 @@ impl Rows {
         format!(
             "INSERT INTO {} ({names}) SELECT {names} FROM {}{filter}",
             self.table,
-            json_rows(backend, param, &self.columns)
+            rows_from(backend, param, &self.columns)
         )
     }
 
@@ -211,11 +285,11 @@ fn unsupported(detail: String) -> EngineError {
 }
 
 /// Appends the JSON form of a column value the store writes (text and integers).
-fn write_json(out: &mut Vec<u8>, value: Value) -> Result<(), EngineError> {
+fn write_json(out: &mut Vec<u8>, value: &Value) -> Result<(), EngineError> {
     let written = match value {
-        Value::String(Some(text)) => serde_json::to_writer(&mut *out, &text),
-        Value::Int(Some(n)) => serde_json::to_writer(&mut *out, &n),
-        Value::BigInt(Some(n)) => serde_json::to_writer(&mut *out, &n),
+        Value::String(Some(text)) => serde_json::to_writer(&mut *out, text),
+        Value::Int(Some(n)) => serde_json::to_writer(&mut *out, n),
+        Value::BigInt(Some(n)) => serde_json::to_writer(&mut *out, n),
         Value::String(None) | Value::Int(None) | Value::BigInt(None) => {
             out.extend_from_slice(b"null");
             Ok(())
@@ -266,6 +340,29 @@ const SAGA_UPDATE_COLUMNS: [(&str, SqlType); 12] = [
     ("partition_id", SqlType::Integer),
 ];
 
+/// The saga updates as one array per column of [`SAGA_UPDATE_COLUMNS`], in its order.
+fn saga_update_columns(updates: Vec<SagaUpdate>) -> Result<Vec<ColumnArray>, EngineError> {
+    columns_of(
+        &SAGA_UPDATE_COLUMNS,
+        updates.into_iter().map(|update| {
+            [
+                update.id.into(),
+                update.status.into(),
+                update.current_step.into(),
+                update.outputs.into(),
+                update.progress.into(),
+                update.last_error.into(),
+                update.wake_at.into(),
+                update.row_version.into(),
+                update.history_seq.into(),
+                update.updated_at.into(),
+                update.expected.into(),
+                update.partition_id.into(),
+            ]
+        }),
+    )
+}
+
 /// The saga updates, each conditional on its version and, when `held` names a subquery of
 /// partitions, on the saga's partition being among them.
 ///
@@ -287,7 +384,7 @@ fn update_sagas_sql(backend: DbBackend, param: usize, held: Option<&str>) -> Str
          row_version = v.row_version, history_seq = v.history_seq, updated_at = v.updated_at \
          FROM {} WHERE sagas.id = v.id AND sagas.row_version = v.expected{fence} \
          RETURNING sagas.id",
-        json_rows(backend, param, &SAGA_UPDATE_COLUMNS)
+        rows_from(backend, param, &SAGA_UPDATE_COLUMNS)
     )
 }
 
@@ -297,10 +394,14 @@ fn update_sagas_sql(backend: DbBackend, param: usize, held: Option<&str>) -> Str
 /// before it (docs/architecture.md §3.1). The rows are locked in partition order, the order the
 /// lease keeper's updates lock them in (`leases::locked_in_order`), so neither can deadlock the
 /// other.
-fn held_partitions_sql(leases_param: usize, node_param: usize) -> String {
+///
+/// The fence's partitions and epochs are the arrays in parameters `first` and `first + 1`, its
+/// node in `first + 2`.
+fn held_partitions_sql(first: usize) -> String {
+    let (partitions, epochs, node_param) = (first, first + 1, first + 2);
     format!(
         "SELECT l.partition_id FROM partition_leases l \
-         JOIN json_to_recordset(CAST(${leases_param} AS json)) AS h(partition_id integer, epoch bigint) \
+         JOIN unnest(CAST(${partitions} AS integer[]), CAST(${epochs} AS bigint[])) AS h(partition_id, epoch) \
          ON l.partition_id = h.partition_id AND l.epoch = h.epoch \
          WHERE l.owner = ${node_param} AND l.expires_at > {DATABASE_NOW_MS} \
          ORDER BY l.partition_id FOR SHARE OF l"
@@ -356,7 +457,7 @@ fn update_attempts_sql(backend: DbBackend, param: usize, committed: Option<&str>
         "UPDATE step_attempts SET status = v.status, finished_at = v.finished_at, error = v.error \
          FROM {} WHERE step_attempts.saga_id = v.saga_id AND step_attempts.step = v.step \
          AND step_attempts.direction = v.direction AND step_attempts.attempt = v.attempt{filter}",
-        json_rows(backend, param, &ATTEMPT_UPDATE_COLUMNS)
+        rows_from(backend, param, &ATTEMPT_UPDATE_COLUMNS)
     )
 }
 
@@ -372,7 +473,7 @@ struct AttemptUpdateRow<'a> {
     error: Option<&'a str>,
 }
 
-/// One JSON row per attempt; for one attempt, the last update wins (PostgreSQL would use an
+/// One row per attempt; for one attempt, the last update wins (PostgreSQL would use an
 /// arbitrary one of several rows matching one target row).
 fn attempt_update_rows<'a>(
     updates: &'a [AttemptUpdate],
@@ -395,6 +496,24 @@ fn attempt_update_rows<'a>(
             error: u.error.as_deref(),
         })
         .collect()
+}
+
+/// Attempt update rows as one array per column of [`ATTEMPT_UPDATE_COLUMNS`], in its order.
+fn attempt_update_columns(rows: &[AttemptUpdateRow<'_>]) -> Result<Vec<ColumnArray>, EngineError> {
+    columns_of(
+        &ATTEMPT_UPDATE_COLUMNS,
+        rows.iter().map(|row| {
+            [
+                row.saga_id.into(),
+                row.step.into(),
+                row.direction.into(),
+                row.attempt.into(),
+                row.status.into(),
+                row.finished_at.into(),
+                row.error.map(str::to_string).into(),
+            ]
+        }),
+    )
 }
 
 /// The leases a fenced batch is written under: the node, and the epoch of each partition its
@@ -443,7 +562,10 @@ pub(super) async fn write(
 
 /// The text of the one statement a batch is written with on PostgreSQL, fenced or not. It
 /// depends only on the tables' columns, so it is built once per process (the batch writer's
-/// commits would otherwise format the same few kilobytes of SQL every time).
+/// commits would otherwise format the same few kilobytes of SQL every time). Its parameters
+/// are, in order, the columns of the saga updates, the new sagas, the new attempts, the attempt
+/// updates, the outbox commands and the history records, then the fence's (the order
+/// [`write_in_one_statement`] binds them in).
 fn one_statement_sql(batch: &BatchWrite) -> &'static str {
     static FENCED: OnceLock<String> = OnceLock::new();
     static UNFENCED: OnceLock<String> = OnceLock::new();
@@ -453,9 +575,22 @@ fn one_statement_sql(batch: &BatchWrite) -> &'static str {
         let backend = DbBackend::Postgres;
         let committed = Some("SELECT CAST(id AS text) FROM committed");
         let held = fenced.then_some("SELECT partition_id FROM held");
+        let mut next = 1;
+        let mut take = |count: usize| {
+            let first = next;
+            next += count;
+            first
+        };
+        let updates = take(SAGA_UPDATE_COLUMNS.len());
+        let new_sagas = take(batch.new_sagas.columns.len());
+        let new_attempts = take(batch.new_attempts.columns.len());
+        let attempt_updates = take(ATTEMPT_UPDATE_COLUMNS.len());
+        let outbox = take(batch.outbox.columns.len());
+        let history = take(batch.history.columns.len());
+        let fence = take(3);
         let (held_cte, held_rows) = if fenced {
             (
-                format!("held AS ({}), ", held_partitions_sql(7, 8)),
+                format!("held AS ({}), ", held_partitions_sql(fence)),
                 " UNION ALL SELECT 'h', CAST(partition_id AS text) FROM held",
             )
         } else {
@@ -470,58 +605,94 @@ fn one_statement_sql(batch: &BatchWrite) -> &'static str {
              new_commands AS ({}), \
              new_history AS ({}) \
              SELECT 'u', id FROM updated UNION ALL SELECT 'i', id FROM inserted{held_rows}",
-            update_sagas_sql(backend, 1, held),
+            update_sagas_sql(backend, updates, held),
             batch.new_sagas.insert_where_sql(
                 backend,
-                2,
+                new_sagas,
                 held.map(|held| among("v.partition_id", held)).as_deref()
             ),
-            batch.new_attempts.insert_sql(backend, 3, committed),
-            update_attempts_sql(backend, 4, committed),
-            batch.outbox.insert_sql(backend, 5, committed),
-            batch.history.insert_sql(backend, 6, committed),
+            batch
+                .new_attempts
+                .insert_sql(backend, new_attempts, committed),
+            update_attempts_sql(backend, attempt_updates, committed),
+            batch.outbox.insert_sql(backend, outbox, committed),
+            batch.history.insert_sql(backend, history, committed),
         )
     })
+}
+
+/// The error of a statement the batch writer ran through the driver directly.
+fn driver_error(doing: &'static str) -> impl FnOnce(sea_orm::sqlx::Error) -> EngineError {
+    move |e| EngineError::Database {
+        doing,
+        source: DbErr::Query(RuntimeErr::SqlxError(Arc::new(e))),
+    }
 }
 
 async fn write_in_one_statement(
     db: &DatabaseConnection,
     batch: BatchWrite,
 ) -> Result<Written, EngineError> {
-    let backend = DbBackend::Postgres;
+    use sea_orm::sqlx::Row as _;
+
     let sql = one_statement_sql(&batch);
-    let mut values = vec![
-        parameter(&batch.saga_updates)?,
-        batch.new_sagas.parameter()?,
-        batch.new_attempts.parameter()?,
-        parameter(&attempt_update_rows(&batch.attempt_updates, None))?,
-        batch.outbox.parameter()?,
-        batch.history.parameter()?,
+    let mut parameters: Vec<Parameter> = Vec::with_capacity(66);
+    let attempt_updates = attempt_update_rows(&batch.attempt_updates, None);
+    let columns = [
+        saga_update_columns(batch.saga_updates)?,
+        batch.new_sagas.into_columns()?,
+        batch.new_attempts.into_columns()?,
+        attempt_update_columns(&attempt_updates)?,
+        batch.outbox.into_columns()?,
+        batch.history.into_columns()?,
     ];
-    if let Some(fence) = &batch.fence {
-        let leases: Vec<Json> = fence
-            .epochs
-            .iter()
-            .map(|(partition, epoch)| json!({ "partition_id": partition, "epoch": epoch }))
-            .collect();
-        values.push(parameter(&leases)?);
-        values.push(Value::from(fence.node.clone()));
+    parameters.extend(columns.into_iter().flatten().map(Parameter::Column));
+    let fenced = batch.fence.is_some();
+    if let Some(fence) = batch.fence {
+        let mut partitions = Vec::with_capacity(fence.epochs.len());
+        let mut epochs = Vec::with_capacity(fence.epochs.len());
+        for &(partition, epoch) in &fence.epochs {
+            // Partitions are counted in the thousands at most and epochs grow by one a
+            // takeover: a value that does not fit fails the commit rather than wraps.
+            let (Ok(partition), Ok(epoch)) = (i32::try_from(partition), i64::try_from(epoch))
+            else {
+                return Err(unsupported(format!(
+                    "partition {partition} or its epoch {epoch} is out of range"
+                )));
+            };
+            partitions.push(Some(partition));
+            epochs.push(Some(epoch));
+        }
+        parameters.push(Parameter::Column(ColumnArray::Integer(partitions)));
+        parameters.push(Parameter::Column(ColumnArray::BigInt(epochs)));
+        parameters.push(Parameter::Text(fence.node));
     }
-    let rows = db
-        .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
+    let mut query = sea_orm::sqlx::query(sql);
+    for parameter in parameters {
+        query = match parameter {
+            Parameter::Column(ColumnArray::Text(column)) => query.bind(column),
+            Parameter::Column(ColumnArray::Integer(column)) => query.bind(column),
+            Parameter::Column(ColumnArray::BigInt(column)) => query.bind(column),
+            Parameter::Text(text) => query.bind(text),
+        };
+    }
+    // The backend is PostgreSQL here (`write` matched it), so the pool is a PostgreSQL pool.
+    let rows = query
+        .fetch_all(db.get_postgres_connection_pool())
         .await
-        .map_err(EngineError::db("committing a batch of transitions"))?;
+        .map_err(driver_error("committing a batch of transitions"))?;
     let mut written = Written {
         updated: HashSet::new(),
         inserted: HashSet::new(),
-        held: batch.fence.as_ref().map(|_| HashSet::new()),
+        held: fenced.then(HashSet::new),
     };
     for row in rows {
-        let read = EngineError::db("reading what a batch wrote");
-        let tag: String = row.try_get_by_index(0).map_err(read)?;
+        let tag: String = row
+            .try_get(0)
+            .map_err(driver_error("reading what a batch wrote"))?;
         let value: String = row
-            .try_get_by_index(1)
-            .map_err(EngineError::db("reading what a batch wrote"))?;
+            .try_get(1)
+            .map_err(driver_error("reading what a batch wrote"))?;
         match tag.as_str() {
             "u" => {
                 written.updated.insert(value);
