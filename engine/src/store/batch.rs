@@ -18,9 +18,9 @@ use std::sync::{Arc, OnceLock};
 
 use sea_orm::sea_query::ColumnType;
 use sea_orm::{
-    ActiveModelTrait, ActiveValue, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend,
-    DbErr, EntityName, EntityTrait, IdenStatic, Iterable, RuntimeErr, Statement, TransactionTrait,
-    Value,
+    ActiveModelTrait, ActiveValue, ColumnTrait, ConnectionTrait, DatabaseConnection,
+    DatabaseConnectionType, DbBackend, DbErr, EntityName, EntityTrait, IdenStatic, Iterable,
+    RuntimeErr, Statement, TransactionTrait, Value,
 };
 use serde::Serialize;
 
@@ -554,9 +554,12 @@ pub(super) async fn write(
     db: &DatabaseConnection,
     batch: BatchWrite,
 ) -> Result<Written, EngineError> {
-    match db.get_database_backend() {
-        DbBackend::Postgres => write_in_one_statement(db, batch).await,
-        backend => write_in_one_transaction(db, backend, batch).await,
+    match &db.inner {
+        // This arm matched a PostgreSQL pool, so the pool's accessor cannot panic.
+        DatabaseConnectionType::SqlxPostgresPoolConnection(_) => {
+            write_in_one_statement(db.get_postgres_connection_pool(), batch).await
+        }
+        _ => write_in_one_transaction(db, db.get_database_backend(), batch).await,
     }
 }
 
@@ -630,7 +633,7 @@ fn driver_error(doing: &'static str) -> impl FnOnce(sea_orm::sqlx::Error) -> Eng
 }
 
 async fn write_in_one_statement(
-    db: &DatabaseConnection,
+    pool: &sea_orm::sqlx::PgPool,
     batch: BatchWrite,
 ) -> Result<Written, EngineError> {
     use sea_orm::sqlx::Row as _;
@@ -676,9 +679,8 @@ async fn write_in_one_statement(
             Parameter::Text(text) => query.bind(text),
         };
     }
-    // The backend is PostgreSQL here (`write` matched it), so the pool is a PostgreSQL pool.
     let rows = query
-        .fetch_all(db.get_postgres_connection_pool())
+        .fetch_all(pool)
         .await
         .map_err(driver_error("committing a batch of transitions"))?;
     let mut written = Written {

@@ -94,9 +94,11 @@ struct Lookup {
 /// A record waiting for its group.
 #[derive(Debug)]
 struct Recording {
-    /// The row to insert, keyed by column name.
-    row: serde_json::Value,
     key: String,
+    command_id: String,
+    /// `outcome` as the JSON text the row keeps.
+    outcome_text: String,
+    recorded_at: i64,
     outcome: StepOutcome,
     answer: oneshot::Sender<Result<StepOutcome, String>>,
 }
@@ -225,13 +227,10 @@ impl ResultStore {
             .map_err(|e| WorkerError::Database(format!("cannot serialize an outcome: {e}")))?;
         let (answer, answered) = oneshot::channel();
         let recording = Recording {
-            row: serde_json::json!({
-                "idempotency_key": key,
-                "command_id": command_id,
-                "outcome": text,
-                "recorded_at": Timestamp::now().as_millis(),
-            }),
             key: key.to_string(),
+            command_id: command_id.to_string(),
+            outcome_text: text,
+            recorded_at: Timestamp::now().as_millis(),
             outcome: outcome.clone(),
             answer,
         };
@@ -367,34 +366,61 @@ async fn record_group(
     db: &DatabaseConnection,
     group: &[Recording],
 ) -> Result<Vec<StepOutcome>, String> {
-    let backend = db.get_database_backend();
-    let sql = match backend {
-        DbBackend::Postgres => {
-            "INSERT INTO worker_results (idempotency_key, command_id, outcome, recorded_at) \
-             SELECT * FROM json_to_recordset(CAST($1 AS json)) \
-             AS v(idempotency_key text, command_id text, outcome text, recorded_at bigint) \
-             ON CONFLICT DO NOTHING"
+    let failed = |e: &dyn std::fmt::Display| format!("cannot write worker_results: {e}");
+    let inserted = match &db.inner {
+        // Each column as one binary array, read back by `unnest`: nothing to escape here or to
+        // parse in the server, as the rows' JSON text had to be.
+        DatabaseConnectionType::SqlxPostgresPoolConnection(_) => {
+            let column = |field: fn(&Recording) -> &str| -> Vec<String> {
+                group.iter().map(|r| field(r).to_string()).collect()
+            };
+            sea_orm::sqlx::query(
+                "INSERT INTO worker_results (idempotency_key, command_id, outcome, recorded_at) \
+                 SELECT * FROM unnest(CAST($1 AS text[]), CAST($2 AS text[]), \
+                 CAST($3 AS text[]), CAST($4 AS bigint[])) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(column(|r| &r.key))
+            .bind(column(|r| &r.command_id))
+            .bind(column(|r| &r.outcome_text))
+            .bind(group.iter().map(|r| r.recorded_at).collect::<Vec<i64>>())
+            // This arm matched a PostgreSQL pool, so the pool's accessor cannot panic.
+            .execute(db.get_postgres_connection_pool())
+            .await
+            .map_err(|e| failed(&e))?
+            .rows_affected()
         }
-        // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT.
         _ => {
-            "INSERT INTO worker_results (idempotency_key, command_id, outcome, recorded_at) \
-             SELECT json_extract(value, '$.idempotency_key'), json_extract(value, '$.command_id'), \
-             json_extract(value, '$.outcome'), json_extract(value, '$.recorded_at') \
-             FROM json_each(?) WHERE true ON CONFLICT DO NOTHING"
+            let backend = db.get_database_backend();
+            // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT.
+            let sql = "INSERT INTO worker_results (idempotency_key, command_id, outcome, recorded_at) \
+                 SELECT json_extract(value, '$.idempotency_key'), json_extract(value, '$.command_id'), \
+                 json_extract(value, '$.outcome'), json_extract(value, '$.recorded_at') \
+                 FROM json_each(?) WHERE true ON CONFLICT DO NOTHING";
+            let rows: Vec<serde_json::Value> = group
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "idempotency_key": r.key,
+                        "command_id": r.command_id,
+                        "outcome": r.outcome_text,
+                        "recorded_at": r.recorded_at,
+                    })
+                })
+                .collect();
+            let rows = serde_json::to_string(&rows)
+                .map_err(|e| format!("cannot encode the rows to record: {e}"))?;
+            db.execute_raw(Statement::from_sql_and_values(
+                backend,
+                sql,
+                [Value::from(rows)],
+            ))
+            .await
+            .map_err(|e| failed(&e))?
+            .rows_affected()
         }
     };
-    let rows: Vec<&serde_json::Value> = group.iter().map(|r| &r.row).collect();
-    let rows = serde_json::to_string(&rows)
-        .map_err(|e| format!("cannot encode the rows to record: {e}"))?;
-    let inserted = db
-        .execute_raw(Statement::from_sql_and_values(
-            backend,
-            sql,
-            [Value::from(rows)],
-        ))
-        .await
-        .map_err(|e| format!("cannot write worker_results: {e}"))?;
-    let all_new = inserted.rows_affected() as usize == group.len();
+    let all_new = inserted as usize == group.len();
     if all_new {
         return Ok(group.iter().map(|r| r.outcome.clone()).collect());
     }
