@@ -287,8 +287,13 @@ fn stopped() -> WorkerError {
 }
 
 /// Takes what is waiting on `pending` (at least one, at most `MAX_GROUP`).
+///
+/// Commands come in bursts (an engine's batch is published at once), and the first of a burst
+/// wakes this task before the others are asked for: one yield lets the attempts already
+/// running ask too, so the burst is one group instead of a group of one and a group of the rest.
 async fn next_group<T>(pending: &mut mpsc::UnboundedReceiver<T>) -> Option<Vec<T>> {
     let first = pending.recv().await?;
+    tokio::task::yield_now().await;
     let mut group = vec![first];
     while group.len() < MAX_GROUP {
         match pending.try_recv() {
