@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One distributed sagaflow-bench run on a fresh PostgreSQL database and a fresh private
 # nats-server (free loopback port, empty store), both removed afterwards, so that runs of two
-# builds alternated side by side start from the same state. Prints LABEL, the JSON line and
-# cpu_ms_per_saga: the CPU time the whole machine spent (user, system, interrupts; not idle, not
+# builds alternated side by side start from the same state. Prints LABEL, the JSON line,
+# xact_per_saga (the database's committed transactions per saga) and cpu_ms_per_saga: the CPU time the whole machine spent (user, system, interrupts; not idle, not
 # I/O wait, not stolen by the host) while the benchmark ran, per saga. On a shared host whose
 # throughput varies from run to run, the CPU a saga costs varies much less; on a CPU-bound
 # machine throughput is the inverse of it. The JSON line has the benchmark's own
@@ -48,4 +48,14 @@ sagas = json.loads(sys.argv[3])['completed']
 ticks = int(float(sys.argv[2]) - float(sys.argv[1]))
 print(round(ticks * 1000 / os.sysconf('SC_CLK_TCK') / max(sagas, 1), 3))
 " "$busy_before" "$busy_after" "$result")
-echo "$label $result cpu_ms_per_saga=$cpu_ms_per_saga"
+# Database transactions per saga (statements outside a transaction count one each): the
+# engine's commits and the worker's idempotency lookups and records. A backend reports its
+# counts when it ends, so this waits for the benchmark's connections to close.
+sleep 1.5
+xacts=$(psql -h 127.0.0.1 -U postgres -d postgres -Atc \
+  "SELECT xact_commit FROM pg_stat_database WHERE datname = '$database'")
+xact_per_saga=$(python3 -c "
+import json, sys
+print(round(int(sys.argv[1]) / max(json.loads(sys.argv[2])['completed'], 1), 2))
+" "$xacts" "$result")
+echo "$label $result cpu_ms_per_saga=$cpu_ms_per_saga xact_per_saga=$xact_per_saga"
