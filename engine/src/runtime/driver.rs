@@ -393,6 +393,12 @@ impl Driver {
                     }
                 },
             };
+            if first.is_some() {
+                // Replies come in bursts (a worker's group answers at once), and the first of a
+                // burst wakes this task before the others are read: one yield lets the readers
+                // already running hand them over, so the burst is one commit, not two.
+                tokio::task::yield_now().await;
+            }
             let mut batch: Vec<Inbound> = first.into_iter().collect();
             while batch.len() < MAX_BATCH {
                 match self.pipeline.ready.pop_front() {
