@@ -100,10 +100,10 @@ impl ColumnArray {
     }
 }
 
-/// Rows of `N` values, in the order of `columns`, as one array per column.
-fn columns_of<const N: usize>(
-    columns: &[(&str, SqlType); N],
-    rows: impl ExactSizeIterator<Item = [Value; N]>,
+/// Rows of values, each in the order of `columns`, as one array per column.
+fn columns_of<Row: IntoIterator<Item = Value>>(
+    columns: &[(&str, SqlType)],
+    rows: impl ExactSizeIterator<Item = Row>,
 ) -> Result<Vec<ColumnArray>, EngineError> {
     let mut arrays: Vec<ColumnArray> = columns
         .iter()
@@ -225,17 +225,7 @@ impl Rows {
 
     /// The rows as one array per column, in column order: PostgreSQL's parameters.
     fn into_columns(self) -> Result<Vec<ColumnArray>, EngineError> {
-        let mut columns: Vec<ColumnArray> = self
-            .columns
-            .iter()
-            .map(|(_, ty)| ColumnArray::new(*ty, self.rows.len()))
-            .collect();
-        for row in self.rows {
-            for (column, value) in columns.iter_mut().zip(row.values) {
-                column.push(value)?;
-            }
-        }
-        Ok(columns)
+        columns_of(&self.columns, self.rows.into_iter().map(|row| row.values))
     }
 
     /// `INSERT INTO table (...) SELECT ... FROM <parameter param>`, keeping only rows of the
@@ -344,22 +334,24 @@ const SAGA_UPDATE_COLUMNS: [(&str, SqlType); 12] = [
 fn saga_update_columns(updates: Vec<SagaUpdate>) -> Result<Vec<ColumnArray>, EngineError> {
     columns_of(
         &SAGA_UPDATE_COLUMNS,
-        updates.into_iter().map(|update| {
-            [
-                update.id.into(),
-                update.status.into(),
-                update.current_step.into(),
-                update.outputs.into(),
-                update.progress.into(),
-                update.last_error.into(),
-                update.wake_at.into(),
-                update.row_version.into(),
-                update.history_seq.into(),
-                update.updated_at.into(),
-                update.expected.into(),
-                update.partition_id.into(),
-            ]
-        }),
+        updates
+            .into_iter()
+            .map(|update| -> [Value; SAGA_UPDATE_COLUMNS.len()] {
+                [
+                    update.id.into(),
+                    update.status.into(),
+                    update.current_step.into(),
+                    update.outputs.into(),
+                    update.progress.into(),
+                    update.last_error.into(),
+                    update.wake_at.into(),
+                    update.row_version.into(),
+                    update.history_seq.into(),
+                    update.updated_at.into(),
+                    update.expected.into(),
+                    update.partition_id.into(),
+                ]
+            }),
     )
 }
 
@@ -502,17 +494,18 @@ fn attempt_update_rows<'a>(
 fn attempt_update_columns(rows: &[AttemptUpdateRow<'_>]) -> Result<Vec<ColumnArray>, EngineError> {
     columns_of(
         &ATTEMPT_UPDATE_COLUMNS,
-        rows.iter().map(|row| {
-            [
-                row.saga_id.into(),
-                row.step.into(),
-                row.direction.into(),
-                row.attempt.into(),
-                row.status.into(),
-                row.finished_at.into(),
-                row.error.map(str::to_string).into(),
-            ]
-        }),
+        rows.iter()
+            .map(|row| -> [Value; ATTEMPT_UPDATE_COLUMNS.len()] {
+                [
+                    row.saga_id.into(),
+                    row.step.into(),
+                    row.direction.into(),
+                    row.attempt.into(),
+                    row.status.into(),
+                    row.finished_at.into(),
+                    row.error.map(str::to_string).into(),
+                ]
+            }),
     )
 }
 
